@@ -1,0 +1,492 @@
+//! NCSNv2 exactly as `ermongroup/ncsnv2` `models/ncsnv2.py` class `NCSNv2`, written once over [`Backend`].
+//!
+//! The network here is `net(x)`: the reference forward **before** its final division by `sigmas[y]`.
+//! Scores are `net(x) / s(t)` (see [`crate::prior`]). Parameter names are the reference state_dict's.
+use crate::backend::{Backend, Conv2dParams};
+use crate::error::{Error, ErrorKind, Result};
+use crate::tensor::Tensor;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// Architecture hyper-parameters of one NCSNv2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ncsnv2Config {
+    /// Image channels (C).
+    pub channels: usize,
+    /// Base feature count (`config.model.ngf`).
+    pub ngf: usize,
+    /// Apply `2x - 1` to the input first (the reference does unless `rescaled`/`logit_transform`).
+    pub input_map: bool,
+}
+
+impl Ncsnv2Config {
+    pub fn validate(&self) -> Result<()> {
+        if self.channels == 0 || self.channels > 64 {
+            return Err(Error::invalid(format!("channels must be in 1..=64, got {}", self.channels)));
+        }
+        if self.ngf < 2 || self.ngf > 1024 {
+            return Err(Error::invalid(format!("ngf must be in 2..=1024, got {}", self.ngf)));
+        }
+        Ok(())
+    }
+
+    /// Checks that an input of this spatial size can run: H and W even (res2 halves them) and at least 2.
+    pub fn check_input(&self, shape: [usize; 4]) -> Result<()> {
+        let [n, c, h, w] = shape;
+        if c != self.channels {
+            return Err(Error::shape(format!(
+                "input has {} channel(s) but the model expects {}",
+                c, self.channels
+            )));
+        }
+        if n == 0 {
+            return Err(Error::shape("input batch is empty"));
+        }
+        if h < 2 || w < 2 || h % 2 != 0 || w % 2 != 0 {
+            return Err(Error::shape(format!(
+                "input is {}x{}; NCSNv2 needs an even height and width of at least 2",
+                h, w
+            )));
+        }
+        Ok(())
+    }
+
+    /// Multiply-accumulate count x 2 of the convolutions for one image of `h` x `w`.
+    pub fn flops(&self, h: usize, w: usize) -> u64 {
+        // Every conv weight with the resolution its output is computed at:
+        // 2 * out_elems * in_channels * kh * kw.
+        let mut total = 0u64;
+        for spec in param_specs(self) {
+            if spec.shape.len() == 4 {
+                let (hh, ww) = if spec.low_res { (h / 2, w / 2) } else { (h, w) };
+                total += 2 * spec.shape.iter().product::<usize>() as u64 * (hh * ww) as u64;
+            }
+        }
+        total
+    }
+}
+
+/// One named parameter of the reference state_dict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// For conv weights: whether the conv's *output* is at half resolution (used for FLOP counts).
+    pub low_res: bool,
+}
+
+struct Conv<T> {
+    w: T,
+    b: Option<T>,
+    p: Conv2dParams,
+}
+
+struct Norm<T> {
+    alpha: T,
+    gamma: T,
+    beta: T,
+}
+
+struct ResBlock<T> {
+    norm1: Norm<T>,
+    conv1: Conv<T>,
+    norm2: Norm<T>,
+    conv2: Conv<T>,
+    /// `ConvMeanPool`: mean-pool after conv2 and after the shortcut conv.
+    pool: bool,
+    shortcut: Option<Conv<T>>,
+}
+
+struct Rcu<T> {
+    /// `[block][stage]`
+    convs: Vec<Vec<Conv<T>>>,
+}
+
+struct Refine<T> {
+    adapt: Vec<Rcu<T>>,
+    msf: Vec<Conv<T>>,
+    crp: Vec<Conv<T>>,
+    output: Rcu<T>,
+}
+
+/// A prepared NCSNv2: weights uploaded to backend `B`. Immutable, `Send + Sync`, shareable across threads.
+pub struct Ncsnv2<B: Backend> {
+    pub config: Ncsnv2Config,
+    begin_conv: Conv<B::Tensor>,
+    res: [Vec<ResBlock<B::Tensor>>; 4],
+    refine: [Refine<B::Tensor>; 4],
+    normalizer: Norm<B::Tensor>,
+    end_conv: Conv<B::Tensor>,
+}
+
+/// Where the builder gets its parameters from: `(name, expected shape, low_res)` to a host tensor.
+type Getter<'a> = dyn FnMut(&str, &[usize], bool) -> Result<Tensor> + 'a;
+
+struct Builder<'a, 'b, B: Backend> {
+    backend: &'b B,
+    get: &'a mut Getter<'a>,
+}
+
+impl<B: Backend> Builder<'_, '_, B> {
+    fn tensor(&mut self, name: &str, shape: &[usize], low_res: bool) -> Result<B::Tensor> {
+        let t = (self.get)(name, shape, low_res)?;
+        Ok(self.backend.upload(&t))
+    }
+    fn conv(
+        &mut self,
+        prefix: &str,
+        ci: usize,
+        co: usize,
+        k: usize,
+        bias: bool,
+        p: Conv2dParams,
+        low_res: bool,
+    ) -> Result<Conv<B::Tensor>> {
+        let w = self.tensor(&format!("{prefix}.weight"), &[co, ci, k, k], low_res)?;
+        let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[co], low_res)?) } else { None };
+        Ok(Conv { w, b, p })
+    }
+    fn norm(&mut self, prefix: &str, c: usize) -> Result<Norm<B::Tensor>> {
+        Ok(Norm {
+            alpha: self.tensor(&format!("{prefix}.alpha"), &[c], false)?,
+            gamma: self.tensor(&format!("{prefix}.gamma"), &[c], false)?,
+            beta: self.tensor(&format!("{prefix}.beta"), &[c], false)?,
+        })
+    }
+
+    /// `ResidualBlock(ci, co, resample, dilation)`; `low_res` says whether its output is at half size.
+    fn res_block(
+        &mut self,
+        prefix: &str,
+        ci: usize,
+        co: usize,
+        down: bool,
+        dilation: Option<usize>,
+        low_res_in: bool,
+    ) -> Result<ResBlock<B::Tensor>> {
+        let d = dilation.unwrap_or(1);
+        let p = Conv2dParams::same3(d);
+        // Creation order of the reference module: conv1, normalize2, conv2, shortcut, normalize1.
+        let (conv1, norm2, conv2, pool, shortcut);
+        if down {
+            conv1 = self.conv(&format!("{prefix}.conv1"), ci, ci, 3, true, p, low_res_in)?;
+            norm2 = self.norm(&format!("{prefix}.normalize2"), ci)?;
+            if dilation.is_some() {
+                conv2 = self.conv(&format!("{prefix}.conv2"), ci, co, 3, true, p, low_res_in)?;
+                shortcut = Some(self.conv(&format!("{prefix}.shortcut"), ci, co, 3, true, p, low_res_in)?);
+                pool = false;
+            } else {
+                // ConvMeanPool: the conv runs at full resolution, then pools.
+                conv2 = self.conv(&format!("{prefix}.conv2.conv"), ci, co, 3, true, p, low_res_in)?;
+                shortcut = Some(self.conv(
+                    &format!("{prefix}.shortcut.conv"),
+                    ci,
+                    co,
+                    1,
+                    true,
+                    Conv2dParams::pointwise(),
+                    low_res_in,
+                )?);
+                pool = true;
+            }
+        } else {
+            conv1 = self.conv(&format!("{prefix}.conv1"), ci, co, 3, true, p, low_res_in)?;
+            norm2 = self.norm(&format!("{prefix}.normalize2"), co)?;
+            conv2 = self.conv(&format!("{prefix}.conv2"), co, co, 3, true, p, low_res_in)?;
+            pool = false;
+            shortcut = if ci != co {
+                if dilation.is_some() {
+                    Some(self.conv(&format!("{prefix}.shortcut"), ci, co, 3, true, p, low_res_in)?)
+                } else {
+                    Some(self.conv(
+                        &format!("{prefix}.shortcut"),
+                        ci,
+                        co,
+                        1,
+                        true,
+                        Conv2dParams::pointwise(),
+                        low_res_in,
+                    )?)
+                }
+            } else {
+                None
+            };
+        }
+        let norm1 = self.norm(&format!("{prefix}.normalize1"), ci)?;
+        Ok(ResBlock { norm1, conv1, norm2, conv2, pool, shortcut })
+    }
+
+    fn rcu(&mut self, prefix: &str, f: usize, blocks: usize, low_res: bool) -> Result<Rcu<B::Tensor>> {
+        let mut convs = Vec::new();
+        for i in 0..blocks {
+            let mut stages = Vec::new();
+            for j in 0..2 {
+                stages.push(self.conv(
+                    &format!("{prefix}.{}_{}_conv", i + 1, j + 1),
+                    f,
+                    f,
+                    3,
+                    false,
+                    Conv2dParams::same3(1),
+                    low_res,
+                )?);
+            }
+            convs.push(stages);
+        }
+        Ok(Rcu { convs })
+    }
+
+    /// `RefineBlock(in_planes, features, start, end)`; `low_res[i]`: resolution of input i, `out_low`: of output.
+    fn refine(
+        &mut self,
+        prefix: &str,
+        in_planes: &[usize],
+        f: usize,
+        end: bool,
+        low_res: &[bool],
+        out_low: bool,
+    ) -> Result<Refine<B::Tensor>> {
+        let mut adapt = Vec::new();
+        for (i, &c) in in_planes.iter().enumerate() {
+            adapt.push(self.rcu(&format!("{prefix}.adapt_convs.{i}"), c, 2, low_res[i])?);
+        }
+        let output = self.rcu(&format!("{prefix}.output_convs"), f, if end { 3 } else { 1 }, out_low)?;
+        let mut msf = Vec::new();
+        if in_planes.len() > 1 {
+            for (i, &c) in in_planes.iter().enumerate() {
+                msf.push(self.conv(
+                    &format!("{prefix}.msf.convs.{i}"),
+                    c,
+                    f,
+                    3,
+                    true,
+                    Conv2dParams::same3(1),
+                    low_res[i],
+                )?);
+            }
+        }
+        let mut crp = Vec::new();
+        for i in 0..2 {
+            crp.push(self.conv(
+                &format!("{prefix}.crp.convs.{i}"),
+                f,
+                f,
+                3,
+                false,
+                Conv2dParams::same3(1),
+                out_low,
+            )?);
+        }
+        Ok(Refine { adapt, msf, crp, output })
+    }
+}
+
+fn build<B: Backend>(backend: &B, config: Ncsnv2Config, get: &mut Getter<'_>) -> Result<Ncsnv2<B>> {
+    config.validate()?;
+    let (c, g) = (config.channels, config.ngf);
+    let mut bd = Builder { backend, get };
+    let begin_conv = bd.conv("begin_conv", c, g, 3, true, Conv2dParams::same3(1), false)?;
+    let normalizer = bd.norm("normalizer", g)?;
+    let end_conv = bd.conv("end_conv", g, c, 3, true, Conv2dParams::same3(1), false)?;
+    let res1 = alloc::vec![
+        bd.res_block("res1.0", g, g, false, None, false)?,
+        bd.res_block("res1.1", g, g, false, None, false)?,
+    ];
+    let res2 = alloc::vec![
+        bd.res_block("res2.0", g, 2 * g, true, None, false)?,
+        bd.res_block("res2.1", 2 * g, 2 * g, false, None, true)?,
+    ];
+    let res3 = alloc::vec![
+        bd.res_block("res3.0", 2 * g, 2 * g, true, Some(2), true)?,
+        bd.res_block("res3.1", 2 * g, 2 * g, false, Some(2), true)?,
+    ];
+    let res4 = alloc::vec![
+        bd.res_block("res4.0", 2 * g, 2 * g, true, Some(4), true)?,
+        bd.res_block("res4.1", 2 * g, 2 * g, false, Some(4), true)?,
+    ];
+    let refine1 = bd.refine("refine1", &[2 * g], 2 * g, false, &[true], true)?;
+    let refine2 = bd.refine("refine2", &[2 * g, 2 * g], 2 * g, false, &[true, true], true)?;
+    let refine3 = bd.refine("refine3", &[2 * g, 2 * g], g, false, &[true, true], true)?;
+    let refine4 = bd.refine("refine4", &[g, g], g, true, &[false, true], false)?;
+    Ok(Ncsnv2 {
+        config,
+        begin_conv,
+        res: [res1, res2, res3, res4],
+        refine: [refine1, refine2, refine3, refine4],
+        normalizer,
+        end_conv,
+    })
+}
+
+/// Every parameter of the reference state_dict for `config`, in the order the builder asks for them.
+pub fn param_specs(config: &Ncsnv2Config) -> Vec<ParamSpec> {
+    let mut specs = Vec::new();
+    let mut get = |name: &str, shape: &[usize], low_res: bool| -> Result<Tensor> {
+        specs.push(ParamSpec { name: name.into(), shape: shape.to_vec(), low_res });
+        Ok(Tensor::zeros([0, 0, 0, 0]))
+    };
+    let cfg = Ncsnv2Config { ngf: config.ngf.max(2), channels: config.channels.max(1), ..*config };
+    let _ = build(&crate::reference::RefBackend, cfg, &mut get);
+    specs
+}
+
+/// Reshapes a parameter read from a file to the network's internal form: biases and norm
+/// parameters `[C]` become `[1, C, 1, 1]`.
+fn param_tensor(name: &str, expected: &[usize], shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
+    if shape != expected {
+        return Err(Error::shape(format!(
+            "tensor '{name}' has shape {shape:?}, expected {expected:?}"
+        )));
+    }
+    let s4 = match *expected {
+        [c] => [1, c, 1, 1],
+        [a, b, c, d] => [a, b, c, d],
+        _ => return Err(Error::shape(format!("tensor '{name}': unsupported rank"))),
+    };
+    Tensor::from_vec(s4, data)
+}
+
+impl<B: Backend> Ncsnv2<B> {
+    /// Builds a network from named parameters: `lookup(name)` returns `(shape, values)` or `None`.
+    pub fn from_named<F>(backend: &B, config: Ncsnv2Config, mut lookup: F) -> Result<Self>
+    where
+        F: FnMut(&str) -> Result<Option<(Vec<usize>, Vec<f32>)>>,
+    {
+        let mut get = |name: &str, shape: &[usize], _low: bool| -> Result<Tensor> {
+            match lookup(name)? {
+                Some((s, d)) => param_tensor(name, shape, &s, d),
+                None => Err(Error::new(ErrorKind::MissingTensor, format!("tensor '{name}' is missing"))),
+            }
+        };
+        build(backend, config, &mut get)
+    }
+
+    /// A network whose every parameter comes from `init(spec)` (tests, training initialisation).
+    pub fn from_fn<F>(backend: &B, config: Ncsnv2Config, mut init: F) -> Result<Self>
+    where
+        F: FnMut(&ParamSpec) -> Vec<f32>,
+    {
+        let mut get = |name: &str, shape: &[usize], low_res: bool| -> Result<Tensor> {
+            let spec = ParamSpec { name: name.into(), shape: shape.to_vec(), low_res };
+            let data = init(&spec);
+            param_tensor(name, shape, shape, data)
+        };
+        build(backend, config, &mut get)
+    }
+
+    fn conv(&self, b: &B, x: &B::Tensor, c: &Conv<B::Tensor>) -> B::Tensor {
+        b.conv2d(x, &c.w, c.b.as_ref(), c.p)
+    }
+
+    fn norm(&self, b: &B, x: &B::Tensor, n: &Norm<B::Tensor>) -> B::Tensor {
+        b.instance_norm_plus(x, &n.alpha, &n.gamma, &n.beta)
+    }
+
+    fn res_block(&self, b: &B, x: &B::Tensor, r: &ResBlock<B::Tensor>) -> B::Tensor {
+        let mut o = self.norm(b, x, &r.norm1);
+        o = b.elu(&o);
+        o = self.conv(b, &o, &r.conv1);
+        o = self.norm(b, &o, &r.norm2);
+        o = b.elu(&o);
+        o = self.conv(b, &o, &r.conv2);
+        if r.pool {
+            o = b.mean_pool2(&o);
+        }
+        let short = match &r.shortcut {
+            Some(c) => {
+                let s = self.conv(b, x, c);
+                if r.pool {
+                    b.mean_pool2(&s)
+                } else {
+                    s
+                }
+            }
+            None => x.clone(),
+        };
+        b.add(&short, &o)
+    }
+
+    fn rcu(&self, b: &B, x: &B::Tensor, r: &Rcu<B::Tensor>) -> B::Tensor {
+        let mut x = x.clone();
+        for block in &r.convs {
+            let residual = x.clone();
+            for conv in block {
+                x = b.elu(&x);
+                x = self.conv(b, &x, conv);
+            }
+            x = b.add(&x, &residual);
+        }
+        x
+    }
+
+    fn refine(&self, b: &B, xs: &[&B::Tensor], r: &Refine<B::Tensor>, h: usize, w: usize) -> B::Tensor {
+        let hs: Vec<B::Tensor> = xs.iter().zip(&r.adapt).map(|(x, a)| self.rcu(b, x, a)).collect();
+        let mut out = if r.msf.is_empty() {
+            hs[0].clone()
+        } else {
+            let mut sum: Option<B::Tensor> = None;
+            for (hx, conv) in hs.iter().zip(&r.msf) {
+                let mut t = self.conv(b, hx, conv);
+                let [_, _, th, tw] = b.shape(&t);
+                if th != h || tw != w {
+                    t = b.resize_bilinear(&t, h, w);
+                }
+                sum = Some(match sum {
+                    None => t,
+                    Some(s) => b.add(&s, &t),
+                });
+            }
+            sum.expect("msf has at least two inputs")
+        };
+        // CRP
+        out = b.elu(&out);
+        let mut path = out.clone();
+        for conv in &r.crp {
+            path = b.max_pool(&path, 5, 2);
+            path = self.conv(b, &path, conv);
+            out = b.add(&path, &out);
+        }
+        self.rcu(b, &out, &r.output)
+    }
+
+    /// `net(x)` for a batch `x` of shape `[N, C, H, W]` already on the backend.
+    pub fn forward_device(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        self.config.check_input(b.shape(x))?;
+        let h = if self.config.input_map { b.affine(x, 2.0, -1.0) } else { x.clone() };
+        let mut out = self.conv(b, &h, &self.begin_conv);
+        let mut layers: Vec<B::Tensor> = Vec::with_capacity(4);
+        for stage in &self.res {
+            for blk in stage {
+                out = self.res_block(b, &out, blk);
+            }
+            layers.push(out.clone());
+        }
+        let s = |t: &B::Tensor| {
+            let [_, _, hh, ww] = b.shape(t);
+            (hh, ww)
+        };
+        let (h4, w4) = s(&layers[3]);
+        let ref1 = self.refine(b, &[&layers[3]], &self.refine[0], h4, w4);
+        let (h3, w3) = s(&layers[2]);
+        let ref2 = self.refine(b, &[&layers[2], &ref1], &self.refine[1], h3, w3);
+        let (h2, w2) = s(&layers[1]);
+        let ref3 = self.refine(b, &[&layers[1], &ref2], &self.refine[2], h2, w2);
+        let (h1, w1) = s(&layers[0]);
+        let mut out = self.refine(b, &[&layers[0], &ref3], &self.refine[3], h1, w1);
+        out = self.norm(b, &out, &self.normalizer);
+        out = b.elu(&out);
+        Ok(self.conv(b, &out, &self.end_conv))
+    }
+
+    /// `net(x)` on host tensors: uploads, runs, downloads.
+    pub fn forward(&self, b: &B, x: &Tensor) -> Result<Tensor> {
+        self.config.check_input(x.shape)?;
+        if let Some(i) = x.first_non_finite() {
+            return Err(Error::non_finite(format!("network input has a non-finite value at index {i}")));
+        }
+        let dx = b.upload(x);
+        let out = self.forward_device(b, &dx)?;
+        Ok(b.download(&out))
+    }
+}
