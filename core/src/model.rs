@@ -151,6 +151,16 @@ impl ModelFile {
 
     /// Prepares the network on a backend: checks every tensor's presence and shape, uploads the weights.
     pub fn build<B: Backend>(&self, backend: &B) -> Result<Ncsnv2<B>> {
+        let specs = param_specs(&self.meta.net_config());
+        for name in self.tensors.keys() {
+            if !specs.iter().any(|s| &s.name == name) {
+                return Err(Error::shape(format!(
+                    "unexpected tensor '{name}': not part of NCSNv2 with ngf {} and {} channel(s) \
+                     (another architecture, such as NCSNv2Deeper?)",
+                    self.meta.ngf, self.meta.channels
+                )));
+            }
+        }
         Ncsnv2::from_named(backend, self.meta.net_config(), |name| {
             Ok(self.tensors.get(name).map(|(s, d)| (s.clone(), d.clone())))
         })
