@@ -207,3 +207,67 @@ impl JointSampler<'_> {
         Ok(Posterior { signal: xbar, noise: nbar })
     }
 }
+
+/// Unconditional samples of one prior: the reverse-time Euler–Maruyama loop without data consistency.
+/// Returns the predictor mean of the last step, `items` samples of shape `item` (`[C, H, W]`).
+pub fn sample_prior(
+    prior: &dyn Prior,
+    item: [usize; 3],
+    items: usize,
+    config: &SamplerConfig,
+    seed: u64,
+    progress: &mut Progress<'_>,
+) -> Result<Tensor> {
+    config.validate()?;
+    if items == 0 {
+        return Err(Error::invalid("count must be at least 1"));
+    }
+    if let Some(s) = prior.item_shape() {
+        if s != item {
+            return Err(Error::shape(format!("the model expects items of shape {s:?}, asked for {item:?}")));
+        }
+    }
+    let grid = TimeGrid::new(config.steps, config.eps)?;
+    let sde = config.sde;
+    let [c, h, w] = item;
+    let mut x = Tensor::zeros([items, c, h, w]);
+    let mut xbar = x.clone();
+    let mut rngs: Vec<Rng> = (0..items).map(|i| Rng::stream(seed, purpose::SAMPLER, i as u64)).collect();
+    let ps = sde.prior_std() as f32;
+    for (i, rng) in rngs.iter_mut().enumerate() {
+        rng.fill_normal(x.item_mut(i));
+    }
+    x.data.iter_mut().for_each(|v| *v *= ps);
+    let d = c * h * w;
+    let mut wx = vec![0f32; d];
+    let total = grid.ts.len();
+    for (k, &t) in grid.ts.iter().enumerate() {
+        let sx = prior.score(&x, t, &sde)?;
+        let (f, g) = (sde.drift(t), sde.g(t));
+        let g2dt = (g * g * grid.dt) as f32;
+        let fdt = (f * grid.dt) as f32;
+        let gsq = (g * libm::sqrt(grid.dt)) as f32;
+        for (i, rng) in rngs.iter_mut().enumerate() {
+            rng.fill_normal(&mut wx);
+            let (xs, xbs, sxs) = (x.item_mut(i), xbar.item_mut(i), sx.item(i));
+            for j in 0..d {
+                let zb = xs[j] - (fdt * xs[j] - g2dt * sxs[j]);
+                xbs[j] = zb;
+                xs[j] = zb + gsq * wx[j];
+            }
+        }
+        if let Some(pos) = xbar.first_non_finite() {
+            return Err(Error::non_finite(format!(
+                "sampler diverged at step {} of {total}: non-finite value at index {pos}",
+                k + 1
+            )));
+        }
+        if !progress(k + 1, total) {
+            return Err(Error::new(ErrorKind::Cancelled, format!("cancelled at step {} of {total}", k + 1)));
+        }
+    }
+    if let Some([lo, hi]) = config.clip {
+        xbar.data.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
+    }
+    Ok(xbar)
+}

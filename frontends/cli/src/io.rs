@@ -1,0 +1,133 @@
+//! Reading and writing files for the CLI. Every error names the file and the problem.
+use anyhow::{anyhow, bail, Context, Result};
+use jointdiff_core::model::ModelFile;
+use jointdiff_core::npy::NpyArray;
+use jointdiff_core::Tensor;
+use std::path::Path;
+
+/// Largest file the CLI reads (models and arrays alike).
+const MAX_FILE: u64 = 4 << 30;
+
+pub fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if meta.is_dir() {
+        bail!("{}: is a directory, expected a file", path.display());
+    }
+    if meta.len() > MAX_FILE {
+        bail!("{}: file is {} bytes, larger than the {} byte limit", path.display(), meta.len(), MAX_FILE);
+    }
+    std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
+}
+
+fn is_png(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png"))
+}
+
+/// An array from `.npy` (any rank) or `.png` (as `[1, C, H, W]` in [0, 1]).
+pub fn read_array(path: &Path) -> Result<NpyArray> {
+    let bytes = read_bytes(path)?;
+    if is_png(path) {
+        let t = decode_png(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        return Ok(NpyArray { shape: t.shape.to_vec(), data: t.data, uint8: false });
+    }
+    NpyArray::parse(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// Images as NCHW f32; uint8 npy files are scaled by 1/255.
+pub fn read_images(path: &Path) -> Result<Tensor> {
+    let mut a = read_array(path)?;
+    if a.uint8 {
+        a.data.iter_mut().for_each(|v| *v /= 255.0);
+    }
+    let t = a.into_nchw().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    if t.data.is_empty() {
+        bail!("{}: array is empty", path.display());
+    }
+    if let Some(i) = t.first_non_finite() {
+        bail!("{}: value {} at index {i} is not finite (NaN or Inf)", path.display(), t.data[i]);
+    }
+    Ok(t)
+}
+
+fn decode_png(bytes: &[u8]) -> std::result::Result<Tensor, String> {
+    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
+        .map_err(|e| format!("not a readable PNG: {e}"))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let color = img.color();
+    let channels = if color.has_color() { 3 } else { 1 };
+    let mut t = Tensor::zeros([1, channels, h, w]);
+    if channels == 1 {
+        let g = img.to_luma8();
+        for (i, p) in g.pixels().enumerate() {
+            t.data[i] = p.0[0] as f32 / 255.0;
+        }
+    } else {
+        let rgb = img.to_rgb8();
+        for (i, p) in rgb.pixels().enumerate() {
+            for c in 0..3 {
+                t.data[c * h * w + i] = p.0[c] as f32 / 255.0;
+            }
+        }
+    }
+    Ok(t)
+}
+
+pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    std::fs::write(path, NpyArray::to_bytes(shape, data)).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+pub fn load_model(path: &Path) -> Result<ModelFile> {
+    let bytes = read_bytes(path)?;
+    ModelFile::from_bytes(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// Writes rows of image batches as one PNG grid: row r, column i is item i of `rows[r]`.
+/// Values are clipped to `range` and mapped to 0..255; 1 channel gives gray, 3 give RGB.
+pub fn write_png_grid(path: &Path, rows: &[&Tensor], range: [f32; 2], cols: Option<usize>) -> Result<()> {
+    let pad = 2usize;
+    let [_, c, h, w] = rows[0].shape;
+    let rgb = c == 3;
+    // Lay each row's items out in `per` columns (wrapping long rows).
+    let per = cols.unwrap_or_else(|| rows.iter().map(|r| r.shape[0]).max().unwrap_or(1)).max(1);
+    let mut lines: Vec<(usize, usize, usize)> = Vec::new(); // (row, first item, count)
+    for (r, t) in rows.iter().enumerate() {
+        let mut i = 0;
+        while i < t.shape[0] {
+            lines.push((r, i, per.min(t.shape[0] - i)));
+            i += per;
+        }
+    }
+    let gw = per * (w + pad) + pad;
+    let gh = lines.len() * (h + pad) + pad;
+    let mut buf = vec![255u8; gw * gh * 3];
+    let scale = 255.0 / (range[1] - range[0]);
+    for (li, &(r, first, count)) in lines.iter().enumerate() {
+        let t = rows[r];
+        if t.shape[1..] != rows[0].shape[1..] {
+            bail!("{}: cannot put images of different shapes in one grid", path.display());
+        }
+        for k in 0..count {
+            let item = t.item(first + k);
+            let (ox, oy) = (pad + k * (w + pad), pad + li * (h + pad));
+            for y in 0..h {
+                for x in 0..w {
+                    let px = |ch: usize| {
+                        let v = item[ch * h * w + y * w + x];
+                        ((v.clamp(range[0], range[1]) - range[0]) * scale).round() as u8
+                    };
+                    let o = ((oy + y) * gw + ox + x) * 3;
+                    if rgb {
+                        buf[o] = px(0);
+                        buf[o + 1] = px(1);
+                        buf[o + 2] = px(2);
+                    } else {
+                        let g = px(0);
+                        buf[o..o + 3].copy_from_slice(&[g, g, g]);
+                    }
+                }
+            }
+        }
+    }
+    image::save_buffer_with_format(path, &buf, gw as u32, gh as u32, image::ColorType::Rgb8, image::ImageFormat::Png)
+        .with_context(|| format!("{}: cannot write PNG", path.display()))
+}

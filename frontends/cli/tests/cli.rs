@@ -1,0 +1,270 @@
+//! End-to-end tests of the `jointdiff` binary: the score contract, determinism across thread counts, and a
+//! clear one-line error (never a panic) for each kind of bad input.
+use jointdiff_core::model::{serialize, ModelFile};
+use jointdiff_core::npy::NpyArray;
+use jointdiff_core::tensor::rel_max_err;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+fn fx(rel: &str) -> String {
+    root().join("fixtures").join(rel).display().to_string()
+}
+const MODEL: &str = "golden/ncsnv2_28x28x1_ngf16.safetensors";
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("jointdiff-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_jointdiff"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn ok(args: &[&str]) -> Output {
+    let o = run(args, &[]);
+    assert!(o.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// Runs a command that must fail: non-zero exit, one line on stderr containing every `needles`, no panic.
+fn fails(args: &[&str], needles: &[&str]) {
+    let o = run(args, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: expected one line, got: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: '{err}' lacks '{n}'");
+    }
+}
+
+fn read_npy(p: &Path) -> NpyArray {
+    NpyArray::parse(&std::fs::read(p).unwrap()).unwrap()
+}
+
+#[test]
+fn score_is_net_over_sigma() {
+    let out = tmp("score.npy");
+    ok(&[
+        "score",
+        "--model",
+        &fx(MODEL),
+        "--input",
+        &fx("golden/ncsnv2_28x28x1_ngf16_input.npy"),
+        "--sigma",
+        "2.5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let got = read_npy(&out);
+    let want = read_npy(&root().join("fixtures/golden/ncsnv2_28x28x1_ngf16_output.npy"));
+    assert_eq!(got.shape, vec![2, 1, 28, 28]);
+    let scaled: Vec<f32> = want.data.iter().map(|v| v / 2.5).collect();
+    assert!(rel_max_err(&got.data, &scaled) < 1e-4);
+}
+
+#[test]
+fn info_reports_the_config() {
+    let o = ok(&["info", &fx(MODEL), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["config"]["ngf"], 16);
+    assert_eq!(v["reference_checkpoint"], true);
+    assert_eq!(v["parameters"], 465873); // counted by the PyTorch reference
+}
+
+#[test]
+fn same_seed_same_bytes_whatever_the_threads() {
+    let y = tmp("det_y.npy");
+    let ys = y.to_str().unwrap();
+    ok(&[
+        "corrupt",
+        "--signal",
+        &fx("golden/ncsnv2_28x28x1_ngf16_input.npy"),
+        "--noise-data",
+        &fx("data/digits_heldout_16.npy"),
+        "--operator",
+        "scale:0.5",
+        "--alpha",
+        "0.5",
+        "--seed",
+        "3",
+        "--out",
+        ys,
+    ]);
+    let mut outs = Vec::new();
+    for threads in ["1", "2", "2"] {
+        let x = tmp(&format!("det_x{}.npy", outs.len()));
+        let n = tmp(&format!("det_n{}.npy", outs.len()));
+        let o = run(
+            &[
+                "denoise",
+                "--measurement",
+                ys,
+                "--signal-model",
+                &fx(MODEL),
+                "--noise-model",
+                &fx(MODEL),
+                "--operator",
+                "scale:0.5",
+                "--alpha",
+                "0.5",
+                "--steps",
+                "4",
+                "--seed",
+                "9",
+                "--out",
+                x.to_str().unwrap(),
+                "--noise-out",
+                n.to_str().unwrap(),
+            ],
+            &[("RAYON_NUM_THREADS", threads)],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        outs.push((std::fs::read(&x).unwrap(), std::fs::read(&n).unwrap()));
+    }
+    assert_eq!(outs[0], outs[1], "1 vs 2 threads");
+    assert_eq!(outs[1], outs[2], "repeat");
+    // another seed gives another answer
+    let x = tmp("det_other.npy");
+    ok(&[
+        "denoise", "--measurement", ys, "--signal-model", &fx(MODEL), "--noise", "gaussian:0.3:0.1",
+        "--steps", "4", "--seed", "10", "--operator", "scale:0.5", "--alpha", "0.5", "--out", x.to_str().unwrap(),
+    ]);
+    assert_ne!(std::fs::read(&x).unwrap(), outs[0].0);
+}
+
+#[test]
+fn sample_writes_npy_and_png() {
+    let out = tmp("samples.npy");
+    let png = tmp("samples.png");
+    ok(&[
+        "sample", "--model", &fx(MODEL), "--count", "2", "--steps", "3", "--size", "28", "--seed", "1",
+        "--out", out.to_str().unwrap(), "--png", png.to_str().unwrap(),
+    ]);
+    let a = read_npy(&out);
+    assert_eq!(a.shape, vec![2, 1, 28, 28]);
+    assert!(a.data.iter().all(|v| (0.0..=1.0).contains(v)));
+    let img = image::open(&png).unwrap();
+    assert!(img.width() >= 56 && img.height() >= 28);
+}
+
+#[test]
+fn corrupt_sine_and_gaussian() {
+    let y = tmp("sine_y.npy");
+    let n = tmp("sine_n.npy");
+    ok(&[
+        "corrupt", "--signal", &fx("data/fashion_t10k_16.npy"), "--noise", "sine:0.1", "--seed", "1",
+        "--out", y.to_str().unwrap(), "--noise-out", n.to_str().unwrap(),
+    ]);
+    let (ya, na) = (read_npy(&y), read_npy(&n));
+    let x = read_npy(&root().join("fixtures/data/fashion_t10k_16.npy"));
+    let mean = na.data.iter().map(|&v| v as f64).sum::<f64>() / na.data.len() as f64;
+    let sd = (na.data.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / na.data.len() as f64).sqrt();
+    assert!((sd - 0.1).abs() < 1e-4, "noise std {sd}");
+    for i in 0..ya.data.len() {
+        assert!((ya.data[i] - (x.data[i] + na.data[i])).abs() < 1e-6);
+    }
+}
+
+fn write(name: &str, bytes: &[u8]) -> String {
+    let p = tmp(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.display().to_string()
+}
+
+fn model_without(name: &str, drop: Option<&str>, reshape: Option<&str>) -> String {
+    let mf = ModelFile::from_bytes(&std::fs::read(fx(MODEL)).unwrap()).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (k, (s, d)) in mf.tensors {
+        if Some(k.as_str()) == drop {
+            continue;
+        }
+        if Some(k.as_str()) == reshape {
+            tensors.push((k, vec![d.len()], d));
+        } else {
+            tensors.push((k, s, d));
+        }
+    }
+    write(name, &serialize(None, &tensors).unwrap())
+}
+
+#[test]
+fn bad_input_gives_one_clear_line() {
+    let good_in = fx("golden/ncsnv2_28x28x1_ngf16_input.npy");
+    let model = fx(MODEL);
+    let out = tmp("err_out.npy");
+    let o = out.to_str().unwrap();
+    let score = |m: &str, i: &str, needles: &[&str]| {
+        fails(&["score", "--model", m, "--input", i, "--sigma", "1", "--out", o], needles)
+    };
+    // missing files
+    score("/nonexistent/m.safetensors", &good_in, &["/nonexistent/m.safetensors", "cannot read"]);
+    score(&model, "/nonexistent/x.npy", &["/nonexistent/x.npy", "cannot read"]);
+    // truncated and malformed safetensors
+    let full = std::fs::read(fx(MODEL)).unwrap();
+    let trunc = write("trunc.safetensors", &full[..full.len() / 2]);
+    score(&trunc, &good_in, &["trunc.safetensors", "safetensors"]);
+    let garbage = write("garbage.safetensors", b"this is not a model at all, just some text");
+    score(&garbage, &good_in, &["garbage.safetensors", "safetensors"]);
+    let tiny = write("tiny.safetensors", b"abc");
+    score(&tiny, &good_in, &["tiny.safetensors", "too short"]);
+    // a tensor missing, a tensor of the wrong shape
+    let missing = model_without("missing.safetensors", Some("res3.1.conv2.weight"), None);
+    score(&missing, &good_in, &["missing.safetensors", "res3.1.conv2.weight", "missing"]);
+    let wrong = model_without("wrong.safetensors", None, Some("refine4.crp.convs.1.weight"));
+    score(&wrong, &good_in, &["wrong.safetensors", "refine4.crp.convs.1.weight", "shape"]);
+    // truncated npy, wrong dtype, malformed PNG
+    let npy = std::fs::read(&good_in).unwrap();
+    let tnpy = write("trunc.npy", &npy[..npy.len() - 10]);
+    score(&model, &tnpy, &["trunc.npy", "truncated"]);
+    let mut i4 = npy.clone();
+    let pos = i4.windows(3).position(|w| w == b"<f4").unwrap();
+    i4[pos..pos + 3].copy_from_slice(b"<i4");
+    let i4p = write("int.npy", &i4);
+    score(&model, &i4p, &["int.npy", "dtype"]);
+    let png = write("bad.png", b"\x89PNG\r\n\x1a\nnot really a png");
+    score(&model, &png, &["bad.png", "PNG"]);
+    // input that does not fit the model: channels and odd size
+    let three = write("three.npy", &NpyArray::to_bytes(&[1, 3, 28, 28], &vec![0.5; 3 * 28 * 28]));
+    score(&model, &three, &["three.npy", "channel"]);
+    let odd = write("odd.npy", &NpyArray::to_bytes(&[1, 1, 27, 27], &vec![0.5; 27 * 27]));
+    score(&model, &odd, &["odd.npy", "27x27"]);
+    // NaN / Inf
+    let mut nan = vec![0.5f32; 28 * 28];
+    nan[17] = f32::NAN;
+    let nanp = write("nan.npy", &NpyArray::to_bytes(&[1, 1, 28, 28], &nan));
+    score(&model, &nanp, &["nan.npy", "not finite"]);
+    let mut inf = vec![0.5f32; 28 * 28];
+    inf[3] = f32::INFINITY;
+    let infp = write("inf.npy", &NpyArray::to_bytes(&[1, 1, 28, 28], &inf));
+    fails(
+        &["denoise", "--measurement", &infp, "--signal-model", &model, "--noise", "gaussian:0.1", "--out", o],
+        &["inf.npy", "not finite"],
+    );
+    // out-of-range options
+    let den = |extra: &[&str], needles: &[&str]| {
+        let mut a = vec!["denoise", "--measurement", good_in.as_str(), "--signal-model", model.as_str(), "--out", o];
+        a.extend_from_slice(extra);
+        fails(&a, needles)
+    };
+    den(&["--noise", "gaussian:0.1", "--steps", "0"], &["steps"]);
+    den(&["--noise", "gaussian:-1"], &["std must be >= 0"]);
+    den(&["--noise", "sine:abc"], &["not a number"]);
+    den(&["--noise", "gaussian:0.1", "--lambda=-1"], &["lambda"]);
+    den(&["--noise", "gaussian:0.1", "--operator", "scale:x"], &["operator"]);
+    den(&["--noise", "gaussian:0.1", "--backend", "wgpu"], &["wgpu"]);
+    den(&["--noise", "gaussian:0.1", "--rule", "dps"], &["dps"]);
+    den(&[], &["noise prior"]);
+    fails(&["score", "--model", &model, "--input", &good_in, "--sigma", "0", "--out", o], &["--sigma"]);
+    fails(&["sample", "--model", &model, "--out", o], &["--size"]);
+}
