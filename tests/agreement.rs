@@ -23,19 +23,47 @@ fn every_op_agrees() {
     let w = rand([7, 5, 3, 3], 2, 0.3, 0.0);
     let b = rand([1, 7, 1, 1], 3, 0.1, 0.0);
     let p = |t: &Tensor, u: &Tensor| rel_max_err(&u.data, &t.data);
-    for cp in [Conv2dParams::same3(1), Conv2dParams::same3(2), Conv2dParams::same3(4)] {
-        assert!(p(&r.conv2d(&x, &w, Some(&b), cp), &c.conv2d(&x, &w, Some(&b), cp)) < 1e-5);
+    for cp in [
+        Conv2dParams::same3(1),
+        Conv2dParams::same3(2),
+        Conv2dParams::same3(4),
+    ] {
+        assert!(
+            p(
+                &r.conv2d(&x, &w, Some(&b), cp),
+                &c.conv2d(&x, &w, Some(&b), cp)
+            ) < 1e-5
+        );
         assert!(p(&r.conv2d(&x, &w, None, cp), &c.conv2d(&x, &w, None, cp)) < 1e-5);
     }
     let w1 = rand([4, 5, 1, 1], 4, 0.3, 0.0);
     let pw = Conv2dParams::pointwise();
-    assert!(p(&r.conv2d(&x, &w1, Some(&b), pw), &c.conv2d(&x, &w1, Some(&b), pw)) < 1e-5);
+    assert!(
+        p(
+            &r.conv2d(&x, &w1, Some(&b), pw),
+            &c.conv2d(&x, &w1, Some(&b), pw)
+        ) < 1e-5
+    );
     assert!(p(&r.mean_pool2(&x), &c.mean_pool2(&x)) < 1e-6);
     assert!(p(&r.max_pool(&x, 5, 2), &c.max_pool(&x, 5, 2)) == 0.0);
-    let (a, g, be) = (rand([1, 5, 1, 1], 5, 0.3, 1.0), rand([1, 5, 1, 1], 6, 0.3, 1.0), rand([1, 5, 1, 1], 7, 0.2, 0.0));
-    assert!(p(&r.instance_norm_plus(&x, &a, &g, &be), &c.instance_norm_plus(&x, &a, &g, &be)) < 1e-6);
+    let (a, g, be) = (
+        rand([1, 5, 1, 1], 5, 0.3, 1.0),
+        rand([1, 5, 1, 1], 6, 0.3, 1.0),
+        rand([1, 5, 1, 1], 7, 0.2, 0.0),
+    );
+    assert!(
+        p(
+            &r.instance_norm_plus(&x, &a, &g, &be),
+            &c.instance_norm_plus(&x, &a, &g, &be)
+        ) < 1e-6
+    );
     assert!(p(&r.elu(&x), &c.elu(&x)) < 1e-7);
-    assert!(p(&r.resize_bilinear(&x, 28, 20), &c.resize_bilinear(&x, 28, 20)) < 1e-6);
+    assert!(
+        p(
+            &r.resize_bilinear(&x, 28, 20),
+            &c.resize_bilinear(&x, 28, 20)
+        ) < 1e-6
+    );
     assert!(p(&r.add(&x, &x), &c.add(&x, &x)) == 0.0);
     assert!(p(&r.affine(&x, 2.0, -1.0), &c.affine(&x, 2.0, -1.0)) == 0.0);
 }
@@ -43,15 +71,33 @@ fn every_op_agrees() {
 #[test]
 fn whole_forward_agrees_at_three_sizes() {
     for (size, ch, ngf) in [(28usize, 1usize, 5usize), (32, 3, 6), (64, 2, 3)] {
-        let cfg = Ncsnv2Config { channels: ch, ngf, input_map: true };
+        let cfg = Ncsnv2Config {
+            channels: ch,
+            ngf,
+            input_map: true,
+        };
         // each parameter's values depend only on its name, so both networks get the same weights
         let init = |s: &jointdiff_core::ncsnv2::ParamSpec| {
-            let h = s.name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+            let h = s.name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100000001b3)
+            });
             let mut r = Rng::stream(99, 2, h);
             let n: usize = s.shape.iter().product();
-            let fan_in: usize = if s.shape.len() == 4 { s.shape[1..].iter().product() } else { 1 };
-            let base = if s.name.ends_with("alpha") || s.name.ends_with("gamma") { 1.0 } else { 0.0 };
-            let sc = if s.shape.len() == 4 { 1.0 / (fan_in as f64).sqrt() } else { 0.2 };
+            let fan_in: usize = if s.shape.len() == 4 {
+                s.shape[1..].iter().product()
+            } else {
+                1
+            };
+            let base = if s.name.ends_with("alpha") || s.name.ends_with("gamma") {
+                1.0
+            } else {
+                0.0
+            };
+            let sc = if s.shape.len() == 4 {
+                1.0 / (fan_in as f64).sqrt()
+            } else {
+                0.2
+            };
             (0..n).map(|_| (base + sc * r.normal()) as f32).collect()
         };
         let net_r = Ncsnv2::from_fn(&RefBackend, cfg, init).unwrap();

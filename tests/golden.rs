@@ -11,7 +11,10 @@ fn check<B: Backend>(b: &B) {
     for (name, c, size, ngf) in GOLDEN {
         let bytes = std::fs::read(fixture(&format!("golden/{name}.safetensors"))).unwrap();
         let mf = ModelFile::from_bytes(&bytes).unwrap();
-        assert!(mf.reference_checkpoint, "golden files carry no jointdiff metadata");
+        assert!(
+            mf.reference_checkpoint,
+            "golden files carry no jointdiff metadata"
+        );
         assert_eq!((mf.meta.channels, mf.meta.ngf), (c, ngf));
         assert_eq!(mf.meta.sde.name(), "ve");
         let net = mf.build(b).unwrap();

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 /// Path of a file under the repository's `fixtures/`.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("fixtures")
+        .join(rel)
 }
 
 pub fn read_npy(rel: &str) -> Tensor {

@@ -8,6 +8,8 @@
 //!
 //! Tolerances are stated per check: `k` standard errors of the estimate plus an allowance for the
 //! time discretisation (600 steps), which the tests print next to the measured error.
+#![allow(clippy::too_many_arguments, clippy::type_complexity)]
+
 use jointdiff_core::operator::Operator;
 use jointdiff_core::prior::GaussianPrior;
 use jointdiff_core::rng::Rng;
@@ -44,10 +46,19 @@ fn forward_diffusion_matches_closed_form_moments() {
             let want_v = sde.s(t_end).powi(2) - s0 * s0;
             let se_m = (want_v / particles as f64).sqrt();
             let se_v = want_v * (2.0 / particles as f64).sqrt();
-            println!("{} t={t_end}: mean {m:.4} vs {want_m:.4}, var {v:.4} vs {want_v:.4}", sde.name());
-            assert!((m - want_m).abs() < 4.0 * se_m + 1e-3 * want_m.abs(), "{sde:?} mean");
+            println!(
+                "{} t={t_end}: mean {m:.4} vs {want_m:.4}, var {v:.4} vs {want_v:.4}",
+                sde.name()
+            );
+            assert!(
+                (m - want_m).abs() < 4.0 * se_m + 1e-3 * want_m.abs(),
+                "{sde:?} mean"
+            );
             // 4 SE plus 1% for the Euler–Maruyama discretisation
-            assert!((v - want_v).abs() < 4.0 * se_v + 0.01 * want_v, "{sde:?} var {v} vs {want_v}");
+            assert!(
+                (v - want_v).abs() < 4.0 * se_v + 0.01 * want_v,
+                "{sde:?} var {v} vs {want_v}"
+            );
         }
     }
 }
@@ -84,8 +95,12 @@ fn run(
     };
     let ys: Vec<f32> = (0..items).flat_map(|_| y.iter().copied()).collect();
     let post = sampler.sample(&ys, 42, &mut |_, _| true).unwrap();
-    let xs = (0..d).map(|j| (0..items).map(|i| post.signal.item(i)[j] as f64).collect()).collect();
-    let ns = (0..m).map(|j| (0..items).map(|i| post.noise.item(i)[j] as f64).collect()).collect();
+    let xs = (0..d)
+        .map(|j| (0..items).map(|i| post.signal.item(i)[j] as f64).collect())
+        .collect();
+    let ns = (0..m)
+        .map(|j| (0..items).map(|i| post.noise.item(i)[j] as f64).collect())
+        .collect();
     (xs, ns)
 }
 
@@ -95,13 +110,27 @@ fn reverse_loop_without_consistency_returns_the_prior() {
     let items = 20_000;
     let prior = GaussianPrior::new(vec![0.3], vec![0.25]).unwrap();
     for sde in [Sde::vp_default(), Sde::ve_default(), Sde::simple_default()] {
-        let (xs, _) = run(sde, &Operator::Identity, 1, 1, &prior, &prior, &[0.0], 1.0, 0.0, items);
+        let (xs, _) = run(
+            sde,
+            &Operator::Identity,
+            1,
+            1,
+            &prior,
+            &prior,
+            &[0.0],
+            1.0,
+            0.0,
+            items,
+        );
         let (m, v) = moments(&xs[0]);
         let se_m = (0.25 / items as f64).sqrt();
         let se_v = 0.25 * (2.0 / items as f64).sqrt();
         println!("{}: mean {m:.4} vs 0.3, var {v:.4} vs 0.25", sde.name());
         assert!((m - 0.3).abs() < 4.0 * se_m + 0.005, "{sde:?} mean {m}");
-        assert!((v - 0.25).abs() < 4.0 * se_v + 0.02 * 0.25, "{sde:?} var {v}");
+        assert!(
+            (v - 0.25).abs() < 4.0 * se_v + 0.02 * 0.25,
+            "{sde:?} var {v}"
+        );
     }
 }
 
@@ -124,19 +153,30 @@ fn gaussian_posterior(
         s[i * m + i] += alpha * alpha;
     }
     let inv = invert(&s, m);
-    let resid: Vec<f64> =
-        (0..m).map(|i| y[i] - (0..d).map(|k| a[i * d + k] * mx).sum::<f64>() - alpha * mn).collect();
-    let sr: Vec<f64> = (0..m).map(|i| (0..m).map(|j| inv[i * m + j] * resid[j]).sum()).collect();
-    let x_mean: Vec<f64> = (0..d).map(|k| mx + (0..m).map(|i| a[i * d + k] * sr[i]).sum::<f64>()).collect();
+    let resid: Vec<f64> = (0..m)
+        .map(|i| y[i] - (0..d).map(|k| a[i * d + k] * mx).sum::<f64>() - alpha * mn)
+        .collect();
+    let sr: Vec<f64> = (0..m)
+        .map(|i| (0..m).map(|j| inv[i * m + j] * resid[j]).sum())
+        .collect();
+    let x_mean: Vec<f64> = (0..d)
+        .map(|k| mx + (0..m).map(|i| a[i * d + k] * sr[i]).sum::<f64>())
+        .collect();
     let x_var: Vec<f64> = (0..d)
         .map(|k| {
             1.0 - (0..m)
-                .map(|i| (0..m).map(|j| a[i * d + k] * inv[i * m + j] * a[j * d + k]).sum::<f64>())
+                .map(|i| {
+                    (0..m)
+                        .map(|j| a[i * d + k] * inv[i * m + j] * a[j * d + k])
+                        .sum::<f64>()
+                })
                 .sum::<f64>()
         })
         .collect();
     let n_mean: Vec<f64> = (0..m).map(|i| mn + alpha * sr[i]).collect();
-    let n_var: Vec<f64> = (0..m).map(|i| 1.0 - alpha * alpha * inv[i * m + i]).collect();
+    let n_var: Vec<f64> = (0..m)
+        .map(|i| 1.0 - alpha * alpha * inv[i * m + i])
+        .collect();
     ((x_mean, x_var), (n_mean, n_var))
 }
 
@@ -172,23 +212,82 @@ fn projection_sampler_matches_gaussian_posterior() {
     let x_prior = GaussianPrior::new(vec![mx as f32], vec![1.0]).unwrap();
     let n_prior = GaussianPrior::new(vec![mn as f32], vec![1.0]).unwrap();
     let mut rng = Rng::stream(5, 0, 0);
-    let dense: Vec<f32> = (0..2 * 3).map(|_| (rng.normal() / 2f64.sqrt()) as f32).collect();
+    let dense: Vec<f32> = (0..2 * 3)
+        .map(|_| (rng.normal() / 2f64.sqrt()) as f32)
+        .collect();
     let cases: Vec<(&str, Operator, usize, usize, f64, f64, Vec<f32>)> = vec![
-        ("identity", Operator::Identity, 2, 2, 1.0, 0.5, vec![1.0, -0.5]),
-        ("scale", Operator::Scale(0.5), 2, 2, 1.0, 0.5, vec![0.8, 0.1]),
-        ("mask", Operator::Mask(vec![1.0, 0.0]), 2, 2, 0.5, 0.5, vec![0.6, 0.3]),
-        ("matrix", Operator::Matrix { m: 2, d: 3, a: dense.clone() }, 3, 2, 0.8, 0.5, vec![0.7, -0.4]),
+        (
+            "identity",
+            Operator::Identity,
+            2,
+            2,
+            1.0,
+            0.5,
+            vec![1.0, -0.5],
+        ),
+        (
+            "scale",
+            Operator::Scale(0.5),
+            2,
+            2,
+            1.0,
+            0.5,
+            vec![0.8, 0.1],
+        ),
+        (
+            "mask",
+            Operator::Mask(vec![1.0, 0.0]),
+            2,
+            2,
+            0.5,
+            0.5,
+            vec![0.6, 0.3],
+        ),
+        (
+            "matrix",
+            Operator::Matrix {
+                m: 2,
+                d: 3,
+                a: dense.clone(),
+            },
+            3,
+            2,
+            0.8,
+            0.5,
+            vec![0.7, -0.4],
+        ),
     ];
     for (name, op, d, m, alpha, lm, y) in cases {
         let a: Vec<f64> = match &op {
             Operator::Identity => (0..d * d).map(|k| (k / d == k % d) as u8 as f64).collect(),
-            Operator::Scale(b) => (0..d * d).map(|k| if k / d == k % d { *b as f64 } else { 0.0 }).collect(),
-            Operator::Mask(mk) => (0..d * d).map(|k| if k / d == k % d { mk[k / d] as f64 } else { 0.0 }).collect(),
+            Operator::Scale(b) => (0..d * d)
+                .map(|k| if k / d == k % d { *b as f64 } else { 0.0 })
+                .collect(),
+            Operator::Mask(mk) => (0..d * d)
+                .map(|k| {
+                    if k / d == k % d {
+                        mk[k / d] as f64
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
             Operator::Matrix { a, .. } => a.iter().map(|&v| v as f64).collect(),
         };
         let y64: Vec<f64> = y.iter().map(|&v| v as f64).collect();
         let ((xm, xv), (nm, nv)) = gaussian_posterior(&a, d, m, alpha, mx, mn, &y64);
-        let (xs, ns) = run(Sde::vp_default(), &op, d, m, &x_prior, &n_prior, &y, alpha, lm, items);
+        let (xs, ns) = run(
+            Sde::vp_default(),
+            &op,
+            d,
+            m,
+            &x_prior,
+            &n_prior,
+            &y,
+            alpha,
+            lm,
+            items,
+        );
         for (what, samples, means, vars) in [("x", &xs, &xm, &xv), ("n", &ns, &nm, &nv)] {
             for j in 0..samples.len() {
                 let (em, ev) = moments(&samples[j]);
@@ -202,8 +301,14 @@ fn projection_sampler_matches_gaussian_posterior() {
                 // the variance (the time discretisation biases the variance by about 1% at 600 steps, and
                 // a value the measurement fixes exactly keeps a residual variance of about 0.002 because
                 // the projection with mu alpha^2 < 1 is soft).
-                assert!((em - means[j]).abs() < 4.0 * se_m + 0.01, "{name} {what}[{j}] mean");
-                assert!((ev - vars[j]).abs() < 4.0 * se_v + 0.03 * vars[j] + 0.005, "{name} {what}[{j}] var");
+                assert!(
+                    (em - means[j]).abs() < 4.0 * se_m + 0.01,
+                    "{name} {what}[{j}] mean"
+                );
+                assert!(
+                    (ev - vars[j]).abs() < 4.0 * se_v + 0.03 * vars[j] + 0.005,
+                    "{name} {what}[{j}] var"
+                );
             }
         }
     }

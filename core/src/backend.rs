@@ -15,11 +15,17 @@ pub struct Conv2dParams {
 impl Conv2dParams {
     /// "same" padding for a 3x3 kernel with the given dilation (as `nn.Conv2d(padding=dilation)`).
     pub fn same3(dilation: usize) -> Self {
-        Conv2dParams { padding: dilation, dilation }
+        Conv2dParams {
+            padding: dilation,
+            dilation,
+        }
     }
     /// A 1x1 convolution.
     pub fn pointwise() -> Self {
-        Conv2dParams { padding: 0, dilation: 1 }
+        Conv2dParams {
+            padding: 0,
+            dilation: 1,
+        }
     }
 }
 

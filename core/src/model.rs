@@ -74,7 +74,10 @@ pub struct ModelFile {
 
 fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     match dtype {
-        Dtype::F32 => Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        Dtype::F32 => Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()),
         Dtype::F64 => Ok(bytes
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
@@ -107,7 +110,10 @@ impl ModelFile {
             let data = to_f32(name, view.dtype(), view.data())?;
             tensors.insert(name.to_string(), (view.shape().to_vec(), data));
         }
-        let meta_json = md.metadata().as_ref().and_then(|m| m.get(META_KEY).cloned());
+        let meta_json = md
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(META_KEY).cloned());
         let (meta, reference_checkpoint) = match meta_json {
             Some(js) => {
                 let meta: ModelMeta = serde_json::from_str(&js)
@@ -124,7 +130,11 @@ impl ModelFile {
             None => (Self::infer_reference(&tensors)?, true),
         };
         meta.net_config().validate()?;
-        Ok(ModelFile { meta, reference_checkpoint, tensors })
+        Ok(ModelFile {
+            meta,
+            reference_checkpoint,
+            tensors,
+        })
     }
 
     fn infer_reference(tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<ModelMeta> {
@@ -135,7 +145,9 @@ impl ModelFile {
             )
         })?;
         if shape.len() != 4 {
-            return Err(Error::shape(format!("tensor 'begin_conv.weight' has shape {shape:?}, expected rank 4")));
+            return Err(Error::shape(format!(
+                "tensor 'begin_conv.weight' has shape {shape:?}, expected rank 4"
+            )));
         }
         Ok(ModelMeta {
             architecture: "ncsnv2".into(),
@@ -193,10 +205,16 @@ impl View for F32View<'_> {
 
 /// Serialises tensors (name, shape, values) as safetensors, with `meta` under the `jointdiff` key
 /// (or no metadata at all, which makes a reference-style checkpoint).
-pub fn serialize(meta: Option<&ModelMeta>, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>> {
-    let views = tensors.iter().map(|(n, s, d)| (n.as_str(), F32View { shape: s, data: d }));
+pub fn serialize(
+    meta: Option<&ModelMeta>,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> Result<Vec<u8>> {
+    let views = tensors
+        .iter()
+        .map(|(n, s, d)| (n.as_str(), F32View { shape: s, data: d }));
     let info = meta.map(|m| [(META_KEY.to_string(), m.to_json())].into_iter().collect());
-    safetensors::tensor::serialize(views, info).map_err(|e| Error::format(format!("cannot serialise: {e}")))
+    safetensors::tensor::serialize(views, info)
+        .map_err(|e| Error::format(format!("cannot serialise: {e}")))
 }
 
 /// Every parameter of `config` from `init(spec)`, as named tensors ready for [`serialize`].
@@ -204,8 +222,11 @@ pub fn init_params<F>(config: &Ncsnv2Config, mut init: F) -> Vec<(String, Vec<us
 where
     F: FnMut(&crate::ncsnv2::ParamSpec) -> Vec<f32>,
 {
-    param_specs(config).into_iter().map(|s| {
-        let d = init(&s);
-        (s.name, s.shape, d)
-    }).collect()
+    param_specs(config)
+        .into_iter()
+        .map(|s| {
+            let d = init(&s);
+            (s.name, s.shape, d)
+        })
+        .collect()
 }

@@ -23,10 +23,16 @@ pub struct Ncsnv2Config {
 impl Ncsnv2Config {
     pub fn validate(&self) -> Result<()> {
         if self.channels == 0 || self.channels > 64 {
-            return Err(Error::invalid(format!("channels must be in 1..=64, got {}", self.channels)));
+            return Err(Error::invalid(format!(
+                "channels must be in 1..=64, got {}",
+                self.channels
+            )));
         }
         if self.ngf < 2 || self.ngf > 1024 {
-            return Err(Error::invalid(format!("ngf must be in 2..=1024, got {}", self.ngf)));
+            return Err(Error::invalid(format!(
+                "ngf must be in 2..=1024, got {}",
+                self.ngf
+            )));
         }
         Ok(())
     }
@@ -128,6 +134,7 @@ struct Builder<'a, 'b, B: Backend> {
     get: &'a mut Getter<'a>,
 }
 
+#[allow(clippy::too_many_arguments)]
 impl<B: Backend> Builder<'_, '_, B> {
     fn tensor(&mut self, name: &str, shape: &[usize], low_res: bool) -> Result<B::Tensor> {
         let t = (self.get)(name, shape, low_res)?;
@@ -144,7 +151,11 @@ impl<B: Backend> Builder<'_, '_, B> {
         low_res: bool,
     ) -> Result<Conv<B::Tensor>> {
         let w = self.tensor(&format!("{prefix}.weight"), &[co, ci, k, k], low_res)?;
-        let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[co], low_res)?) } else { None };
+        let b = if bias {
+            Some(self.tensor(&format!("{prefix}.bias"), &[co], low_res)?)
+        } else {
+            None
+        };
         Ok(Conv { w, b, p })
     }
     fn norm(&mut self, prefix: &str, c: usize) -> Result<Norm<B::Tensor>> {
@@ -174,11 +185,27 @@ impl<B: Backend> Builder<'_, '_, B> {
             norm2 = self.norm(&format!("{prefix}.normalize2"), ci)?;
             if dilation.is_some() {
                 conv2 = self.conv(&format!("{prefix}.conv2"), ci, co, 3, true, p, low_res_in)?;
-                shortcut = Some(self.conv(&format!("{prefix}.shortcut"), ci, co, 3, true, p, low_res_in)?);
+                shortcut = Some(self.conv(
+                    &format!("{prefix}.shortcut"),
+                    ci,
+                    co,
+                    3,
+                    true,
+                    p,
+                    low_res_in,
+                )?);
                 pool = false;
             } else {
                 // ConvMeanPool: the conv runs at full resolution, then pools.
-                conv2 = self.conv(&format!("{prefix}.conv2.conv"), ci, co, 3, true, p, low_res_in)?;
+                conv2 = self.conv(
+                    &format!("{prefix}.conv2.conv"),
+                    ci,
+                    co,
+                    3,
+                    true,
+                    p,
+                    low_res_in,
+                )?;
                 shortcut = Some(self.conv(
                     &format!("{prefix}.shortcut.conv"),
                     ci,
@@ -197,7 +224,15 @@ impl<B: Backend> Builder<'_, '_, B> {
             pool = false;
             shortcut = if ci != co {
                 if dilation.is_some() {
-                    Some(self.conv(&format!("{prefix}.shortcut"), ci, co, 3, true, p, low_res_in)?)
+                    Some(self.conv(
+                        &format!("{prefix}.shortcut"),
+                        ci,
+                        co,
+                        3,
+                        true,
+                        p,
+                        low_res_in,
+                    )?)
                 } else {
                     Some(self.conv(
                         &format!("{prefix}.shortcut"),
@@ -214,10 +249,23 @@ impl<B: Backend> Builder<'_, '_, B> {
             };
         }
         let norm1 = self.norm(&format!("{prefix}.normalize1"), ci)?;
-        Ok(ResBlock { norm1, conv1, norm2, conv2, pool, shortcut })
+        Ok(ResBlock {
+            norm1,
+            conv1,
+            norm2,
+            conv2,
+            pool,
+            shortcut,
+        })
     }
 
-    fn rcu(&mut self, prefix: &str, f: usize, blocks: usize, low_res: bool) -> Result<Rcu<B::Tensor>> {
+    fn rcu(
+        &mut self,
+        prefix: &str,
+        f: usize,
+        blocks: usize,
+        low_res: bool,
+    ) -> Result<Rcu<B::Tensor>> {
         let mut convs = Vec::new();
         for i in 0..blocks {
             let mut stages = Vec::new();
@@ -251,7 +299,12 @@ impl<B: Backend> Builder<'_, '_, B> {
         for (i, &c) in in_planes.iter().enumerate() {
             adapt.push(self.rcu(&format!("{prefix}.adapt_convs.{i}"), c, 2, low_res[i])?);
         }
-        let output = self.rcu(&format!("{prefix}.output_convs"), f, if end { 3 } else { 1 }, out_low)?;
+        let output = self.rcu(
+            &format!("{prefix}.output_convs"),
+            f,
+            if end { 3 } else { 1 },
+            out_low,
+        )?;
         let mut msf = Vec::new();
         if in_planes.len() > 1 {
             for (i, &c) in in_planes.iter().enumerate() {
@@ -278,7 +331,12 @@ impl<B: Backend> Builder<'_, '_, B> {
                 out_low,
             )?);
         }
-        Ok(Refine { adapt, msf, crp, output })
+        Ok(Refine {
+            adapt,
+            msf,
+            crp,
+            output,
+        })
     }
 }
 
@@ -306,7 +364,14 @@ fn build<B: Backend>(backend: &B, config: Ncsnv2Config, get: &mut Getter<'_>) ->
         bd.res_block("res4.1", 2 * g, 2 * g, false, Some(4), true)?,
     ];
     let refine1 = bd.refine("refine1", &[2 * g], 2 * g, false, &[true], true)?;
-    let refine2 = bd.refine("refine2", &[2 * g, 2 * g], 2 * g, false, &[true, true], true)?;
+    let refine2 = bd.refine(
+        "refine2",
+        &[2 * g, 2 * g],
+        2 * g,
+        false,
+        &[true, true],
+        true,
+    )?;
     let refine3 = bd.refine("refine3", &[2 * g, 2 * g], g, false, &[true, true], true)?;
     let refine4 = bd.refine("refine4", &[g, g], g, true, &[false, true], false)?;
     Ok(Ncsnv2 {
@@ -323,10 +388,18 @@ fn build<B: Backend>(backend: &B, config: Ncsnv2Config, get: &mut Getter<'_>) ->
 pub fn param_specs(config: &Ncsnv2Config) -> Vec<ParamSpec> {
     let mut specs = Vec::new();
     let mut get = |name: &str, shape: &[usize], low_res: bool| -> Result<Tensor> {
-        specs.push(ParamSpec { name: name.into(), shape: shape.to_vec(), low_res });
+        specs.push(ParamSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+            low_res,
+        });
         Ok(Tensor::zeros([0, 0, 0, 0]))
     };
-    let cfg = Ncsnv2Config { ngf: config.ngf.max(2), channels: config.channels.max(1), ..*config };
+    let cfg = Ncsnv2Config {
+        ngf: config.ngf.max(2),
+        channels: config.channels.max(1),
+        ..*config
+    };
     let _ = build(&crate::reference::RefBackend, cfg, &mut get);
     specs
 }
@@ -356,7 +429,10 @@ impl<B: Backend> Ncsnv2<B> {
         let mut get = |name: &str, shape: &[usize], _low: bool| -> Result<Tensor> {
             match lookup(name)? {
                 Some((s, d)) => param_tensor(name, shape, &s, d),
-                None => Err(Error::new(ErrorKind::MissingTensor, format!("tensor '{name}' is missing"))),
+                None => Err(Error::new(
+                    ErrorKind::MissingTensor,
+                    format!("tensor '{name}' is missing"),
+                )),
             }
         };
         build(backend, config, &mut get)
@@ -368,7 +444,11 @@ impl<B: Backend> Ncsnv2<B> {
         F: FnMut(&ParamSpec) -> Vec<f32>,
     {
         let mut get = |name: &str, shape: &[usize], low_res: bool| -> Result<Tensor> {
-            let spec = ParamSpec { name: name.into(), shape: shape.to_vec(), low_res };
+            let spec = ParamSpec {
+                name: name.into(),
+                shape: shape.to_vec(),
+                low_res,
+            };
             let data = init(&spec);
             param_tensor(name, shape, shape, data)
         };
@@ -420,8 +500,19 @@ impl<B: Backend> Ncsnv2<B> {
         x
     }
 
-    fn refine(&self, b: &B, xs: &[&B::Tensor], r: &Refine<B::Tensor>, h: usize, w: usize) -> B::Tensor {
-        let hs: Vec<B::Tensor> = xs.iter().zip(&r.adapt).map(|(x, a)| self.rcu(b, x, a)).collect();
+    fn refine(
+        &self,
+        b: &B,
+        xs: &[&B::Tensor],
+        r: &Refine<B::Tensor>,
+        h: usize,
+        w: usize,
+    ) -> B::Tensor {
+        let hs: Vec<B::Tensor> = xs
+            .iter()
+            .zip(&r.adapt)
+            .map(|(x, a)| self.rcu(b, x, a))
+            .collect();
         let mut out = if r.msf.is_empty() {
             hs[0].clone()
         } else {
@@ -453,7 +544,11 @@ impl<B: Backend> Ncsnv2<B> {
     /// `net(x)` for a batch `x` of shape `[N, C, H, W]` already on the backend.
     pub fn forward_device(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
         self.config.check_input(b.shape(x))?;
-        let h = if self.config.input_map { b.affine(x, 2.0, -1.0) } else { x.clone() };
+        let h = if self.config.input_map {
+            b.affine(x, 2.0, -1.0)
+        } else {
+            x.clone()
+        };
         let mut out = self.conv(b, &h, &self.begin_conv);
         let mut layers: Vec<B::Tensor> = Vec::with_capacity(4);
         for stage in &self.res {
@@ -483,7 +578,9 @@ impl<B: Backend> Ncsnv2<B> {
     pub fn forward(&self, b: &B, x: &Tensor) -> Result<Tensor> {
         self.config.check_input(x.shape)?;
         if let Some(i) = x.first_non_finite() {
-            return Err(Error::non_finite(format!("network input has a non-finite value at index {i}")));
+            return Err(Error::non_finite(format!(
+                "network input has a non-finite value at index {i}"
+            )));
         }
         let dx = b.upload(x);
         let out = self.forward_device(b, &dx)?;

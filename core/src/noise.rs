@@ -22,8 +22,10 @@ fn profile_index(shape: [usize; 3], k: usize) -> usize {
 }
 
 fn check_std(std: f64) -> Result<()> {
-    if !(std >= 0.0) || !std.is_finite() {
-        return Err(Error::invalid(format!("noise std must be finite and >= 0, got {std}")));
+    if std.is_nan() || std < 0.0 || !std.is_finite() {
+        return Err(Error::invalid(format!(
+            "noise std must be finite and >= 0, got {std}"
+        )));
     }
     Ok(())
 }
@@ -44,9 +46,17 @@ pub fn sine(shape: [usize; 4], std: f64, seed: u64) -> Result<Tensor> {
     }
     let n = t.data.len() as f64;
     let mean = t.data.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let sd = libm::sqrt(t.data.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / n);
+    let sd = libm::sqrt(
+        t.data
+            .iter()
+            .map(|&v| (v as f64 - mean) * (v as f64 - mean))
+            .sum::<f64>()
+            / n,
+    );
     let scale = if sd > 0.0 { std / sd } else { 0.0 };
-    t.data.iter_mut().for_each(|v| *v = (*v as f64 * scale) as f32);
+    t.data
+        .iter_mut()
+        .for_each(|v| *v = (*v as f64 * scale) as f32);
     Ok(t)
 }
 
@@ -55,7 +65,9 @@ pub fn sine(shape: [usize; 4], std: f64, seed: u64) -> Result<Tensor> {
 pub fn sine_std(item: [usize; 3], std: f64) -> Result<Vec<f32>> {
     check_std(std)?;
     let len: usize = item.iter().product();
-    let prof: Vec<f64> = (0..len).map(|j| sine_profile(profile_index(item, j))).collect();
+    let prof: Vec<f64> = (0..len)
+        .map(|j| sine_profile(profile_index(item, j)))
+        .collect();
     let rms = libm::sqrt(prof.iter().map(|p| p * p).sum::<f64>() / len.max(1) as f64);
     Ok(prof.iter().map(|p| (p / rms * std) as f32).collect())
 }
@@ -104,7 +116,13 @@ mod tests {
         let t = sine([64, 1, 16, 4], 0.1, 5).unwrap();
         let n = t.data.len() as f64;
         let mean = t.data.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let sd = (t.data.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let sd = (t
+            .data
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
         assert!((sd - 0.1).abs() < 1e-5);
         // per-row empirical std follows exp(sin(2 pi r / 16)) up to a common factor
         let expected = sine_std([1, 16, 4], 0.1).unwrap();

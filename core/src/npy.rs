@@ -44,7 +44,10 @@ impl NpyArray {
                 if bytes.len() < 12 {
                     return Err(Error::format("truncated npy header"));
                 }
-                (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+                (
+                    u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                    12,
+                )
             }
             v => return Err(Error::format(format!("unsupported npy version {v}"))),
         };
@@ -69,18 +72,26 @@ impl NpyArray {
         };
         let fo = header_value(header, "fortran_order")?;
         if !fo.starts_with("False") {
-            return Err(Error::format("npy array is in Fortran order; save it in C order"));
+            return Err(Error::format(
+                "npy array is in Fortran order; save it in C order",
+            ));
         }
         let sh = header_value(header, "shape")?;
-        let open = sh.strip_prefix('(').ok_or_else(|| Error::format("npy shape is not a tuple"))?;
-        let close = open.find(')').ok_or_else(|| Error::format("npy shape is not a tuple"))?;
+        let open = sh
+            .strip_prefix('(')
+            .ok_or_else(|| Error::format("npy shape is not a tuple"))?;
+        let close = open
+            .find(')')
+            .ok_or_else(|| Error::format("npy shape is not a tuple"))?;
         let mut shape = Vec::new();
         for part in open[..close].split(',') {
             let p = part.trim();
             if p.is_empty() {
                 continue;
             }
-            let v: usize = p.parse().map_err(|_| Error::format(format!("npy shape entry '{p}' is not a number")))?;
+            let v: usize = p
+                .parse()
+                .map_err(|_| Error::format(format!("npy shape entry '{p}' is not a number")))?;
             shape.push(v);
         }
         let n = checked_numel(&shape)?;
@@ -89,7 +100,9 @@ impl NpyArray {
             Descr::F8 => 8,
             Descr::U1 => 1,
         };
-        let need = n.checked_mul(esize).ok_or_else(|| Error::format("npy array is too large"))?;
+        let need = n
+            .checked_mul(esize)
+            .ok_or_else(|| Error::format("npy array is too large"))?;
         let body = &bytes[end..];
         if body.len() < need {
             return Err(Error::format(format!(
@@ -99,14 +112,23 @@ impl NpyArray {
         }
         let body = &body[..need];
         let data: Vec<f32> = match descr {
-            Descr::F4 => body.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Descr::F4 => body
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             Descr::F8 => body
                 .chunks_exact(8)
-                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+                .map(|c| {
+                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+                })
                 .collect(),
             Descr::U1 => body.iter().map(|&b| b as f32).collect(),
         };
-        Ok(NpyArray { shape, data, uint8: matches!(descr, Descr::U1) })
+        Ok(NpyArray {
+            shape,
+            data,
+            uint8: matches!(descr, Descr::U1),
+        })
     }
 
     /// Interprets the array as images: HW -> [1,1,H,W], CHW -> [1,C,H,W], NCHW as is.
@@ -163,12 +185,18 @@ mod tests {
 
     #[test]
     fn roundtrip_and_errors() {
-        let b = NpyArray::to_bytes(&[2, 1, 2, 3], &[1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12.]);
-        assert_eq!(b.len() % 64, 48 % 64); // header is 64-aligned, data follows
+        let b = NpyArray::to_bytes(
+            &[2, 1, 2, 3],
+            &[1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12.],
+        );
+        assert_eq!((b.len() - 48) % 64, 0); // header is 64-aligned, 48 data bytes follow
         let a = NpyArray::parse(&b).unwrap();
         assert_eq!(a.shape, vec![2, 1, 2, 3]);
         assert_eq!(a.data[11], 12.0);
-        assert!(NpyArray::parse(&b[..b.len() - 1]).unwrap_err().message.contains("truncated"));
+        assert!(NpyArray::parse(&b[..b.len() - 1])
+            .unwrap_err()
+            .message
+            .contains("truncated"));
         assert!(NpyArray::parse(b"hello world").is_err());
         let one = NpyArray::to_bytes(&[3], &[1., 2., 3.]);
         assert_eq!(NpyArray::parse(&one).unwrap().shape, vec![3]);

@@ -12,7 +12,11 @@ pub enum Operator {
     /// `A = diag(mask)`, `mask` has `d` entries (usually 0/1).
     Mask(Vec<f32>),
     /// Dense row-major `m x d` matrix.
-    Matrix { m: usize, d: usize, a: Vec<f32> },
+    Matrix {
+        m: usize,
+        d: usize,
+        a: Vec<f32>,
+    },
 }
 
 impl Operator {
@@ -55,7 +59,11 @@ impl Operator {
                     )));
                 }
                 if a.len() != m * md {
-                    return Err(Error::shape(format!("matrix operator has {} values, expected {}", a.len(), m * md)));
+                    return Err(Error::shape(format!(
+                        "matrix operator has {} values, expected {}",
+                        a.len(),
+                        m * md
+                    )));
                 }
                 if a.iter().any(|v| !v.is_finite()) {
                     return Err(Error::non_finite("matrix operator has a non-finite value"));
@@ -70,7 +78,11 @@ impl Operator {
         match self {
             Operator::Identity => out.copy_from_slice(x),
             Operator::Scale(b) => out.iter_mut().zip(x).for_each(|(o, v)| *o = b * v),
-            Operator::Mask(mask) => out.iter_mut().zip(x).zip(mask).for_each(|((o, v), k)| *o = k * v),
+            Operator::Mask(mask) => out
+                .iter_mut()
+                .zip(x)
+                .zip(mask)
+                .for_each(|((o, v), k)| *o = k * v),
             Operator::Matrix { d, a, .. } => {
                 for (o, row) in out.iter_mut().zip(a.chunks_exact(*d)) {
                     *o = row.iter().zip(x).map(|(p, q)| p * q).sum();
@@ -120,7 +132,11 @@ mod tests {
             Operator::Identity,
             Operator::Scale(-1.7),
             Operator::Mask(mask),
-            Operator::Matrix { m: 5, d, a: randv(&mut r, 5 * d) },
+            Operator::Matrix {
+                m: 5,
+                d,
+                a: randv(&mut r, 5 * d),
+            },
         ];
         for op in &ops {
             let m = op.out_len(d).unwrap();
@@ -130,12 +146,28 @@ mod tests {
             op.apply(&x, &mut ax);
             let mut aty = vec![0.0; d];
             op.adjoint(&y, &mut aty);
-            let lhs: f64 = ax.iter().zip(&y).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
-            let rhs: f64 = x.iter().zip(&aty).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
-            assert!((lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()), "{}: {lhs} vs {rhs}", op.name());
+            let lhs: f64 = ax
+                .iter()
+                .zip(&y)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum();
+            let rhs: f64 = x
+                .iter()
+                .zip(&aty)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum();
+            assert!(
+                (lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()),
+                "{}: {lhs} vs {rhs}",
+                op.name()
+            );
         }
         // the matrix product against a hand-computed 2x3 case
-        let op = Operator::Matrix { m: 2, d: 3, a: vec![1., 2., 3., 4., 5., 6.] };
+        let op = Operator::Matrix {
+            m: 2,
+            d: 3,
+            a: vec![1., 2., 3., 4., 5., 6.],
+        };
         let mut out = vec![0.0; 2];
         op.apply(&[1., 0., -1.], &mut out);
         assert_eq!(out, vec![-2., -2.]);

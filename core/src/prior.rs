@@ -32,7 +32,8 @@ impl<B: Backend> Prior for NetworkPrior<'_, B> {
         Ok(out)
     }
     fn item_shape(&self) -> Option<[usize; 3]> {
-        self.image_size.map(|[h, w]| [self.net.config.channels, h, w])
+        self.image_size
+            .map(|[h, w]| [self.net.config.channels, h, w])
     }
 }
 
@@ -47,10 +48,14 @@ pub struct GaussianPrior {
 impl GaussianPrior {
     pub fn new(mean: Vec<f32>, var: Vec<f32>) -> Result<Self> {
         if mean.is_empty() || var.is_empty() {
-            return Err(Error::invalid("Gaussian prior needs at least one mean and variance"));
+            return Err(Error::invalid(
+                "Gaussian prior needs at least one mean and variance",
+            ));
         }
         if mean.iter().chain(&var).any(|v| !v.is_finite()) {
-            return Err(Error::non_finite("Gaussian prior has a non-finite mean or variance"));
+            return Err(Error::non_finite(
+                "Gaussian prior has a non-finite mean or variance",
+            ));
         }
         if var.iter().any(|&v| v < 0.0) {
             return Err(Error::invalid("Gaussian prior variance must be >= 0"));
@@ -60,13 +65,15 @@ impl GaussianPrior {
 
     /// The same mean and standard deviation for every value.
     pub fn isotropic(mean: f32, std: f32) -> Result<Self> {
-        if !(std >= 0.0) || !std.is_finite() {
-            return Err(Error::invalid(format!("Gaussian std must be finite and >= 0, got {std}")));
+        if std.is_nan() || std < 0.0 || !std.is_finite() {
+            return Err(Error::invalid(format!(
+                "Gaussian std must be finite and >= 0, got {std}"
+            )));
         }
         Self::new(alloc::vec![mean], alloc::vec![std * std])
     }
 
-    fn at<'a>(v: &'a [f32], i: usize) -> f32 {
+    fn at(v: &[f32], i: usize) -> f32 {
         if v.len() == 1 {
             v[0]
         } else {

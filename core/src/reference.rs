@@ -167,7 +167,11 @@ pub fn instance_norm_plus(x: &Tensor, alpha: &Tensor, gamma: &Tensor, beta: &Ten
         for ch in 0..c {
             let s = &x.data[(b * c + ch) * hw..(b * c + ch + 1) * hw];
             let mean = s.iter().map(|&v| v as f64).sum::<f64>() / hw as f64;
-            let var = s.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / hw as f64;
+            let var = s
+                .iter()
+                .map(|&v| (v as f64 - mean) * (v as f64 - mean))
+                .sum::<f64>()
+                / hw as f64;
             means[ch] = mean;
             vars[ch] = var;
         }
@@ -178,7 +182,11 @@ pub fn instance_norm_plus(x: &Tensor, alpha: &Tensor, gamma: &Tensor, beta: &Ten
         for ch in 0..c {
             let mt = (means[ch] - m) / vs;
             let inv = 1.0 / libm::sqrt(vars[ch] + 1e-5);
-            let (a, g, be) = (alpha.data[ch] as f64, gamma.data[ch] as f64, beta.data[ch] as f64);
+            let (a, g, be) = (
+                alpha.data[ch] as f64,
+                gamma.data[ch] as f64,
+                beta.data[ch] as f64,
+            );
             let s = &x.data[(b * c + ch) * hw..(b * c + ch + 1) * hw];
             let d = &mut out.data[(b * c + ch) * hw..(b * c + ch + 1) * hw];
             for (o, &v) in d.iter_mut().zip(s) {
@@ -199,12 +207,19 @@ pub fn elu_scalar(v: f32) -> f32 {
 }
 
 pub fn elu(x: &Tensor) -> Tensor {
-    Tensor { shape: x.shape, data: x.data.iter().map(|&v| elu_scalar(v)).collect() }
+    Tensor {
+        shape: x.shape,
+        data: x.data.iter().map(|&v| elu_scalar(v)).collect(),
+    }
 }
 
 /// Source index and weights of bilinear interpolation with `align_corners = True`, as PyTorch computes them.
 pub fn bilinear_coeffs(out_len: usize, in_len: usize, i: usize) -> (usize, usize, f32, f32) {
-    let scale = if out_len > 1 { (in_len as f32 - 1.0) / (out_len as f32 - 1.0) } else { 0.0 };
+    let scale = if out_len > 1 {
+        (in_len as f32 - 1.0) / (out_len as f32 - 1.0)
+    } else {
+        0.0
+    };
     let src = scale * i as f32;
     let i0 = (src as usize).min(in_len - 1);
     let i1 = if i0 + 1 < in_len { i0 + 1 } else { i0 };
@@ -232,9 +247,15 @@ pub fn resize_bilinear(x: &Tensor, ho: usize, wo: usize) -> Tensor {
 }
 
 pub fn add(a: &Tensor, b: &Tensor) -> Tensor {
-    Tensor { shape: a.shape, data: a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect() }
+    Tensor {
+        shape: a.shape,
+        data: a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect(),
+    }
 }
 
 pub fn affine(x: &Tensor, scale: f32, shift: f32) -> Tensor {
-    Tensor { shape: x.shape, data: x.data.iter().map(|&v| scale * v + shift).collect() }
+    Tensor {
+        shape: x.shape,
+        data: x.data.iter().map(|&v| scale * v + shift).collect(),
+    }
 }

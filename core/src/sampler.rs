@@ -53,7 +53,11 @@ impl SamplerConfig {
         if self.steps == 0 {
             return Err(Error::invalid("steps must be at least 1"));
         }
-        for (name, v) in [("lambda", self.lambda), ("mu", self.mu), ("alpha", self.alpha)] {
+        for (name, v) in [
+            ("lambda", self.lambda),
+            ("mu", self.mu),
+            ("alpha", self.alpha),
+        ] {
             if !v.is_finite() {
                 return Err(Error::invalid(format!("{name} must be finite, got {v}")));
             }
@@ -62,7 +66,7 @@ impl SamplerConfig {
             return Err(Error::invalid("lambda and mu must be >= 0"));
         }
         if let Some([lo, hi]) = self.clip {
-            if !(lo < hi) {
+            if lo.is_nan() || hi.is_nan() || lo >= hi {
                 return Err(Error::invalid("clip range must have lo < hi"));
             }
         }
@@ -117,9 +121,14 @@ impl JointSampler<'_> {
             )));
         }
         if let Some(i) = y.iter().position(|v| !v.is_finite()) {
-            return Err(Error::non_finite(format!("measurement has a non-finite value at index {i}")));
+            return Err(Error::non_finite(format!(
+                "measurement has a non-finite value at index {i}"
+            )));
         }
-        for (what, p, shape) in [("signal", self.signal, self.signal_shape), ("noise", self.noise, self.noise_shape)] {
+        for (what, p, shape) in [
+            ("signal", self.signal, self.signal_shape),
+            ("noise", self.noise, self.noise_shape),
+        ] {
             if let Some(s) = p.item_shape() {
                 if s != shape {
                     return Err(Error::shape(format!(
@@ -137,13 +146,18 @@ impl JointSampler<'_> {
         let mut n = Tensor::zeros([items, nc, nh, nw]);
         let mut xbar = x.clone();
         let mut nbar = n.clone();
-        let mut rngs: Vec<Rng> = (0..items).map(|i| Rng::stream(seed, purpose::SAMPLER, i as u64)).collect();
+        let mut rngs: Vec<Rng> = (0..items)
+            .map(|i| Rng::stream(seed, purpose::SAMPLER, i as u64))
+            .collect();
         let ps = sde.prior_std() as f32;
         for (i, rng) in rngs.iter_mut().enumerate() {
             rng.fill_normal(x.item_mut(i));
             rng.fill_normal(n.item_mut(i));
         }
-        x.data.iter_mut().chain(n.data.iter_mut()).for_each(|v| *v *= ps);
+        x.data
+            .iter_mut()
+            .chain(n.data.iter_mut())
+            .for_each(|v| *v *= ps);
 
         let (mut wx, mut wn, mut xi) = (vec![0f32; d], vec![0f32; m], vec![0f32; m]);
         let (mut ax, mut atr, mut r) = (vec![0f32; m], vec![0f32; d], vec![0f32; m]);
@@ -185,8 +199,14 @@ impl JointSampler<'_> {
                             r[j] = (a32 * yi[j] + s32 * xi[j]) - (ax[j] + alpha * ns[j]);
                         }
                         self.operator.adjoint(&r, &mut atr);
-                        x.item_mut(i).iter_mut().zip(&atr).for_each(|(v, q)| *v += lam * q);
-                        n.item_mut(i).iter_mut().zip(&r).for_each(|(v, q)| *v += mu * alpha * q);
+                        x.item_mut(i)
+                            .iter_mut()
+                            .zip(&atr)
+                            .for_each(|(v, q)| *v += lam * q);
+                        n.item_mut(i)
+                            .iter_mut()
+                            .zip(&r)
+                            .for_each(|(v, q)| *v += mu * alpha * q);
                     }
                 }
             }
@@ -198,13 +218,19 @@ impl JointSampler<'_> {
                 )));
             }
             if !progress(k + 1, total) {
-                return Err(Error::new(ErrorKind::Cancelled, format!("cancelled at step {} of {total}", k + 1)));
+                return Err(Error::new(
+                    ErrorKind::Cancelled,
+                    format!("cancelled at step {} of {total}", k + 1),
+                ));
             }
         }
         if let Some([lo, hi]) = cfg.clip {
             xbar.data.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
         }
-        Ok(Posterior { signal: xbar, noise: nbar })
+        Ok(Posterior {
+            signal: xbar,
+            noise: nbar,
+        })
     }
 }
 
@@ -224,7 +250,9 @@ pub fn sample_prior(
     }
     if let Some(s) = prior.item_shape() {
         if s != item {
-            return Err(Error::shape(format!("the model expects items of shape {s:?}, asked for {item:?}")));
+            return Err(Error::shape(format!(
+                "the model expects items of shape {s:?}, asked for {item:?}"
+            )));
         }
     }
     let grid = TimeGrid::new(config.steps, config.eps)?;
@@ -232,7 +260,9 @@ pub fn sample_prior(
     let [c, h, w] = item;
     let mut x = Tensor::zeros([items, c, h, w]);
     let mut xbar = x.clone();
-    let mut rngs: Vec<Rng> = (0..items).map(|i| Rng::stream(seed, purpose::SAMPLER, i as u64)).collect();
+    let mut rngs: Vec<Rng> = (0..items)
+        .map(|i| Rng::stream(seed, purpose::SAMPLER, i as u64))
+        .collect();
     let ps = sde.prior_std() as f32;
     for (i, rng) in rngs.iter_mut().enumerate() {
         rng.fill_normal(x.item_mut(i));
@@ -263,7 +293,10 @@ pub fn sample_prior(
             )));
         }
         if !progress(k + 1, total) {
-            return Err(Error::new(ErrorKind::Cancelled, format!("cancelled at step {} of {total}", k + 1)));
+            return Err(Error::new(
+                ErrorKind::Cancelled,
+                format!("cancelled at step {} of {total}", k + 1),
+            ));
         }
     }
     if let Some([lo, hi]) = config.clip {

@@ -26,10 +26,16 @@ impl Default for Sde {
 
 impl Sde {
     pub fn vp_default() -> Self {
-        Sde::Vp { beta_min: 0.1, beta_max: 20.0 }
+        Sde::Vp {
+            beta_min: 0.1,
+            beta_max: 20.0,
+        }
     }
     pub fn ve_default() -> Self {
-        Sde::Ve { sigma_min: 0.01, sigma_max: 50.0 }
+        Sde::Ve {
+            sigma_min: 0.01,
+            sigma_max: 50.0,
+        }
     }
     pub fn simple_default() -> Self {
         Sde::Simple { sigma: 25.0 }
@@ -45,8 +51,13 @@ impl Sde {
 
     pub fn validate(&self) -> Result<()> {
         let ok = match *self {
-            Sde::Vp { beta_min, beta_max } => beta_min > 0.0 && beta_max > beta_min && beta_max.is_finite(),
-            Sde::Ve { sigma_min, sigma_max } => sigma_min > 0.0 && sigma_max > sigma_min && sigma_max.is_finite(),
+            Sde::Vp { beta_min, beta_max } => {
+                beta_min > 0.0 && beta_max > beta_min && beta_max.is_finite()
+            }
+            Sde::Ve {
+                sigma_min,
+                sigma_max,
+            } => sigma_min > 0.0 && sigma_max > sigma_min && sigma_max.is_finite(),
             Sde::Simple { sigma } => sigma > 1.0 && sigma.is_finite(),
         };
         if ok {
@@ -71,7 +82,10 @@ impl Sde {
                 // sqrt(1 - a^2) computed without cancellation
                 libm::sqrt(-libm::expm1(2.0 * vp_log_mean(beta_min, beta_max, t)))
             }
-            Sde::Ve { sigma_min, sigma_max } => sigma_min * libm::pow(sigma_max / sigma_min, t),
+            Sde::Ve {
+                sigma_min,
+                sigma_max,
+            } => sigma_min * libm::pow(sigma_max / sigma_min, t),
             Sde::Simple { sigma } => {
                 let l = libm::log(sigma);
                 libm::sqrt(libm::expm1(2.0 * t * l) / (2.0 * l))
@@ -91,9 +105,10 @@ impl Sde {
     pub fn g(&self, t: f64) -> f64 {
         match *self {
             Sde::Vp { beta_min, beta_max } => libm::sqrt(beta_min + t * (beta_max - beta_min)),
-            Sde::Ve { sigma_min, sigma_max } => {
-                self.s(t) * libm::sqrt(2.0 * libm::log(sigma_max / sigma_min))
-            }
+            Sde::Ve {
+                sigma_min,
+                sigma_max,
+            } => self.s(t) * libm::sqrt(2.0 * libm::log(sigma_max / sigma_min)),
             Sde::Simple { sigma } => libm::pow(sigma, t),
         }
     }
@@ -137,9 +152,15 @@ impl TimeGrid {
         let ts: Vec<f64> = if steps == 1 {
             alloc::vec![1.0]
         } else {
-            (0..steps).map(|i| 1.0 + (eps - 1.0) * i as f64 / (steps - 1) as f64).collect()
+            (0..steps)
+                .map(|i| 1.0 + (eps - 1.0) * i as f64 / (steps - 1) as f64)
+                .collect()
         };
-        let dt = if steps == 1 { 1.0 - eps } else { (1.0 - eps) / (steps - 1) as f64 };
+        let dt = if steps == 1 {
+            1.0 - eps
+        } else {
+            (1.0 - eps) / (steps - 1) as f64
+        };
         Ok(TimeGrid { ts, dt })
     }
 }
@@ -156,11 +177,17 @@ mod tests {
             for &t in &[0.01, 0.2, 0.5, 0.9] {
                 let h = 1e-6;
                 let da = (sde.a(t + h) - sde.a(t - h)) / (2.0 * h);
-                assert!((da - sde.drift(t) * sde.a(t)).abs() < 1e-6 * (1.0 + da.abs()), "{sde:?} a'");
+                assert!(
+                    (da - sde.drift(t) * sde.a(t)).abs() < 1e-6 * (1.0 + da.abs()),
+                    "{sde:?} a'"
+                );
                 let s2 = |t: f64| sde.s(t) * sde.s(t);
                 let ds2 = (s2(t + h) - s2(t - h)) / (2.0 * h);
                 let rhs = 2.0 * sde.drift(t) * s2(t) + sde.g(t) * sde.g(t);
-                assert!((ds2 - rhs).abs() < 1e-5 * (1.0 + rhs.abs()), "{sde:?} s2' {ds2} vs {rhs}");
+                assert!(
+                    (ds2 - rhs).abs() < 1e-5 * (1.0 + rhs.abs()),
+                    "{sde:?} s2' {ds2} vs {rhs}"
+                );
             }
         }
     }

@@ -13,7 +13,10 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn zeros(shape: [usize; 4]) -> Self {
-        Tensor { shape, data: vec![0.0; shape.iter().product()] }
+        Tensor {
+            shape,
+            data: vec![0.0; shape.iter().product()],
+        }
     }
 
     /// Wraps `data` after checking that its length matches `shape`.

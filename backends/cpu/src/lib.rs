@@ -21,14 +21,22 @@ fn per_item(x: &Tensor, f: impl Fn(&Tensor) -> Tensor + Sync + Send) -> Tensor {
     }
     let outs: Vec<Tensor> = (0..n)
         .into_par_iter()
-        .map(|i| f(&Tensor { shape: [1, c, h, w], data: x.item(i).to_vec() }))
+        .map(|i| {
+            f(&Tensor {
+                shape: [1, c, h, w],
+                data: x.item(i).to_vec(),
+            })
+        })
         .collect();
     let s = outs[0].shape;
     let mut data = Vec::with_capacity(n * outs[0].data.len());
     for o in outs {
         data.extend_from_slice(&o.data);
     }
-    Tensor { shape: [n, s[1], s[2], s[3]], data }
+    Tensor {
+        shape: [n, s[1], s[2], s[3]],
+        data,
+    }
 }
 
 /// `c[m x n] = a[m x k] * b[k x n]` (row-major, c overwritten).

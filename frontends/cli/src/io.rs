@@ -9,18 +9,26 @@ use std::path::Path;
 const MAX_FILE: u64 = 4 << 30;
 
 pub fn read_bytes(path: &Path) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
     if meta.is_dir() {
         bail!("{}: is a directory, expected a file", path.display());
     }
     if meta.len() > MAX_FILE {
-        bail!("{}: file is {} bytes, larger than the {} byte limit", path.display(), meta.len(), MAX_FILE);
+        bail!(
+            "{}: file is {} bytes, larger than the {} byte limit",
+            path.display(),
+            meta.len(),
+            MAX_FILE
+        );
     }
     std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
 }
 
 fn is_png(path: &Path) -> bool {
-    path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png"))
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"))
 }
 
 /// An array from `.npy` (any rank) or `.png` (as `[1, C, H, W]` in [0, 1]).
@@ -28,7 +36,11 @@ pub fn read_array(path: &Path) -> Result<NpyArray> {
     let bytes = read_bytes(path)?;
     if is_png(path) {
         let t = decode_png(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        return Ok(NpyArray { shape: t.shape.to_vec(), data: t.data, uint8: false });
+        return Ok(NpyArray {
+            shape: t.shape.to_vec(),
+            data: t.data,
+            uint8: false,
+        });
     }
     NpyArray::parse(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
@@ -39,12 +51,18 @@ pub fn read_images(path: &Path) -> Result<Tensor> {
     if a.uint8 {
         a.data.iter_mut().for_each(|v| *v /= 255.0);
     }
-    let t = a.into_nchw().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let t = a
+        .into_nchw()
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     if t.data.is_empty() {
         bail!("{}: array is empty", path.display());
     }
     if let Some(i) = t.first_non_finite() {
-        bail!("{}: value {} at index {i} is not finite (NaN or Inf)", path.display(), t.data[i]);
+        bail!(
+            "{}: value {} at index {i} is not finite (NaN or Inf)",
+            path.display(),
+            t.data[i]
+        );
     }
     Ok(t)
 }
@@ -73,7 +91,8 @@ fn decode_png(bytes: &[u8]) -> std::result::Result<Tensor, String> {
 }
 
 pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
-    std::fs::write(path, NpyArray::to_bytes(shape, data)).with_context(|| format!("{}: cannot write", path.display()))
+    std::fs::write(path, NpyArray::to_bytes(shape, data))
+        .with_context(|| format!("{}: cannot write", path.display()))
 }
 
 pub fn load_model(path: &Path) -> Result<ModelFile> {
@@ -83,12 +102,19 @@ pub fn load_model(path: &Path) -> Result<ModelFile> {
 
 /// Writes rows of image batches as one PNG grid: row r, column i is item i of `rows[r]`.
 /// Values are clipped to `range` and mapped to 0..255; 1 channel gives gray, 3 give RGB.
-pub fn write_png_grid(path: &Path, rows: &[&Tensor], range: [f32; 2], cols: Option<usize>) -> Result<()> {
+pub fn write_png_grid(
+    path: &Path,
+    rows: &[&Tensor],
+    range: [f32; 2],
+    cols: Option<usize>,
+) -> Result<()> {
     let pad = 2usize;
     let [_, c, h, w] = rows[0].shape;
     let rgb = c == 3;
     // Lay each row's items out in `per` columns (wrapping long rows).
-    let per = cols.unwrap_or_else(|| rows.iter().map(|r| r.shape[0]).max().unwrap_or(1)).max(1);
+    let per = cols
+        .unwrap_or_else(|| rows.iter().map(|r| r.shape[0]).max().unwrap_or(1))
+        .max(1);
     let mut lines: Vec<(usize, usize, usize)> = Vec::new(); // (row, first item, count)
     for (r, t) in rows.iter().enumerate() {
         let mut i = 0;
@@ -104,7 +130,10 @@ pub fn write_png_grid(path: &Path, rows: &[&Tensor], range: [f32; 2], cols: Opti
     for (li, &(r, first, count)) in lines.iter().enumerate() {
         let t = rows[r];
         if t.shape[1..] != rows[0].shape[1..] {
-            bail!("{}: cannot put images of different shapes in one grid", path.display());
+            bail!(
+                "{}: cannot put images of different shapes in one grid",
+                path.display()
+            );
         }
         for k in 0..count {
             let item = t.item(first + k);
@@ -128,6 +157,13 @@ pub fn write_png_grid(path: &Path, rows: &[&Tensor], range: [f32; 2], cols: Opti
             }
         }
     }
-    image::save_buffer_with_format(path, &buf, gw as u32, gh as u32, image::ColorType::Rgb8, image::ImageFormat::Png)
-        .with_context(|| format!("{}: cannot write PNG", path.display()))
+    image::save_buffer_with_format(
+        path,
+        &buf,
+        gw as u32,
+        gh as u32,
+        image::ColorType::Rgb8,
+        image::ImageFormat::Png,
+    )
+    .with_context(|| format!("{}: cannot write PNG", path.display()))
 }

@@ -17,7 +17,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "jointdiff", version, about = "Remove structured noise with joint diffusion posterior sampling")]
+#[command(
+    name = "jointdiff",
+    version,
+    about = "Remove structured noise with joint diffusion posterior sampling"
+)]
 struct Cli {
     /// No progress bars.
     #[arg(long, global = true)]
@@ -208,14 +212,21 @@ fn main() -> ExitCode {
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
-                || matches!(e.kind(), ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand)
+                || matches!(
+                    e.kind(),
+                    ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                )
             {
                 let _ = e.print();
                 return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
             }
             // One line, like every other error; the usage is one `--help` away.
             let first = e.to_string();
-            let line = first.lines().next().unwrap_or("invalid arguments").trim_end();
+            let line = first
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_end();
             eprintln!("{line} (see jointdiff --help)");
             return ExitCode::from(2);
         }
@@ -262,7 +273,9 @@ fn sde_of(kind: SdeKind) -> Sde {
 
 fn check_backend(kind: BackendKind) -> Result<()> {
     if kind == BackendKind::Wgpu {
-        bail!("--backend wgpu: the GPU backend is not part of this build yet; use cpu or reference");
+        bail!(
+            "--backend wgpu: the GPU backend is not part of this build yet; use cpu or reference"
+        );
     }
     Ok(())
 }
@@ -287,7 +300,11 @@ macro_rules! with_backend {
 fn info(a: InfoArgs) -> Result<()> {
     let mf = io::load_model(&a.model)?;
     let m = &mf.meta;
-    let params: usize = mf.tensors.values().map(|(s, _)| s.iter().product::<usize>()).sum();
+    let params: usize = mf
+        .tensors
+        .values()
+        .map(|(s, _)| s.iter().product::<usize>())
+        .sum();
     let [h, w] = m.image_size;
     let (fh, fw) = if h > 0 { (h, w) } else { (28, 28) };
     let gflop = m.net_config().flops(fh, fw) as f64 / 1e9;
@@ -307,9 +324,16 @@ fn info(a: InfoArgs) -> Result<()> {
     println!("file:          {}", a.model.display());
     println!(
         "kind:          {}",
-        if mf.reference_checkpoint { "reference NCSNv2 checkpoint (no jointdiff metadata)" } else { "jointdiff model" }
+        if mf.reference_checkpoint {
+            "reference NCSNv2 checkpoint (no jointdiff metadata)"
+        } else {
+            "jointdiff model"
+        }
     );
-    println!("architecture:  {} ngf {} channels {}", m.architecture, m.ngf, m.channels);
+    println!(
+        "architecture:  {} ngf {} channels {}",
+        m.architecture, m.ngf, m.channels
+    );
     if h > 0 {
         println!("image size:    {h}x{w}");
     } else {
@@ -339,7 +363,8 @@ fn score(a: ScoreArgs) -> Result<()> {
     check_image_fits(&mf, &a.model, x.shape, &a.input)?;
     let out = with_backend!(a.backend, |b| {
         let net = build_net(b, &mf, &a.model)?;
-        net.forward(b, &x).map_err(|e| anyhow!("{}: {e}", a.input.display()))?
+        net.forward(b, &x)
+            .map_err(|e| anyhow!("{}: {e}", a.input.display()))?
     });
     let inv = (1.0 / a.sigma) as f32;
     let data: Vec<f32> = out.data.iter().map(|v| v * inv).collect();
@@ -358,14 +383,25 @@ fn check_image_fits(mf: &ModelFile, model: &Path, shape: [usize; 4], input: &Pat
     }
     let [mh, mw] = mf.meta.image_size;
     if mh > 0 && (mh, mw) != (h, w) {
-        bail!("{}: images are {h}x{w} but the model {} was trained at {mh}x{mw}", input.display(), model.display());
+        bail!(
+            "{}: images are {h}x{w} but the model {} was trained at {mh}x{mw}",
+            input.display(),
+            model.display()
+        );
     }
-    mf.meta.net_config().check_input(shape).map_err(|e| anyhow!("{}: {e}", input.display()))
+    mf.meta
+        .net_config()
+        .check_input(shape)
+        .map_err(|e| anyhow!("{}: {e}", input.display()))
 }
 
 fn parse_size(s: &str) -> Result<[usize; 2]> {
     let parts: Vec<&str> = s.split(['x', ',']).collect();
-    let p = |t: &str| t.trim().parse::<usize>().map_err(|_| anyhow!("--size: '{s}' is not H or HxW"));
+    let p = |t: &str| {
+        t.trim()
+            .parse::<usize>()
+            .map_err(|_| anyhow!("--size: '{s}' is not H or HxW"))
+    };
     match parts[..] {
         [h] => Ok([p(h)?, p(h)?]),
         [h, w] => Ok([p(h)?, p(w)?]),
@@ -380,9 +416,15 @@ fn sample(a: SampleArgs, quiet: bool) -> Result<()> {
         [h, w] = parse_size(s)?;
     }
     if h == 0 {
-        bail!("{}: the model does not record its image size; pass --size H[xW]", a.model.display());
+        bail!(
+            "{}: the model does not record its image size; pass --size H[xW]",
+            a.model.display()
+        );
     }
-    mf.meta.net_config().check_input([1, mf.meta.channels, h, w]).map_err(|e| anyhow!("--size: {e}"))?;
+    mf.meta
+        .net_config()
+        .check_input([1, mf.meta.channels, h, w])
+        .map_err(|e| anyhow!("--size: {e}"))?;
     let config = SamplerConfig {
         sde: a.sde.map(sde_of).unwrap_or(mf.meta.sde),
         steps: a.steps,
@@ -393,11 +435,22 @@ fn sample(a: SampleArgs, quiet: bool) -> Result<()> {
     let pb = progress_bar(quiet, a.steps, "sample");
     let out = with_backend!(a.backend, |b| {
         let net = build_net(b, &mf, &a.model)?;
-        let prior = NetworkPrior { net: &net, backend: b, image_size: Some([h, w]) };
-        sample_prior(&prior, [mf.meta.channels, h, w], a.count, &config, a.seed, &mut |k, _| {
-            pb.set_position(k as u64);
-            true
-        })
+        let prior = NetworkPrior {
+            net: &net,
+            backend: b,
+            image_size: Some([h, w]),
+        };
+        sample_prior(
+            &prior,
+            [mf.meta.channels, h, w],
+            a.count,
+            &config,
+            a.seed,
+            &mut |k, _| {
+                pb.set_position(k as u64);
+                true
+            },
+        )
         .map_err(|e| anyhow!("{e}"))?
     });
     pb.finish_and_clear();
@@ -419,16 +472,26 @@ enum NoiseSpec {
 fn parse_noise(s: &str) -> Result<NoiseSpec> {
     let parts: Vec<&str> = s.split(':').collect();
     let num = |t: &str, what: &str| -> Result<f64> {
-        let v: f64 = t.parse().map_err(|_| anyhow!("--noise {s}: {what} '{t}' is not a number"))?;
+        let v: f64 = t
+            .parse()
+            .map_err(|_| anyhow!("--noise {s}: {what} '{t}' is not a number"))?;
         if !v.is_finite() {
             bail!("--noise {s}: {what} must be finite");
         }
         Ok(v)
     };
     let spec = match parts[..] {
-        ["sine", std] => NoiseSpec::Sine { std: num(std, "std")? },
-        ["gaussian", std] => NoiseSpec::Gaussian { std: num(std, "std")?, mean: 0.0 },
-        ["gaussian", std, mean] => NoiseSpec::Gaussian { std: num(std, "std")?, mean: num(mean, "mean")? },
+        ["sine", std] => NoiseSpec::Sine {
+            std: num(std, "std")?,
+        },
+        ["gaussian", std] => NoiseSpec::Gaussian {
+            std: num(std, "std")?,
+            mean: 0.0,
+        },
+        ["gaussian", std, mean] => NoiseSpec::Gaussian {
+            std: num(std, "std")?,
+            mean: num(mean, "mean")?,
+        },
         _ => bail!("--noise {s}: expected sine:STD or gaussian:STD[:MEAN]"),
     };
     let std = match spec {
@@ -445,7 +508,9 @@ fn parse_operator(s: &str, d: usize, item: [usize; 3]) -> Result<Operator> {
     let op = if s == "identity" {
         Operator::Identity
     } else if let Some(b) = s.strip_prefix("scale:") {
-        let v: f32 = b.parse().map_err(|_| anyhow!("--operator {s}: '{b}' is not a number"))?;
+        let v: f32 = b
+            .parse()
+            .map_err(|_| anyhow!("--operator {s}: '{b}' is not a number"))?;
         if !v.is_finite() {
             bail!("--operator {s}: factor must be finite");
         }
@@ -459,16 +524,30 @@ fn parse_operator(s: &str, d: usize, item: [usize; 3]) -> Result<Operator> {
         } else if a.data.len() == h * w {
             (0..c).flat_map(|_| a.data.iter().copied()).collect()
         } else {
-            bail!("{}: mask has {} values; expected {} (C*H*W) or {} (H*W)", path.display(), a.data.len(), d, h * w);
+            bail!(
+                "{}: mask has {} values; expected {} (C*H*W) or {} (H*W)",
+                path.display(),
+                a.data.len(),
+                d,
+                h * w
+            );
         };
         Operator::Mask(mask)
     } else if let Some(p) = s.strip_prefix("matrix:") {
         let path = Path::new(p);
         let a = io::read_array(path)?;
         if a.shape.len() != 2 {
-            bail!("{}: matrix must be 2-D (m x d), got shape {:?}", path.display(), a.shape);
+            bail!(
+                "{}: matrix must be 2-D (m x d), got shape {:?}",
+                path.display(),
+                a.shape
+            );
         }
-        Operator::Matrix { m: a.shape[0], d: a.shape[1], a: a.data }
+        Operator::Matrix {
+            m: a.shape[0],
+            d: a.shape[1],
+            a: a.data,
+        }
     } else {
         bail!("--operator {s}: expected identity, scale:B, mask:M.npy or matrix:A.npy");
     };
@@ -485,7 +564,11 @@ fn corrupt(a: CorruptArgs) -> Result<()> {
     let d = c * h * w;
     let op = parse_operator(&a.operator, d, [c, h, w])?;
     let m = op.out_len(d)?;
-    let noise_shape = if matches!(op, Operator::Matrix { .. }) { [n_items, 1, 1, m] } else { [n_items, c, h, w] };
+    let noise_shape = if matches!(op, Operator::Matrix { .. }) {
+        [n_items, 1, 1, m]
+    } else {
+        [n_items, c, h, w]
+    };
     let n = match (&a.noise_data, &a.noise) {
         (Some(p), None) => {
             let imgs = io::read_images(p)?;
@@ -497,14 +580,20 @@ fn corrupt(a: CorruptArgs) -> Result<()> {
                     &imgs.shape[1..]
                 );
             }
-            let t = noise::overlay(&imgs, n_items, a.seed).map_err(|e| anyhow!("{}: {e}", p.display()))?;
-            Tensor { shape: noise_shape, data: t.data }
+            let t = noise::overlay(&imgs, n_items, a.seed)
+                .map_err(|e| anyhow!("{}: {e}", p.display()))?;
+            Tensor {
+                shape: noise_shape,
+                data: t.data,
+            }
         }
         (None, Some(s)) => match parse_noise(s)? {
             NoiseSpec::Sine { std } => noise::sine(noise_shape, std, a.seed)?,
             NoiseSpec::Gaussian { std, mean } => noise::gaussian(noise_shape, std, mean, a.seed)?,
         },
-        _ => bail!("give exactly one of --noise-data N.npy or --noise sine:STD|gaussian:STD[:MEAN]"),
+        _ => {
+            bail!("give exactly one of --noise-data N.npy or --noise sine:STD|gaussian:STD[:MEAN]")
+        }
     };
     let mut y = Tensor::zeros(noise_shape);
     let alpha = a.alpha as f32;
@@ -521,7 +610,10 @@ fn corrupt(a: CorruptArgs) -> Result<()> {
     }
     if let Some(p) = &a.png {
         if noise_shape[1..] != x.shape[1..] {
-            bail!("--png: measurements are not images for --operator {}", a.operator);
+            bail!(
+                "--png: measurements are not images for --operator {}",
+                a.operator
+            );
         }
         io::write_png_grid(p, &[&x, &n, &y], [0.0, 1.0], None)?;
     }
@@ -541,7 +633,12 @@ fn parse_shape3(s: &str) -> Result<[usize; 3]> {
 }
 
 fn psnr(a: &[f32], b: &[f32]) -> f64 {
-    let mse = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
     10.0 * (1.0 / mse.max(1e-20)).log10()
 }
 
@@ -558,11 +655,27 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
         bail!("{}: measurement is empty", a.measurement.display());
     }
     if let Some(i) = y_arr.data.iter().position(|v| !v.is_finite()) {
-        bail!("{}: value {} at index {i} is not finite (NaN or Inf)", a.measurement.display(), y_arr.data[i]);
+        bail!(
+            "{}: value {} at index {i} is not finite (NaN or Inf)",
+            a.measurement.display(),
+            y_arr.data[i]
+        );
     }
-    let signal_mf = a.signal_model.as_ref().map(|p| io::load_model(p)).transpose()?;
-    let noise_mf = a.noise_model.as_ref().map(|p| io::load_model(p)).transpose()?;
-    let stats = a.signal_stats.as_ref().map(|p| io::read_array(p).map(|s| (p, s))).transpose()?;
+    let signal_mf = a
+        .signal_model
+        .as_ref()
+        .map(|p| io::load_model(p))
+        .transpose()?;
+    let noise_mf = a
+        .noise_model
+        .as_ref()
+        .map(|p| io::load_model(p))
+        .transpose()?;
+    let stats = a
+        .signal_stats
+        .as_ref()
+        .map(|p| io::read_array(p).map(|s| (p, s)))
+        .transpose()?;
     if signal_mf.is_none() && stats.is_none() {
         bail!("give a signal prior: --signal-model MODEL or --signal-stats STATS.npy");
     }
@@ -572,7 +685,10 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
     let is_matrix = a.operator.starts_with("matrix:");
     // Signal item shape: from the measurement (image operators) or from the model/stats/--signal-shape.
     let signal_item: [usize; 3] = if !is_matrix {
-        let t = y_arr.clone().into_nchw().map_err(|e| anyhow!("{}: {e}", a.measurement.display()))?;
+        let t = y_arr
+            .clone()
+            .into_nchw()
+            .map_err(|e| anyhow!("{}: {e}", a.measurement.display()))?;
         [t.shape[1], t.shape[2], t.shape[3]]
     } else if let Some(s) = &a.signal_shape {
         parse_shape3(s)?
@@ -613,10 +729,17 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
         } else if h > 0 {
             [mf.meta.channels, h, w]
         } else {
-            bail!("{}: the noise model does not record its image size", p.display());
+            bail!(
+                "{}: the noise model does not record its image size",
+                p.display()
+            );
         };
         if shape.iter().product::<usize>() != m {
-            bail!("{}: noise model items {:?} do not have the {m} values of a measurement", p.display(), shape);
+            bail!(
+                "{}: noise model items {:?} do not have the {m} values of a measurement",
+                p.display(),
+                shape
+            );
         }
         check_image_fits(mf, p, [items, shape[0], shape[1], shape[2]], &a.measurement)?;
         shape
@@ -638,7 +761,10 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
                 );
             }
             let (mean, var) = s.data.split_at(d);
-            Some(GaussianPrior::new(mean.to_vec(), var.to_vec()).map_err(|e| anyhow!("{}: {e}", p.display()))?)
+            Some(
+                GaussianPrior::new(mean.to_vec(), var.to_vec())
+                    .map_err(|e| anyhow!("{}: {e}", p.display()))?,
+            )
         }
         None => None,
     };
@@ -663,7 +789,10 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
         (None, None, Some(n)) => n.meta.sde,
         (None, None, None) => Sde::vp_default(),
     };
-    let range = signal_mf.as_ref().map(|m| m.meta.data_range).unwrap_or([0.0, 1.0]);
+    let range = signal_mf
+        .as_ref()
+        .map(|m| m.meta.data_range)
+        .unwrap_or([0.0, 1.0]);
     let config = SamplerConfig {
         sde,
         steps: a.steps,
@@ -677,10 +806,24 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
     config.validate().map_err(|e| anyhow!("{e}"))?;
     let pb = progress_bar(quiet, a.steps, "denoise");
     let post = with_backend!(a.backend, |b| {
-        let snet = signal_mf.as_ref().map(|mf| build_net(b, mf, a.signal_model.as_deref().unwrap_or(Path::new("")))).transpose()?;
-        let nnet = noise_mf.as_ref().map(|mf| build_net(b, mf, a.noise_model.as_deref().unwrap_or(Path::new("")))).transpose()?;
-        let sprior_net = snet.as_ref().map(|n| NetworkPrior { net: n, backend: b, image_size: None });
-        let nprior_net = nnet.as_ref().map(|n| NetworkPrior { net: n, backend: b, image_size: None });
+        let snet = signal_mf
+            .as_ref()
+            .map(|mf| build_net(b, mf, a.signal_model.as_deref().unwrap_or(Path::new(""))))
+            .transpose()?;
+        let nnet = noise_mf
+            .as_ref()
+            .map(|mf| build_net(b, mf, a.noise_model.as_deref().unwrap_or(Path::new(""))))
+            .transpose()?;
+        let sprior_net = snet.as_ref().map(|n| NetworkPrior {
+            net: n,
+            backend: b,
+            image_size: None,
+        });
+        let nprior_net = nnet.as_ref().map(|n| NetworkPrior {
+            net: n,
+            backend: b,
+            image_size: None,
+        });
         let sprior: &dyn Prior = match (&sprior_net, &signal_gauss) {
             (Some(p), _) => p,
             (None, Some(g)) => g,
@@ -711,27 +854,45 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
     if let Some(p) = &a.noise_out {
         io::write_npy(p, &post.noise.shape, &post.noise.data)?;
     }
-    let clean = a.clean.as_ref().map(|p| io::read_images(p).map(|t| (p, t))).transpose()?;
+    let clean = a
+        .clean
+        .as_ref()
+        .map(|p| io::read_images(p).map(|t| (p, t)))
+        .transpose()?;
     if let Some((p, c)) = &clean {
         if c.shape != post.signal.shape {
-            bail!("{}: clean images have shape {:?}, the estimate {:?}", p.display(), c.shape, post.signal.shape);
+            bail!(
+                "{}: clean images have shape {:?}, the estimate {:?}",
+                p.display(),
+                c.shape,
+                post.signal.shape
+            );
         }
         println!("item  psnr_estimate_db  psnr_measurement_db");
         let mut sums = (0.0, 0.0);
         for i in 0..items {
             let pe = psnr(post.signal.item(i), c.item(i));
-            let pm = if !is_matrix { psnr(&y_arr.data[i * m..(i + 1) * m], c.item(i)) } else { f64::NAN };
+            let pm = if !is_matrix {
+                psnr(&y_arr.data[i * m..(i + 1) * m], c.item(i))
+            } else {
+                f64::NAN
+            };
             sums.0 += pe;
             sums.1 += pm;
             println!("{i:>4}  {pe:>16.2}  {pm:>19.2}");
         }
-        println!("mean  {:>16.2}  {:>19.2}", sums.0 / items as f64, sums.1 / items as f64);
+        println!(
+            "mean  {:>16.2}  {:>19.2}",
+            sums.0 / items as f64,
+            sums.1 / items as f64
+        );
     }
     if let Some(p) = &a.png {
         if is_matrix {
             bail!("--png: measurements of a matrix operator are not images");
         }
-        let y_t = Tensor::from_vec(post.signal.shape, y_arr.data.clone()).map_err(|e| anyhow!("{e}"))?;
+        let y_t =
+            Tensor::from_vec(post.signal.shape, y_arr.data.clone()).map_err(|e| anyhow!("{e}"))?;
         let mut rows: Vec<&Tensor> = vec![&y_t, &post.signal, &post.noise];
         if let Some((_, c)) = &clean {
             rows.insert(0, c);

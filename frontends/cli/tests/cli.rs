@@ -31,7 +31,11 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 fn ok(args: &[&str]) -> Output {
     let o = run(args, &[]);
-    assert!(o.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     o
 }
 
@@ -41,7 +45,11 @@ fn fails(args: &[&str], needles: &[&str]) {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{args:?} should fail");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: expected one line, got: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: expected one line, got: {err}"
+    );
     assert!(err.starts_with("error: "), "{err}");
     for n in needles {
         assert!(err.contains(n), "{args:?}: '{err}' lacks '{n}'");
@@ -137,8 +145,23 @@ fn same_seed_same_bytes_whatever_the_threads() {
     // another seed gives another answer
     let x = tmp("det_other.npy");
     ok(&[
-        "denoise", "--measurement", ys, "--signal-model", &fx(MODEL), "--noise", "gaussian:0.3:0.1",
-        "--steps", "4", "--seed", "10", "--operator", "scale:0.5", "--alpha", "0.5", "--out", x.to_str().unwrap(),
+        "denoise",
+        "--measurement",
+        ys,
+        "--signal-model",
+        &fx(MODEL),
+        "--noise",
+        "gaussian:0.3:0.1",
+        "--steps",
+        "4",
+        "--seed",
+        "10",
+        "--operator",
+        "scale:0.5",
+        "--alpha",
+        "0.5",
+        "--out",
+        x.to_str().unwrap(),
     ]);
     assert_ne!(std::fs::read(&x).unwrap(), outs[0].0);
 }
@@ -148,8 +171,21 @@ fn sample_writes_npy_and_png() {
     let out = tmp("samples.npy");
     let png = tmp("samples.png");
     ok(&[
-        "sample", "--model", &fx(MODEL), "--count", "2", "--steps", "3", "--size", "28", "--seed", "1",
-        "--out", out.to_str().unwrap(), "--png", png.to_str().unwrap(),
+        "sample",
+        "--model",
+        &fx(MODEL),
+        "--count",
+        "2",
+        "--steps",
+        "3",
+        "--size",
+        "28",
+        "--seed",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+        "--png",
+        png.to_str().unwrap(),
     ]);
     let a = read_npy(&out);
     assert_eq!(a.shape, vec![2, 1, 28, 28]);
@@ -163,13 +199,28 @@ fn corrupt_sine_and_gaussian() {
     let y = tmp("sine_y.npy");
     let n = tmp("sine_n.npy");
     ok(&[
-        "corrupt", "--signal", &fx("data/fashion_t10k_16.npy"), "--noise", "sine:0.1", "--seed", "1",
-        "--out", y.to_str().unwrap(), "--noise-out", n.to_str().unwrap(),
+        "corrupt",
+        "--signal",
+        &fx("data/fashion_t10k_16.npy"),
+        "--noise",
+        "sine:0.1",
+        "--seed",
+        "1",
+        "--out",
+        y.to_str().unwrap(),
+        "--noise-out",
+        n.to_str().unwrap(),
     ]);
     let (ya, na) = (read_npy(&y), read_npy(&n));
     let x = read_npy(&root().join("fixtures/data/fashion_t10k_16.npy"));
     let mean = na.data.iter().map(|&v| v as f64).sum::<f64>() / na.data.len() as f64;
-    let sd = (na.data.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / na.data.len() as f64).sqrt();
+    let sd = (na
+        .data
+        .iter()
+        .map(|&v| (v as f64 - mean).powi(2))
+        .sum::<f64>()
+        / na.data.len() as f64)
+        .sqrt();
     assert!((sd - 0.1).abs() < 1e-4, "noise std {sd}");
     for i in 0..ya.data.len() {
         assert!((ya.data[i] - (x.data[i] + na.data[i])).abs() < 1e-6);
@@ -205,24 +256,52 @@ fn bad_input_gives_one_clear_line() {
     let out = tmp("err_out.npy");
     let o = out.to_str().unwrap();
     let score = |m: &str, i: &str, needles: &[&str]| {
-        fails(&["score", "--model", m, "--input", i, "--sigma", "1", "--out", o], needles)
+        fails(
+            &[
+                "score", "--model", m, "--input", i, "--sigma", "1", "--out", o,
+            ],
+            needles,
+        )
     };
     // missing files
-    score("/nonexistent/m.safetensors", &good_in, &["/nonexistent/m.safetensors", "cannot read"]);
-    score(&model, "/nonexistent/x.npy", &["/nonexistent/x.npy", "cannot read"]);
+    score(
+        "/nonexistent/m.safetensors",
+        &good_in,
+        &["/nonexistent/m.safetensors", "cannot read"],
+    );
+    score(
+        &model,
+        "/nonexistent/x.npy",
+        &["/nonexistent/x.npy", "cannot read"],
+    );
     // truncated and malformed safetensors
     let full = std::fs::read(fx(MODEL)).unwrap();
     let trunc = write("trunc.safetensors", &full[..full.len() / 2]);
     score(&trunc, &good_in, &["trunc.safetensors", "safetensors"]);
-    let garbage = write("garbage.safetensors", b"this is not a model at all, just some text");
+    let garbage = write(
+        "garbage.safetensors",
+        b"this is not a model at all, just some text",
+    );
     score(&garbage, &good_in, &["garbage.safetensors", "safetensors"]);
     let tiny = write("tiny.safetensors", b"abc");
     score(&tiny, &good_in, &["tiny.safetensors", "too short"]);
     // a tensor missing, a tensor of the wrong shape
     let missing = model_without("missing.safetensors", Some("res3.1.conv2.weight"), None);
-    score(&missing, &good_in, &["missing.safetensors", "res3.1.conv2.weight", "missing"]);
-    let wrong = model_without("wrong.safetensors", None, Some("refine4.crp.convs.1.weight"));
-    score(&wrong, &good_in, &["wrong.safetensors", "refine4.crp.convs.1.weight", "shape"]);
+    score(
+        &missing,
+        &good_in,
+        &["missing.safetensors", "res3.1.conv2.weight", "missing"],
+    );
+    let wrong = model_without(
+        "wrong.safetensors",
+        None,
+        Some("refine4.crp.convs.1.weight"),
+    );
+    score(
+        &wrong,
+        &good_in,
+        &["wrong.safetensors", "refine4.crp.convs.1.weight", "shape"],
+    );
     // truncated npy, wrong dtype, malformed PNG
     let npy = std::fs::read(&good_in).unwrap();
     let tnpy = write("trunc.npy", &npy[..npy.len() - 10]);
@@ -235,9 +314,15 @@ fn bad_input_gives_one_clear_line() {
     let png = write("bad.png", b"\x89PNG\r\n\x1a\nnot really a png");
     score(&model, &png, &["bad.png", "PNG"]);
     // input that does not fit the model: channels and odd size
-    let three = write("three.npy", &NpyArray::to_bytes(&[1, 3, 28, 28], &vec![0.5; 3 * 28 * 28]));
+    let three = write(
+        "three.npy",
+        &NpyArray::to_bytes(&[1, 3, 28, 28], &vec![0.5; 3 * 28 * 28]),
+    );
     score(&model, &three, &["three.npy", "channel"]);
-    let odd = write("odd.npy", &NpyArray::to_bytes(&[1, 1, 27, 27], &vec![0.5; 27 * 27]));
+    let odd = write(
+        "odd.npy",
+        &NpyArray::to_bytes(&[1, 1, 27, 27], &vec![0.5; 27 * 27]),
+    );
     score(&model, &odd, &["odd.npy", "27x27"]);
     // NaN / Inf
     let mut nan = vec![0.5f32; 28 * 28];
@@ -248,12 +333,30 @@ fn bad_input_gives_one_clear_line() {
     inf[3] = f32::INFINITY;
     let infp = write("inf.npy", &NpyArray::to_bytes(&[1, 1, 28, 28], &inf));
     fails(
-        &["denoise", "--measurement", &infp, "--signal-model", &model, "--noise", "gaussian:0.1", "--out", o],
+        &[
+            "denoise",
+            "--measurement",
+            &infp,
+            "--signal-model",
+            &model,
+            "--noise",
+            "gaussian:0.1",
+            "--out",
+            o,
+        ],
         &["inf.npy", "not finite"],
     );
     // out-of-range options
     let den = |extra: &[&str], needles: &[&str]| {
-        let mut a = vec!["denoise", "--measurement", good_in.as_str(), "--signal-model", model.as_str(), "--out", o];
+        let mut a = vec![
+            "denoise",
+            "--measurement",
+            good_in.as_str(),
+            "--signal-model",
+            model.as_str(),
+            "--out",
+            o,
+        ];
         a.extend_from_slice(extra);
         fails(&a, needles)
     };
@@ -261,10 +364,18 @@ fn bad_input_gives_one_clear_line() {
     den(&["--noise", "gaussian:-1"], &["std must be >= 0"]);
     den(&["--noise", "sine:abc"], &["not a number"]);
     den(&["--noise", "gaussian:0.1", "--lambda=-1"], &["lambda"]);
-    den(&["--noise", "gaussian:0.1", "--operator", "scale:x"], &["operator"]);
+    den(
+        &["--noise", "gaussian:0.1", "--operator", "scale:x"],
+        &["operator"],
+    );
     den(&["--noise", "gaussian:0.1", "--backend", "wgpu"], &["wgpu"]);
     den(&["--noise", "gaussian:0.1", "--rule", "dps"], &["dps"]);
     den(&[], &["noise prior"]);
-    fails(&["score", "--model", &model, "--input", &good_in, "--sigma", "0", "--out", o], &["--sigma"]);
+    fails(
+        &[
+            "score", "--model", &model, "--input", &good_in, "--sigma", "0", "--out", o,
+        ],
+        &["--sigma"],
+    );
     fails(&["sample", "--model", &model, "--out", o], &["--size"]);
 }
