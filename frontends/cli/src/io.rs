@@ -100,23 +100,33 @@ pub fn load_model(path: &Path) -> Result<ModelFile> {
     ModelFile::from_bytes(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
+/// Display range of a signed map (noise): symmetric around 0.
+pub fn symmetric_range(t: &Tensor) -> [f32; 2] {
+    let m = t.data.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    [-m, m]
+}
+
+/// Display range `[0, max]` of a non-negative map (standard deviation).
+pub fn positive_range(t: &Tensor) -> [f32; 2] {
+    [0.0, t.data.iter().fold(1e-6f32, |m, v| m.max(*v))]
+}
+
 /// Writes rows of image batches as one PNG grid: row r, column i is item i of `rows[r]`.
-/// Values are clipped to `range` and mapped to 0..255; 1 channel gives gray, 3 give RGB.
-pub fn write_png_grid(
-    path: &Path,
-    rows: &[&Tensor],
-    range: [f32; 2],
-    cols: Option<usize>,
-) -> Result<()> {
+/// Row values are clipped to the row's range and mapped to 0..255; 1 channel gives gray, 3 give RGB.
+/// Images smaller than 64 pixels are enlarged (nearest neighbour) so that they can be seen.
+pub fn write_png_grid(path: &Path, rows: &[(&Tensor, [f32; 2])], cols: Option<usize>) -> Result<()> {
     let pad = 2usize;
-    let [_, c, h, w] = rows[0].shape;
+    let [_, c, h0, w0] = rows[0].0.shape;
+    let zoom = if h0.max(w0) < 64 { (64 / h0.max(w0).max(1)).clamp(1, 4) } else { 1 };
+    let (h, w) = (h0 * zoom, w0 * zoom);
     let rgb = c == 3;
     // Lay each row's items out in `per` columns (wrapping long rows).
-    let per = cols
-        .unwrap_or_else(|| rows.iter().map(|r| r.shape[0]).max().unwrap_or(1))
-        .max(1);
+    let per = cols.unwrap_or_else(|| rows.iter().map(|r| r.0.shape[0]).max().unwrap_or(1)).max(1);
     let mut lines: Vec<(usize, usize, usize)> = Vec::new(); // (row, first item, count)
-    for (r, t) in rows.iter().enumerate() {
+    for (r, (t, _)) in rows.iter().enumerate() {
+        if t.shape[1..] != rows[0].0.shape[1..] {
+            bail!("{}: cannot put images of different shapes in one grid", path.display());
+        }
         let mut i = 0;
         while i < t.shape[0] {
             lines.push((r, i, per.min(t.shape[0] - i)));
@@ -126,22 +136,16 @@ pub fn write_png_grid(
     let gw = per * (w + pad) + pad;
     let gh = lines.len() * (h + pad) + pad;
     let mut buf = vec![255u8; gw * gh * 3];
-    let scale = 255.0 / (range[1] - range[0]);
     for (li, &(r, first, count)) in lines.iter().enumerate() {
-        let t = rows[r];
-        if t.shape[1..] != rows[0].shape[1..] {
-            bail!(
-                "{}: cannot put images of different shapes in one grid",
-                path.display()
-            );
-        }
+        let (t, range) = rows[r];
+        let scale = 255.0 / (range[1] - range[0]).max(1e-12);
         for k in 0..count {
             let item = t.item(first + k);
             let (ox, oy) = (pad + k * (w + pad), pad + li * (h + pad));
             for y in 0..h {
                 for x in 0..w {
                     let px = |ch: usize| {
-                        let v = item[ch * h * w + y * w + x];
+                        let v = item[ch * h0 * w0 + (y / zoom) * w0 + x / zoom];
                         ((v.clamp(range[0], range[1]) - range[0]) * scale).round() as u8
                     };
                     let o = ((oy + y) * gw + ox + x) * 3;
@@ -157,13 +161,6 @@ pub fn write_png_grid(
             }
         }
     }
-    image::save_buffer_with_format(
-        path,
-        &buf,
-        gw as u32,
-        gh as u32,
-        image::ColorType::Rgb8,
-        image::ImageFormat::Png,
-    )
-    .with_context(|| format!("{}: cannot write PNG", path.display()))
+    image::save_buffer_with_format(path, &buf, gw as u32, gh as u32, image::ColorType::Rgb8, image::ImageFormat::Png)
+        .with_context(|| format!("{}: cannot write PNG", path.display()))
 }

@@ -190,6 +190,13 @@ struct DenoiseArgs {
     /// Noise estimate.
     #[arg(long)]
     noise_out: Option<PathBuf>,
+    /// Posterior samples per measurement (one RNG stream each); with K > 1, --out holds their mean
+    /// (the MMSE estimate) and --std-out their per-pixel standard deviation.
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    /// Per-pixel posterior standard deviation (with --samples K > 1).
+    #[arg(long)]
+    std_out: Option<PathBuf>,
     /// Figure: measurement, estimate, noise estimate (and the clean signal if given).
     #[arg(long)]
     png: Option<PathBuf>,
@@ -457,7 +464,7 @@ fn sample(a: SampleArgs, quiet: bool) -> Result<()> {
     io::write_npy(&a.out, &out.shape, &out.data)?;
     if let Some(p) = &a.png {
         let cols = (a.count as f64).sqrt().ceil() as usize;
-        io::write_png_grid(p, &[&out], mf.meta.data_range, Some(cols))?;
+        io::write_png_grid(p, &[(&out, mf.meta.data_range)], Some(cols))?;
     }
     Ok(())
 }
@@ -615,7 +622,7 @@ fn corrupt(a: CorruptArgs) -> Result<()> {
                 a.operator
             );
         }
-        io::write_png_grid(p, &[&x, &n, &y], [0.0, 1.0], None)?;
+        io::write_png_grid(p, &[(&x, [0.0, 1.0]), (&n, io::symmetric_range(&n)), (&y, [0.0, 1.0])], None)?;
     }
     Ok(())
 }
@@ -630,6 +637,25 @@ fn parse_shape3(s: &str) -> Result<[usize; 3]> {
         [c, h, w] if c > 0 && h > 0 && w > 0 => Ok([c, h, w]),
         _ => bail!("--signal-shape {s}: expected C,H,W with positive entries"),
     }
+}
+
+/// Mean and (population) standard deviation over groups of `k` consecutive batch items.
+fn sample_stats(t: &Tensor, k: usize) -> (Tensor, Tensor) {
+    let [n, c, h, w] = t.shape;
+    let items = n / k;
+    let l = c * h * w;
+    let mut mean = Tensor::zeros([items, c, h, w]);
+    let mut std = Tensor::zeros([items, c, h, w]);
+    for i in 0..items {
+        for j in 0..l {
+            let vals = (0..k).map(|s| t.data[(i * k + s) * l + j] as f64);
+            let m = vals.clone().sum::<f64>() / k as f64;
+            let v = vals.map(|x| (x - m) * (x - m)).sum::<f64>() / k as f64;
+            mean.data[i * l + j] = m as f32;
+            std.data[i * l + j] = v.sqrt() as f32;
+        }
+    }
+    (mean, std)
 }
 
 fn psnr(a: &[f32], b: &[f32]) -> f64 {
@@ -793,6 +819,12 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
         .as_ref()
         .map(|m| m.meta.data_range)
         .unwrap_or([0.0, 1.0]);
+    if a.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    if a.std_out.is_some() && a.samples < 2 {
+        bail!("--std-out needs --samples K with K >= 2");
+    }
     let config = SamplerConfig {
         sde,
         steps: a.steps,
@@ -842,15 +874,31 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
             signal_shape: signal_item,
             noise_shape: noise_item,
         };
+        // K samples per measurement: item i's k-th sample is batch item i*K + k, with its own stream.
+        let ys: Vec<f32> = if a.samples > 1 {
+            y_arr.data.chunks_exact(m).flat_map(|yi| (0..a.samples).flat_map(move |_| yi.iter().copied())).collect()
+        } else {
+            y_arr.data.clone()
+        };
         sampler
-            .sample(&y_arr.data, a.seed, &mut |k, _| {
+            .sample(&ys, a.seed, &mut |k, _| {
                 pb.set_position(k as u64);
                 true
             })
             .map_err(|e| anyhow!("{e}"))?
     });
     pb.finish_and_clear();
+    let (post, std) = if a.samples > 1 {
+        let (mx, sx) = sample_stats(&post.signal, a.samples);
+        let (mn, _) = sample_stats(&post.noise, a.samples);
+        (jointdiff_core::sampler::Posterior { signal: mx, noise: mn }, Some(sx))
+    } else {
+        (post, None)
+    };
     io::write_npy(&a.out, &post.signal.shape, &post.signal.data)?;
+    if let (Some(p), Some(s)) = (&a.std_out, &std) {
+        io::write_npy(p, &s.shape, &s.data)?;
+    }
     if let Some(p) = &a.noise_out {
         io::write_npy(p, &post.noise.shape, &post.noise.data)?;
     }
@@ -893,11 +941,16 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
         }
         let y_t =
             Tensor::from_vec(post.signal.shape, y_arr.data.clone()).map_err(|e| anyhow!("{e}"))?;
-        let mut rows: Vec<&Tensor> = vec![&y_t, &post.signal, &post.noise];
-        if let Some((_, c)) = &clean {
-            rows.insert(0, c);
+        // rows: [clean,] measurement, signal estimate, noise estimate (signed), [uncertainty]
+        let mut rows: Vec<(&Tensor, [f32; 2])> =
+            vec![(&y_t, range), (&post.signal, range), (&post.noise, io::symmetric_range(&post.noise))];
+        if let Some(s) = &std {
+            rows.push((s, io::positive_range(s)));
         }
-        io::write_png_grid(p, &rows, range, None)?;
+        if let Some((_, c)) = &clean {
+            rows.insert(0, (c, range));
+        }
+        io::write_png_grid(p, &rows, None)?;
     }
     Ok(())
 }
