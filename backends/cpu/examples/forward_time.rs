@@ -30,14 +30,27 @@ fn time<B: Backend>(b: &B, cfg: Ncsnv2Config, x: &Tensor, iters: usize) -> f64 {
 }
 
 fn main() {
-    let a: Vec<usize> = std::env::args().skip(1).map(|s| s.parse().expect("numbers")).collect();
+    let a: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|s| s.parse().expect("numbers"))
+        .collect();
     let get = |i: usize, d: usize| a.get(i).copied().unwrap_or(d);
     let (size, ch, ngf, batch, iters) = (get(0, 28), get(1, 1), get(2, 32), get(3, 1), get(4, 5));
-    let cfg = Ncsnv2Config { channels: ch, ngf, input_map: true };
+    let cfg = Ncsnv2Config {
+        channels: ch,
+        ngf,
+        input_map: true,
+    };
     let gflop = cfg.flops(size, size) as f64 / 1e9 * batch as f64;
-    let x = Tensor { shape: [batch, ch, size, size], data: vec![0.5; batch * ch * size * size] };
+    let x = Tensor {
+        shape: [batch, ch, size, size],
+        data: vec![0.5; batch * ch * size * size],
+    };
     println!("NCSNv2 {size}x{size}x{ch} ngf {ngf} batch {batch}: {gflop:.3} GFLOP per forward, median of {iters}");
-    for (name, ms) in [("reference", time(&RefBackend, cfg, &x, iters)), ("cpu", time(&CpuBackend, cfg, &x, iters))] {
+    for (name, ms) in [
+        ("reference", time(&RefBackend, cfg, &x, iters)),
+        ("cpu", time(&CpuBackend, cfg, &x, iters)),
+    ] {
         println!(
             "{name:>10}: {ms:9.2} ms/forward  {:8.2} images/s  {:7.2} GFLOP/s",
             batch as f64 * 1e3 / ms,

@@ -114,18 +114,31 @@ pub fn positive_range(t: &Tensor) -> [f32; 2] {
 /// Writes rows of image batches as one PNG grid: row r, column i is item i of `rows[r]`.
 /// Row values are clipped to the row's range and mapped to 0..255; 1 channel gives gray, 3 give RGB.
 /// Images smaller than 64 pixels are enlarged (nearest neighbour) so that they can be seen.
-pub fn write_png_grid(path: &Path, rows: &[(&Tensor, [f32; 2])], cols: Option<usize>) -> Result<()> {
+pub fn write_png_grid(
+    path: &Path,
+    rows: &[(&Tensor, [f32; 2])],
+    cols: Option<usize>,
+) -> Result<()> {
     let pad = 2usize;
     let [_, c, h0, w0] = rows[0].0.shape;
-    let zoom = if h0.max(w0) < 64 { (64 / h0.max(w0).max(1)).clamp(1, 4) } else { 1 };
+    let zoom = if h0.max(w0) < 64 {
+        (64 / h0.max(w0).max(1)).clamp(1, 4)
+    } else {
+        1
+    };
     let (h, w) = (h0 * zoom, w0 * zoom);
     let rgb = c == 3;
     // Lay each row's items out in `per` columns (wrapping long rows).
-    let per = cols.unwrap_or_else(|| rows.iter().map(|r| r.0.shape[0]).max().unwrap_or(1)).max(1);
+    let per = cols
+        .unwrap_or_else(|| rows.iter().map(|r| r.0.shape[0]).max().unwrap_or(1))
+        .max(1);
     let mut lines: Vec<(usize, usize, usize)> = Vec::new(); // (row, first item, count)
     for (r, (t, _)) in rows.iter().enumerate() {
         if t.shape[1..] != rows[0].0.shape[1..] {
-            bail!("{}: cannot put images of different shapes in one grid", path.display());
+            bail!(
+                "{}: cannot put images of different shapes in one grid",
+                path.display()
+            );
         }
         let mut i = 0;
         while i < t.shape[0] {
@@ -161,6 +174,13 @@ pub fn write_png_grid(path: &Path, rows: &[(&Tensor, [f32; 2])], cols: Option<us
             }
         }
     }
-    image::save_buffer_with_format(path, &buf, gw as u32, gh as u32, image::ColorType::Rgb8, image::ImageFormat::Png)
-        .with_context(|| format!("{}: cannot write PNG", path.display()))
+    image::save_buffer_with_format(
+        path,
+        &buf,
+        gw as u32,
+        gh as u32,
+        image::ColorType::Rgb8,
+        image::ImageFormat::Png,
+    )
+    .with_context(|| format!("{}: cannot write PNG", path.display()))
 }

@@ -622,7 +622,15 @@ fn corrupt(a: CorruptArgs) -> Result<()> {
                 a.operator
             );
         }
-        io::write_png_grid(p, &[(&x, [0.0, 1.0]), (&n, io::symmetric_range(&n)), (&y, [0.0, 1.0])], None)?;
+        io::write_png_grid(
+            p,
+            &[
+                (&x, [0.0, 1.0]),
+                (&n, io::symmetric_range(&n)),
+                (&y, [0.0, 1.0]),
+            ],
+            None,
+        )?;
     }
     Ok(())
 }
@@ -876,7 +884,11 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
         };
         // K samples per measurement: item i's k-th sample is batch item i*K + k, with its own stream.
         let ys: Vec<f32> = if a.samples > 1 {
-            y_arr.data.chunks_exact(m).flat_map(|yi| (0..a.samples).flat_map(move |_| yi.iter().copied())).collect()
+            y_arr
+                .data
+                .chunks_exact(m)
+                .flat_map(|yi| (0..a.samples).flat_map(move |_| yi.iter().copied()))
+                .collect()
         } else {
             y_arr.data.clone()
         };
@@ -891,7 +903,13 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
     let (post, std) = if a.samples > 1 {
         let (mx, sx) = sample_stats(&post.signal, a.samples);
         let (mn, _) = sample_stats(&post.noise, a.samples);
-        (jointdiff_core::sampler::Posterior { signal: mx, noise: mn }, Some(sx))
+        (
+            jointdiff_core::sampler::Posterior {
+                signal: mx,
+                noise: mn,
+            },
+            Some(sx),
+        )
     } else {
         (post, None)
     };
@@ -942,8 +960,11 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
         let y_t =
             Tensor::from_vec(post.signal.shape, y_arr.data.clone()).map_err(|e| anyhow!("{e}"))?;
         // rows: [clean,] measurement, signal estimate, noise estimate (signed), [uncertainty]
-        let mut rows: Vec<(&Tensor, [f32; 2])> =
-            vec![(&y_t, range), (&post.signal, range), (&post.noise, io::symmetric_range(&post.noise))];
+        let mut rows: Vec<(&Tensor, [f32; 2])> = vec![
+            (&y_t, range),
+            (&post.signal, range),
+            (&post.noise, io::symmetric_range(&post.noise)),
+        ];
         if let Some(s) = &std {
             rows.push((s, io::positive_range(s)));
         }

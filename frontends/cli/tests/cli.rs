@@ -379,3 +379,68 @@ fn bad_input_gives_one_clear_line() {
     );
     fails(&["sample", "--model", &model, "--out", o], &["--size"]);
 }
+
+#[test]
+fn samples_k_gives_mean_and_std_of_k_streams() {
+    // One measurement denoised with --samples 3 must equal the mean/std of the three single samples that
+    // the same measurement repeated three times gives (item i*K + k uses stream i*K + k in both runs).
+    let x = read_npy(&root().join("fixtures/data/fashion_t10k_16_sine02.npy"));
+    let one: Vec<f32> = x.data[..784].to_vec();
+    let y1 = write("k_y1.npy", &NpyArray::to_bytes(&[1, 1, 28, 28], &one));
+    let rep: Vec<f32> = (0..3).flat_map(|_| one.iter().copied()).collect();
+    let y3 = write("k_y3.npy", &NpyArray::to_bytes(&[3, 1, 28, 28], &rep));
+    let stats = fx("data/fashion_train_stats.npy");
+    let (mean_p, std_p, each_p) = (tmp("k_mean.npy"), tmp("k_std.npy"), tmp("k_each.npy"));
+    let common = [
+        "--signal-stats",
+        stats.as_str(),
+        "--noise",
+        "sine:0.2",
+        "--steps",
+        "20",
+        "--seed",
+        "4",
+    ];
+    let mut a = vec!["denoise", "--measurement", y1.as_str(), "--samples", "3"];
+    a.extend_from_slice(&common);
+    a.extend_from_slice(&[
+        "--out",
+        mean_p.to_str().unwrap(),
+        "--std-out",
+        std_p.to_str().unwrap(),
+    ]);
+    ok(&a);
+    let mut b = vec!["denoise", "--measurement", y3.as_str()];
+    b.extend_from_slice(&common);
+    b.extend_from_slice(&["--out", each_p.to_str().unwrap()]);
+    ok(&b);
+    let (mean, std, each) = (read_npy(&mean_p), read_npy(&std_p), read_npy(&each_p));
+    assert_eq!(mean.shape, vec![1, 1, 28, 28]);
+    assert_eq!(std.shape, vec![1, 1, 28, 28]);
+    let mut spread = 0.0f64;
+    for j in 0..784 {
+        let v: Vec<f64> = (0..3).map(|k| each.data[k * 784 + j] as f64).collect();
+        let m = v.iter().sum::<f64>() / 3.0;
+        let s = (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / 3.0).sqrt();
+        assert!((mean.data[j] as f64 - m).abs() < 1e-6, "mean at {j}");
+        assert!((std.data[j] as f64 - s).abs() < 1e-5, "std at {j}");
+        spread += s;
+    }
+    assert!(spread > 1.0, "the three samples should differ");
+    fails(
+        &[
+            "denoise",
+            "--measurement",
+            &y1,
+            "--signal-stats",
+            &stats,
+            "--noise",
+            "sine:0.2",
+            "--std-out",
+            "s.npy",
+            "--out",
+            "o.npy",
+        ],
+        &["--samples"],
+    );
+}
