@@ -230,3 +230,91 @@ where
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ncsnv2::Ncsnv2Config;
+    use alloc::vec;
+
+    fn meta() -> ModelMeta {
+        let mut provenance = BTreeMap::new();
+        provenance.insert("data".to_string(), "unit test".to_string());
+        ModelMeta {
+            architecture: "ncsnv2".into(),
+            ngf: 4,
+            channels: 2,
+            image_size: [28, 28],
+            input_map: InputMap::Identity,
+            sde: Sde::vp_default(),
+            data_range: [0.0, 1.0],
+            provenance,
+        }
+    }
+
+    #[test]
+    fn own_files_roundtrip_with_metadata() {
+        let m = meta();
+        let params = init_params(&m.net_config(), |s| vec![0.25; s.shape.iter().product()]);
+        let bytes = serialize(Some(&m), &params).unwrap();
+        let mf = ModelFile::from_bytes(&bytes).unwrap();
+        assert!(!mf.reference_checkpoint);
+        assert_eq!(mf.meta, m);
+        assert_eq!(mf.tensors.len(), params.len());
+        let net = mf.build(&crate::RefBackend).unwrap();
+        assert_eq!(
+            net.config,
+            Ncsnv2Config {
+                channels: 2,
+                ngf: 4,
+                input_map: false
+            }
+        );
+        // Without metadata the same tensors read as a reference checkpoint: VE, 2x - 1 input map.
+        let refck = ModelFile::from_bytes(&serialize(None, &params).unwrap()).unwrap();
+        assert!(refck.reference_checkpoint);
+        assert_eq!(refck.meta.sde.name(), "ve");
+        assert_eq!(refck.meta.input_map, InputMap::TwoXMinusOne);
+    }
+
+    #[test]
+    fn bad_files_are_errors() {
+        let m = meta();
+        let params = init_params(&m.net_config(), |s| vec![0.0; s.shape.iter().product()]);
+        // a tensor of an unsupported dtype
+        let data = [0u8; 16];
+        let v = safetensors::tensor::TensorView::new(Dtype::I32, vec![4], &data).unwrap();
+        let bytes = safetensors::tensor::serialize([("begin_conv.weight", v)], None).unwrap();
+        let e = ModelFile::from_bytes(&bytes).unwrap_err();
+        assert!(e.message.contains("dtype"), "{e}");
+        // broken metadata JSON, unknown architecture
+        let mut bad = m.clone();
+        bad.architecture = "unet".into();
+        let e = ModelFile::from_bytes(&serialize(Some(&bad), &params).unwrap()).unwrap_err();
+        assert!(e.message.contains("unet"), "{e}");
+        let info = Some(
+            [(META_KEY.to_string(), "{not json".to_string())]
+                .into_iter()
+                .collect(),
+        );
+        let views = params
+            .iter()
+            .map(|(n, s, d)| (n.as_str(), F32View { shape: s, data: d }));
+        let bytes = safetensors::tensor::serialize(views, info).unwrap();
+        assert!(ModelFile::from_bytes(&bytes)
+            .unwrap_err()
+            .message
+            .contains("metadata"));
+        // an extra tensor (another architecture)
+        let mut extra = params.clone();
+        extra.push(("res5.0.conv1.weight".into(), vec![1], vec![0.0]));
+        let mf = ModelFile::from_bytes(&serialize(Some(&m), &extra).unwrap()).unwrap();
+        assert!(mf.build(&crate::RefBackend).is_err());
+        // random bytes never panic
+        let mut r = crate::rng::Rng::stream(1, 0, 0);
+        for len in [0usize, 7, 8, 9, 64, 300] {
+            let b: Vec<u8> = (0..len).map(|_| r.below(256) as u8).collect();
+            assert!(ModelFile::from_bytes(&b).is_err());
+        }
+    }
+}

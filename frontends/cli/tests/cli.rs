@@ -1,7 +1,8 @@
 //! End-to-end tests of the `jointdiff` binary: the score contract, determinism across thread counts, and a
 //! clear one-line error (never a panic) for each kind of bad input.
-use jointdiff_core::model::{serialize, ModelFile};
+use jointdiff_core::model::{init_params, serialize, InputMap, ModelFile, ModelMeta};
 use jointdiff_core::npy::NpyArray;
+use jointdiff_core::sde::Sde;
 use jointdiff_core::tensor::rel_max_err;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -324,6 +325,27 @@ fn bad_input_gives_one_clear_line() {
         &NpyArray::to_bytes(&[1, 1, 27, 27], &vec![0.5; 27 * 27]),
     );
     score(&model, &odd, &["odd.npy", "27x27"]);
+    // an input of another size than a jointdiff model was trained at
+    let meta = ModelMeta {
+        architecture: "ncsnv2".into(),
+        ngf: 4,
+        channels: 1,
+        image_size: [28, 28],
+        input_map: InputMap::Identity,
+        sde: Sde::vp_default(),
+        data_range: [0.0, 1.0],
+        provenance: Default::default(),
+    };
+    let params = init_params(&meta.net_config(), |s| vec![0.1; s.shape.iter().product()]);
+    let own = write(
+        "own28.safetensors",
+        &serialize(Some(&meta), &params).unwrap(),
+    );
+    let x32 = write(
+        "x32.npy",
+        &NpyArray::to_bytes(&[1, 1, 32, 32], &vec![0.5; 32 * 32]),
+    );
+    score(&own, &x32, &["x32.npy", "32x32", "28x28"]);
     // NaN / Inf
     let mut nan = vec![0.5f32; 28 * 28];
     nan[17] = f32::NAN;
