@@ -314,6 +314,26 @@ fn bad_input_gives_one_clear_line() {
     score(&model, &i4p, &["int.npy", "dtype"]);
     let png = write("bad.png", b"\x89PNG\r\n\x1a\nnot really a png");
     score(&model, &png, &["bad.png", "PNG"]);
+    let good_png = tmp("good.png");
+    image::GrayImage::from_fn(28, 28, |x, y| image::Luma([(x * 9 + y) as u8]))
+        .save(&good_png)
+        .unwrap();
+    let full_png = std::fs::read(&good_png).unwrap();
+    let tpng = write("trunc.png", &full_png[..full_png.len() * 2 / 3]);
+    score(&model, &tpng, &["trunc.png", "PNG"]);
+    // the intact PNG works, as a 1-channel 28x28 input
+    ok(&[
+        "score",
+        "--model",
+        &model,
+        "--input",
+        good_png.to_str().unwrap(),
+        "--sigma",
+        "1",
+        "--out",
+        o,
+    ]);
+    assert_eq!(read_npy(&out).shape, vec![1, 1, 28, 28]);
     // input that does not fit the model: channels and odd size
     let three = write(
         "three.npy",
