@@ -304,3 +304,82 @@ pub fn sample_prior(
     }
     Ok(xbar)
 }
+
+/// The result of [`JointSampler::sample_k`]: the estimates and, for `k > 1`, the per-value standard deviation
+/// of the signal over the `k` samples.
+#[derive(Debug, Clone)]
+pub struct PosteriorStats {
+    /// With `k > 1`: the mean over the samples (MMSE estimate) of the signal and the noise.
+    pub estimate: Posterior,
+    pub signal_std: Option<Tensor>,
+}
+
+impl JointSampler<'_> {
+    /// `k` posterior samples per measurement. Measurement `i`'s sample `j` is batch item `i*k + j` and so
+    /// uses RNG stream `i*k + j`; for `k == 1` this is exactly [`JointSampler::sample`].
+    pub fn sample_k(
+        &self,
+        y: &[f32],
+        k: usize,
+        seed: u64,
+        progress: &mut Progress<'_>,
+    ) -> Result<PosteriorStats> {
+        if k == 0 {
+            return Err(Error::invalid("samples must be at least 1"));
+        }
+        if k == 1 {
+            let estimate = self.sample(y, seed, progress)?;
+            return Ok(PosteriorStats {
+                estimate,
+                signal_std: None,
+            });
+        }
+        let d: usize = self.signal_shape.iter().product();
+        let m = self.operator.out_len(d)?;
+        if m == 0 || y.len() % m != 0 {
+            return Err(Error::shape(format!(
+                "measurement has {} values, not a multiple of the {m} values per item",
+                y.len()
+            )));
+        }
+        let mut ys = Vec::with_capacity(y.len() * k);
+        for yi in y.chunks_exact(m) {
+            for _ in 0..k {
+                ys.extend_from_slice(yi);
+            }
+        }
+        let post = self.sample(&ys, seed, progress)?;
+        let (signal, signal_std) = group_stats(&post.signal, k);
+        let (noise, _) = group_stats(&post.noise, k);
+        Ok(PosteriorStats {
+            estimate: Posterior { signal, noise },
+            signal_std: Some(signal_std),
+        })
+    }
+}
+
+/// Mean and population standard deviation over groups of `k` consecutive batch items (in f64).
+pub fn group_stats(t: &Tensor, k: usize) -> (Tensor, Tensor) {
+    let [n, c, h, w] = t.shape;
+    let items = n / k;
+    let l = c * h * w;
+    let mut mean = Tensor::zeros([items, c, h, w]);
+    let mut std = Tensor::zeros([items, c, h, w]);
+    for i in 0..items {
+        for j in 0..l {
+            let mut s = 0f64;
+            for q in 0..k {
+                s += t.data[(i * k + q) * l + j] as f64;
+            }
+            let mu = s / k as f64;
+            let mut v = 0f64;
+            for q in 0..k {
+                let e = t.data[(i * k + q) * l + j] as f64 - mu;
+                v += e * e;
+            }
+            mean.data[i * l + j] = mu as f32;
+            std.data[i * l + j] = libm::sqrt(v / k as f64) as f32;
+        }
+    }
+    (mean, std)
+}

@@ -647,25 +647,6 @@ fn parse_shape3(s: &str) -> Result<[usize; 3]> {
     }
 }
 
-/// Mean and (population) standard deviation over groups of `k` consecutive batch items.
-fn sample_stats(t: &Tensor, k: usize) -> (Tensor, Tensor) {
-    let [n, c, h, w] = t.shape;
-    let items = n / k;
-    let l = c * h * w;
-    let mut mean = Tensor::zeros([items, c, h, w]);
-    let mut std = Tensor::zeros([items, c, h, w]);
-    for i in 0..items {
-        for j in 0..l {
-            let vals = (0..k).map(|s| t.data[(i * k + s) * l + j] as f64);
-            let m = vals.clone().sum::<f64>() / k as f64;
-            let v = vals.map(|x| (x - m) * (x - m)).sum::<f64>() / k as f64;
-            mean.data[i * l + j] = m as f32;
-            std.data[i * l + j] = v.sqrt() as f32;
-        }
-    }
-    (mean, std)
-}
-
 fn psnr(a: &[f32], b: &[f32]) -> f64 {
     let mse = a
         .iter()
@@ -882,37 +863,15 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
             signal_shape: signal_item,
             noise_shape: noise_item,
         };
-        // K samples per measurement: item i's k-th sample is batch item i*K + k, with its own stream.
-        let ys: Vec<f32> = if a.samples > 1 {
-            y_arr
-                .data
-                .chunks_exact(m)
-                .flat_map(|yi| (0..a.samples).flat_map(move |_| yi.iter().copied()))
-                .collect()
-        } else {
-            y_arr.data.clone()
-        };
         sampler
-            .sample(&ys, a.seed, &mut |k, _| {
+            .sample_k(&y_arr.data, a.samples, a.seed, &mut |k, _| {
                 pb.set_position(k as u64);
                 true
             })
             .map_err(|e| anyhow!("{e}"))?
     });
     pb.finish_and_clear();
-    let (post, std) = if a.samples > 1 {
-        let (mx, sx) = sample_stats(&post.signal, a.samples);
-        let (mn, _) = sample_stats(&post.noise, a.samples);
-        (
-            jointdiff_core::sampler::Posterior {
-                signal: mx,
-                noise: mn,
-            },
-            Some(sx),
-        )
-    } else {
-        (post, None)
-    };
+    let (post, std) = (post.estimate, post.signal_std);
     io::write_npy(&a.out, &post.signal.shape, &post.signal.data)?;
     if let (Some(p), Some(s)) = (&a.std_out, &std) {
         io::write_npy(p, &s.shape, &s.data)?;
