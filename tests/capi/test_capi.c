@@ -2,8 +2,9 @@
  * C test of the jointdiff library, built with gcc against include/jointdiff.h and the static library by
  * frontends/capi/tests/c_program.rs (which also compares its output with `jointdiff denoise`).
  *
- *   test_capi MODEL Y.raw N C H W STEPS SIGNAL_OUT.raw NOISE_OUT.raw
+ *   test_capi MODEL NGF Y.raw N C H W STEPS SIGNAL_OUT.raw NOISE_OUT.raw
  *
+ * MODEL is a 1-channel reference NCSNv2 checkpoint with NGF base features.
  * Y.raw holds N*C*H*W float32 measurements y = 0.5 x + 0.5 n. The program checks the API's version, every
  * error path, cancellation, two threads sharing one model, then writes the denoised signal and noise of a
  * run (scale:0.5, alpha 0.5, STEPS steps, seed 9, MODEL as signal and noise prior) to the two outputs.
@@ -104,16 +105,17 @@ static void *worker(void *arg) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 10) {
-    fprintf(stderr, "usage: %s MODEL Y.raw N C H W STEPS SIGNAL_OUT NOISE_OUT\n", argv[0]);
+  if (argc != 11) {
+    fprintf(stderr, "usage: %s MODEL NGF Y.raw N C H W STEPS SIGNAL_OUT NOISE_OUT\n", argv[0]);
     return 2;
   }
   const char *model_path = argv[1];
-  size_t n = strtoul(argv[3], NULL, 10), c = strtoul(argv[4], NULL, 10);
-  size_t h = strtoul(argv[5], NULL, 10), w = strtoul(argv[6], NULL, 10);
-  uint32_t steps = (uint32_t)strtoul(argv[7], NULL, 10);
+  uint32_t ngf = (uint32_t)strtoul(argv[2], NULL, 10);
+  size_t n = strtoul(argv[4], NULL, 10), c = strtoul(argv[5], NULL, 10);
+  size_t h = strtoul(argv[6], NULL, 10), w = strtoul(argv[7], NULL, 10);
+  uint32_t steps = (uint32_t)strtoul(argv[8], NULL, 10);
   size_t total = n * c * h * w, ylen = 0;
-  float *y = (float *)read_file(argv[2], &ylen);
+  float *y = (float *)read_file(argv[3], &ylen);
   CHECK(y != NULL && ylen == total * sizeof(float), "read measurements");
   if (!y) return 1;
 
@@ -149,7 +151,7 @@ int main(int argc, char **argv) {
   free(bytes);
   jd_model_info info;
   expect(jd_model_get_info(model2, &info), JD_OK, NULL, "model info");
-  CHECK(info.channels == 1 && info.ngf == 16 && info.reference_checkpoint == 1, "model info values");
+  CHECK(info.channels == 1 && info.ngf == ngf && info.reference_checkpoint == 1, "model info values");
   expect(jd_model_get_info(NULL, &info), JD_ERR_NULL_POINTER, "model", "info NULL model");
   jd_model_destroy(&model2);
   CHECK(model2 == NULL, "destroy nulls the pointer");
@@ -218,8 +220,18 @@ int main(int argc, char **argv) {
   int finite = 1;
   for (size_t i = 0; i < total; i++) finite &= isfinite(sig[i]) && isfinite(noi[i]);
   CHECK(finite, "finite output");
-  CHECK(write_file(argv[8], sig, total * sizeof(float)), "write signal");
-  CHECK(write_file(argv[9], noi, total * sizeof(float)), "write noise");
+  CHECK(write_file(argv[9], sig, total * sizeof(float)), "write signal");
+  CHECK(write_file(argv[10], noi, total * sizeof(float)), "write noise");
+
+  /* the reference backend agrees with the CPU backend within float tolerance */
+  float *ref = calloc(total, sizeof(float));
+  expect(jd_session_set_backend(s, JD_BACKEND_REFERENCE), JD_OK, NULL, "reference backend");
+  expect(jd_denoise(s, y, n, c, h, w, 9, ref, total, NULL, 0, NULL, 0), JD_OK, NULL, "reference denoise");
+  float maxdiff = 0;
+  for (size_t i = 0; i < total; i++) maxdiff = fmaxf(maxdiff, fabsf(ref[i] - sig[i]));
+  CHECK(maxdiff < 1e-3f, "reference and cpu backends agree");
+  free(ref);
+  expect(jd_session_set_backend(s, JD_BACKEND_CPU), JD_OK, NULL, "cpu backend");
 
   /* two threads share one model, each with its own session: both equal the single-thread result */
   job jobs[2];

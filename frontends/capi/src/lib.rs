@@ -103,7 +103,8 @@ pub struct jd_model_info {
 
 /// Progress callback: called after every sampler step with the steps done and the total.
 /// Return 0 to continue, any other value to cancel (`jd_denoise` then returns `JD_ERR_CANCELLED`).
-pub type jd_progress_fn = Option<unsafe extern "C" fn(user: *mut c_void, done: u32, total: u32) -> i32>;
+pub type jd_progress_fn =
+    Option<unsafe extern "C" fn(user: *mut c_void, done: u32, total: u32) -> i32>;
 
 struct ModelInner {
     file: ModelFile,
@@ -220,7 +221,13 @@ fn load(bytes: &[u8], what: &str) -> Result<Box<jd_model>, Fail> {
         let f = Fail::from(e);
         Fail(f.0, format!("{what}: {}", f.1))
     })?;
-    Ok(Box::new(jd_model { inner: Arc::new(ModelInner { file, cpu, reference: OnceLock::new() }) }))
+    Ok(Box::new(jd_model {
+        inner: Arc::new(ModelInner {
+            file,
+            cpu,
+            reference: OnceLock::new(),
+        }),
+    }))
 }
 
 /// Loads a model file (safetensors; a file without jointdiff metadata is a reference NCSNv2 checkpoint).
@@ -231,10 +238,14 @@ pub unsafe extern "C" fn jd_model_load(path: *const c_char, out: *mut *mut jd_mo
         non_null(out, "out")?;
         *out = std::ptr::null_mut();
         non_null(path, "path")?;
-        let p = CStr::from_ptr(path)
-            .to_str()
-            .map_err(|_| Fail(jd_status::JD_ERR_INVALID_ARGUMENT, "path is not UTF-8".into()))?;
-        let bytes = std::fs::read(p).map_err(|e| Fail(jd_status::JD_ERR_IO, format!("{p}: cannot read: {e}")))?;
+        let p = CStr::from_ptr(path).to_str().map_err(|_| {
+            Fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                "path is not UTF-8".into(),
+            )
+        })?;
+        let bytes = std::fs::read(p)
+            .map_err(|e| Fail(jd_status::JD_ERR_IO, format!("{p}: cannot read: {e}")))?;
         *out = Box::into_raw(load(&bytes, p)?);
         Ok(())
     })
@@ -242,7 +253,11 @@ pub unsafe extern "C" fn jd_model_load(path: *const c_char, out: *mut *mut jd_mo
 
 /// Loads a model from `len` bytes at `data` (the bytes are copied; the buffer may be freed afterwards).
 #[no_mangle]
-pub unsafe extern "C" fn jd_model_load_buffer(data: *const u8, len: usize, out: *mut *mut jd_model) -> jd_status {
+pub unsafe extern "C" fn jd_model_load_buffer(
+    data: *const u8,
+    len: usize,
+    out: *mut *mut jd_model,
+) -> jd_status {
     guard(|| {
         non_null(out, "out")?;
         *out = std::ptr::null_mut();
@@ -262,8 +277,13 @@ pub unsafe extern "C" fn jd_model_default(which: i32, out: *mut *mut jd_model) -
     guard(|| {
         non_null(out, "out")?;
         *out = std::ptr::null_mut();
-        if which != jd_default_model::JD_DEFAULT_SIGNAL as i32 && which != jd_default_model::JD_DEFAULT_NOISE as i32 {
-            return fail(jd_status::JD_ERR_INVALID_ARGUMENT, format!("unknown default model {which}"));
+        if which != jd_default_model::JD_DEFAULT_SIGNAL as i32
+            && which != jd_default_model::JD_DEFAULT_NOISE as i32
+        {
+            return fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                format!("unknown default model {which}"),
+            );
         }
         fail(
             jd_status::JD_ERR_UNAVAILABLE,
@@ -274,7 +294,10 @@ pub unsafe extern "C" fn jd_model_default(which: i32, out: *mut *mut jd_model) -
 
 /// Describes a model.
 #[no_mangle]
-pub unsafe extern "C" fn jd_model_get_info(model: *const jd_model, out: *mut jd_model_info) -> jd_status {
+pub unsafe extern "C" fn jd_model_get_info(
+    model: *const jd_model,
+    out: *mut jd_model_info,
+) -> jd_status {
     guard(|| {
         non_null(model, "model")?;
         non_null(out, "out")?;
@@ -344,7 +367,10 @@ pub unsafe extern "C" fn jd_session_destroy(session: *mut *mut jd_session) {
     });
 }
 
-unsafe fn with_session(s: *mut jd_session, f: impl FnOnce(&mut jd_session) -> Result<(), Fail>) -> jd_status {
+unsafe fn with_session(
+    s: *mut jd_session,
+    f: impl FnOnce(&mut jd_session) -> Result<(), Fail>,
+) -> jd_status {
     guard(|| {
         non_null(s, "session")?;
         f(&mut *s)
@@ -353,7 +379,10 @@ unsafe fn with_session(s: *mut jd_session, f: impl FnOnce(&mut jd_session) -> Re
 
 /// Uses `model` as the signal prior (the session keeps its own reference).
 #[no_mangle]
-pub unsafe extern "C" fn jd_session_set_signal_model(s: *mut jd_session, model: *const jd_model) -> jd_status {
+pub unsafe extern "C" fn jd_session_set_signal_model(
+    s: *mut jd_session,
+    model: *const jd_model,
+) -> jd_status {
     with_session(s, |s| {
         non_null(model, "model")?;
         s.signal = Some((&*model).inner.clone());
@@ -363,7 +392,10 @@ pub unsafe extern "C" fn jd_session_set_signal_model(s: *mut jd_session, model: 
 
 /// Uses `model` as the noise prior (joint method); replaces a Gaussian noise prior.
 #[no_mangle]
-pub unsafe extern "C" fn jd_session_set_noise_model(s: *mut jd_session, model: *const jd_model) -> jd_status {
+pub unsafe extern "C" fn jd_session_set_noise_model(
+    s: *mut jd_session,
+    model: *const jd_model,
+) -> jd_status {
     with_session(s, |s| {
         non_null(model, "model")?;
         s.noise = Some((&*model).inner.clone());
@@ -374,10 +406,17 @@ pub unsafe extern "C" fn jd_session_set_noise_model(s: *mut jd_session, model: *
 
 /// Treats the noise as white Gaussian N(mean, std^2) (the non-joint baseline); replaces a noise model.
 #[no_mangle]
-pub unsafe extern "C" fn jd_session_set_noise_gaussian(s: *mut jd_session, std: f32, mean: f32) -> jd_status {
+pub unsafe extern "C" fn jd_session_set_noise_gaussian(
+    s: *mut jd_session,
+    std: f32,
+    mean: f32,
+) -> jd_status {
     with_session(s, |s| {
         if !(std.is_finite() && mean.is_finite() && std >= 0.0) {
-            return fail(jd_status::JD_ERR_INVALID_ARGUMENT, format!("noise std must be >= 0 and finite (std {std}, mean {mean})"));
+            return fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                format!("noise std must be >= 0 and finite (std {std}, mean {mean})"),
+            );
         }
         s.noise_gaussian = Some((std, mean));
         s.noise = None;
@@ -393,7 +432,12 @@ pub unsafe extern "C" fn jd_session_set_sde(s: *mut jd_session, sde: i32) -> jd_
             1 => jd_sde::JD_SDE_VP,
             2 => jd_sde::JD_SDE_VE,
             3 => jd_sde::JD_SDE_SIMPLE,
-            _ => return fail(jd_status::JD_ERR_INVALID_ARGUMENT, format!("unknown sde {sde}")),
+            _ => {
+                return fail(
+                    jd_status::JD_ERR_INVALID_ARGUMENT,
+                    format!("unknown sde {sde}"),
+                )
+            }
         };
         Ok(())
     })
@@ -404,7 +448,10 @@ pub unsafe extern "C" fn jd_session_set_sde(s: *mut jd_session, sde: i32) -> jd_
 pub unsafe extern "C" fn jd_session_set_rule(s: *mut jd_session, rule: i32) -> jd_status {
     with_session(s, |s| {
         if !(0..=2).contains(&rule) {
-            return fail(jd_status::JD_ERR_INVALID_ARGUMENT, format!("unknown rule {rule}"));
+            return fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                format!("unknown rule {rule}"),
+            );
         }
         if rule != jd_rule::JD_RULE_PROJECTION as i32 {
             return fail(jd_status::JD_ERR_UNAVAILABLE, "dps and pigdm need the network's vector-Jacobian product, which this build does not have yet");
@@ -419,7 +466,10 @@ pub unsafe extern "C" fn jd_session_set_rule(s: *mut jd_session, rule: i32) -> j
 pub unsafe extern "C" fn jd_session_set_steps(s: *mut jd_session, steps: u32) -> jd_status {
     with_session(s, |s| {
         if steps == 0 {
-            return fail(jd_status::JD_ERR_INVALID_ARGUMENT, "steps must be at least 1");
+            return fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                "steps must be at least 1",
+            );
         }
         s.steps = steps as usize;
         Ok(())
@@ -428,7 +478,10 @@ pub unsafe extern "C" fn jd_session_set_steps(s: *mut jd_session, steps: u32) ->
 
 fn weight(v: f64, what: &str) -> Result<f64, Fail> {
     if !(v.is_finite() && v >= 0.0) {
-        return fail(jd_status::JD_ERR_INVALID_ARGUMENT, format!("{what} must be finite and >= 0, got {v}"));
+        return fail(
+            jd_status::JD_ERR_INVALID_ARGUMENT,
+            format!("{what} must be finite and >= 0, got {v}"),
+        );
     }
     Ok(v)
 }
@@ -469,7 +522,10 @@ pub unsafe extern "C" fn jd_session_set_alpha(s: *mut jd_session, alpha: f64) ->
 pub unsafe extern "C" fn jd_session_set_samples(s: *mut jd_session, samples: u32) -> jd_status {
     with_session(s, |s| {
         if samples == 0 {
-            return fail(jd_status::JD_ERR_INVALID_ARGUMENT, "samples must be at least 1");
+            return fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                "samples must be at least 1",
+            );
         }
         s.samples = samples as usize;
         Ok(())
@@ -491,8 +547,18 @@ pub unsafe extern "C" fn jd_session_set_backend(s: *mut jd_session, backend: i32
         s.backend = match backend {
             0 => jd_backend::JD_BACKEND_CPU,
             1 => jd_backend::JD_BACKEND_REFERENCE,
-            2 => return fail(jd_status::JD_ERR_UNAVAILABLE, "the wgpu backend is not part of this build yet"),
-            _ => return fail(jd_status::JD_ERR_INVALID_ARGUMENT, format!("unknown backend {backend}")),
+            2 => {
+                return fail(
+                    jd_status::JD_ERR_UNAVAILABLE,
+                    "the wgpu backend is not part of this build yet",
+                )
+            }
+            _ => {
+                return fail(
+                    jd_status::JD_ERR_INVALID_ARGUMENT,
+                    format!("unknown backend {backend}"),
+                )
+            }
         };
         Ok(())
     })
@@ -508,10 +574,16 @@ pub unsafe extern "C" fn jd_session_set_operator_identity(s: *mut jd_session) ->
 
 /// `A = factor * I`.
 #[no_mangle]
-pub unsafe extern "C" fn jd_session_set_operator_scale(s: *mut jd_session, factor: f32) -> jd_status {
+pub unsafe extern "C" fn jd_session_set_operator_scale(
+    s: *mut jd_session,
+    factor: f32,
+) -> jd_status {
     with_session(s, |s| {
         if !factor.is_finite() {
-            return fail(jd_status::JD_ERR_INVALID_ARGUMENT, "scale factor must be finite");
+            return fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                "scale factor must be finite",
+            );
         }
         s.operator = Operator::Scale(factor);
         Ok(())
@@ -521,19 +593,29 @@ pub unsafe extern "C" fn jd_session_set_operator_scale(s: *mut jd_session, facto
 fn copy_finite(p: *const f32, len: usize, what: &str) -> Result<Vec<f32>, Fail> {
     non_null(p, what)?;
     if len == 0 || len > (isize::MAX as usize) / 4 {
-        return fail(jd_status::JD_ERR_INVALID_ARGUMENT, format!("{what}: length {len} is out of range"));
+        return fail(
+            jd_status::JD_ERR_INVALID_ARGUMENT,
+            format!("{what}: length {len} is out of range"),
+        );
     }
     // SAFETY: non-null and the caller promises `len` readable floats.
     let v = unsafe { std::slice::from_raw_parts(p, len) }.to_vec();
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return fail(jd_status::JD_ERR_NON_FINITE, format!("{what}: value at index {i} is not finite"));
+        return fail(
+            jd_status::JD_ERR_NON_FINITE,
+            format!("{what}: value at index {i} is not finite"),
+        );
     }
     Ok(v)
 }
 
 /// `A = diag(mask)`, `len` = C*H*W of a signal item (checked at `jd_denoise`).
 #[no_mangle]
-pub unsafe extern "C" fn jd_session_set_operator_mask(s: *mut jd_session, mask: *const f32, len: usize) -> jd_status {
+pub unsafe extern "C" fn jd_session_set_operator_mask(
+    s: *mut jd_session,
+    mask: *const f32,
+    len: usize,
+) -> jd_status {
     with_session(s, |s| {
         s.operator = Operator::Mask(copy_finite(mask, len, "mask")?);
         Ok(())
@@ -549,17 +631,28 @@ pub unsafe extern "C" fn jd_session_set_operator_matrix(
     d: usize,
 ) -> jd_status {
     with_session(s, |s| {
-        let len = m
-            .checked_mul(d)
-            .ok_or_else(|| Fail(jd_status::JD_ERR_INVALID_ARGUMENT, "matrix size overflows".into()))?;
-        s.operator = Operator::Matrix { m, d, a: copy_finite(a, len, "matrix")? };
+        let len = m.checked_mul(d).ok_or_else(|| {
+            Fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                "matrix size overflows".into(),
+            )
+        })?;
+        s.operator = Operator::Matrix {
+            m,
+            d,
+            a: copy_finite(a, len, "matrix")?,
+        };
         Ok(())
     })
 }
 
 /// Progress callback (NULL to remove) and the user pointer passed back to it.
 #[no_mangle]
-pub unsafe extern "C" fn jd_session_set_progress(s: *mut jd_session, cb: jd_progress_fn, user: *mut c_void) -> jd_status {
+pub unsafe extern "C" fn jd_session_set_progress(
+    s: *mut jd_session,
+    cb: jd_progress_fn,
+    user: *mut c_void,
+) -> jd_status {
     with_session(s, |s| {
         s.progress = cb;
         s.progress_user = user;
@@ -575,19 +668,27 @@ struct Plan {
 }
 
 fn plan(s: &jd_session, n: usize, c: usize, h: usize, w: usize) -> Result<Plan, Fail> {
-    let sig = s
-        .signal
-        .as_ref()
-        .ok_or_else(|| Fail(jd_status::JD_ERR_INVALID_ARGUMENT, "no signal model: call jd_session_set_signal_model".into()))?;
+    let sig = s.signal.as_ref().ok_or_else(|| {
+        Fail(
+            jd_status::JD_ERR_INVALID_ARGUMENT,
+            "no signal model: call jd_session_set_signal_model".into(),
+        )
+    })?;
     if s.noise.is_none() && s.noise_gaussian.is_none() {
-        return fail(jd_status::JD_ERR_INVALID_ARGUMENT, "no noise prior: call jd_session_set_noise_model or jd_session_set_noise_gaussian");
+        return fail(
+            jd_status::JD_ERR_INVALID_ARGUMENT,
+            "no noise prior: call jd_session_set_noise_model or jd_session_set_noise_gaussian",
+        );
     }
     let is_matrix = matches!(s.operator, Operator::Matrix { .. });
     let meta = &sig.file.meta;
     let signal_item = if is_matrix {
         let [mh, mw] = meta.image_size;
         if mh == 0 {
-            return fail(jd_status::JD_ERR_SHAPE, "a matrix operator needs a signal model that records its image size");
+            return fail(
+                jd_status::JD_ERR_SHAPE,
+                "a matrix operator needs a signal model that records its image size",
+            );
         }
         [meta.channels, mh, mw]
     } else {
@@ -598,7 +699,10 @@ fn plan(s: &jd_session, n: usize, c: usize, h: usize, w: usize) -> Result<Plan, 
     if c * h * w != m {
         return fail(
             jd_status::JD_ERR_SHAPE,
-            format!("measurement items have {} values but the operator gives {m}", c * h * w),
+            format!(
+                "measurement items have {} values but the operator gives {m}",
+                c * h * w
+            ),
         );
     }
     let check = |mf: &ModelFile, shape: [usize; 3], what: &str| -> Result<(), Fail> {
@@ -606,14 +710,23 @@ fn plan(s: &jd_session, n: usize, c: usize, h: usize, w: usize) -> Result<Plan, 
         if mc != mf.meta.channels {
             return fail(
                 jd_status::JD_ERR_SHAPE,
-                format!("{what}: data has {mc} channel(s) but the model expects {}", mf.meta.channels),
+                format!(
+                    "{what}: data has {mc} channel(s) but the model expects {}",
+                    mf.meta.channels
+                ),
             );
         }
         let [th, tw] = mf.meta.image_size;
         if th > 0 && (th, tw) != (mh, mw) {
-            return fail(jd_status::JD_ERR_SHAPE, format!("{what}: data is {mh}x{mw} but the model was trained at {th}x{tw}"));
+            return fail(
+                jd_status::JD_ERR_SHAPE,
+                format!("{what}: data is {mh}x{mw} but the model was trained at {th}x{tw}"),
+            );
         }
-        mf.meta.net_config().check_input([n, mc, mh, mw]).map_err(|e| Fail(jd_status::JD_ERR_SHAPE, format!("{what}: {}", e.message)))
+        mf.meta
+            .net_config()
+            .check_input([n, mc, mh, mw])
+            .map_err(|e| Fail(jd_status::JD_ERR_SHAPE, format!("{what}: {}", e.message)))
     };
     check(&sig.file, signal_item, "signal")?;
     let noise_item = match &s.noise {
@@ -621,14 +734,22 @@ fn plan(s: &jd_session, n: usize, c: usize, h: usize, w: usize) -> Result<Plan, 
             let shape = if is_matrix {
                 let [th, tw] = nm.file.meta.image_size;
                 if th == 0 {
-                    return fail(jd_status::JD_ERR_SHAPE, "the noise model does not record its image size");
+                    return fail(
+                        jd_status::JD_ERR_SHAPE,
+                        "the noise model does not record its image size",
+                    );
                 }
                 [nm.file.meta.channels, th, tw]
             } else {
                 signal_item
             };
             if shape.iter().product::<usize>() != m {
-                return fail(jd_status::JD_ERR_SHAPE, format!("noise model items {shape:?} do not have the {m} values of a measurement"));
+                return fail(
+                    jd_status::JD_ERR_SHAPE,
+                    format!(
+                        "noise model items {shape:?} do not have the {m} values of a measurement"
+                    ),
+                );
             }
             check(&nm.file, shape, "noise")?;
             shape
@@ -660,7 +781,12 @@ fn plan(s: &jd_session, n: usize, c: usize, h: usize, w: usize) -> Result<Plan, 
         clip: if s.clip { Some(meta.data_range) } else { None },
     };
     config.validate()?;
-    Ok(Plan { signal_item, noise_item, items: n, config })
+    Ok(Plan {
+        signal_item,
+        noise_item,
+        items: n,
+        config,
+    })
 }
 
 fn run_sampler<B: Backend>(
@@ -672,8 +798,16 @@ fn run_sampler<B: Backend>(
     y: &[f32],
     seed: u64,
 ) -> Result<PosteriorStats, Fail> {
-    let sprior = NetworkPrior { net: sig, backend: b, image_size: None };
-    let nnet = noise_net.map(|n| NetworkPrior { net: n, backend: b, image_size: None });
+    let sprior = NetworkPrior {
+        net: sig,
+        backend: b,
+        image_size: None,
+    };
+    let nnet = noise_net.map(|n| NetworkPrior {
+        net: n,
+        backend: b,
+        image_size: None,
+    });
     let ngauss = match s.noise_gaussian {
         Some((std, mean)) => Some(GaussianPrior::isotropic(mean, std)?),
         None => None,
@@ -726,53 +860,94 @@ pub unsafe extern "C" fn jd_denoise(
         non_null(y, "y")?;
         non_null(signal_out, "signal_out")?;
         if n == 0 || c == 0 || h == 0 || w == 0 {
-            return fail(jd_status::JD_ERR_INVALID_ARGUMENT, format!("empty measurement shape {n}x{c}x{h}x{w}"));
+            return fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                format!("empty measurement shape {n}x{c}x{h}x{w}"),
+            );
         }
         let total = [n, c, h, w]
             .iter()
             .try_fold(1usize, |a, &v| a.checked_mul(v))
             .filter(|&t| t <= (isize::MAX as usize) / 4)
-            .ok_or_else(|| Fail(jd_status::JD_ERR_INVALID_ARGUMENT, "measurement shape overflows".into()))?;
+            .ok_or_else(|| {
+                Fail(
+                    jd_status::JD_ERR_INVALID_ARGUMENT,
+                    "measurement shape overflows".into(),
+                )
+            })?;
         let p = plan(s, n, c, h, w)?;
         let d: usize = p.signal_item.iter().product();
         if signal_len != n * d {
-            return fail(jd_status::JD_ERR_INVALID_ARGUMENT, format!("signal_len is {signal_len}, the signal needs {}", n * d));
+            return fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                format!("signal_len is {signal_len}, the signal needs {}", n * d),
+            );
         }
         if !noise_out.is_null() && noise_len != total {
-            return fail(jd_status::JD_ERR_INVALID_ARGUMENT, format!("noise_len is {noise_len}, the noise needs {total}"));
+            return fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                format!("noise_len is {noise_len}, the noise needs {total}"),
+            );
         }
         if !std_out.is_null() {
             if s.samples < 2 {
-                return fail(jd_status::JD_ERR_INVALID_ARGUMENT, "std_out needs samples >= 2 (jd_session_set_samples)");
+                return fail(
+                    jd_status::JD_ERR_INVALID_ARGUMENT,
+                    "std_out needs samples >= 2 (jd_session_set_samples)",
+                );
             }
             if std_len != n * d {
-                return fail(jd_status::JD_ERR_INVALID_ARGUMENT, format!("std_len is {std_len}, expected {}", n * d));
+                return fail(
+                    jd_status::JD_ERR_INVALID_ARGUMENT,
+                    format!("std_len is {std_len}, expected {}", n * d),
+                );
             }
         }
         let ys = std::slice::from_raw_parts(y, total);
         if let Some(i) = ys.iter().position(|v| !v.is_finite()) {
-            return fail(jd_status::JD_ERR_NON_FINITE, format!("measurement value at index {i} is not finite"));
+            return fail(
+                jd_status::JD_ERR_NON_FINITE,
+                format!("measurement value at index {i} is not finite"),
+            );
         }
         let seed_stats = match s.backend {
             jd_backend::JD_BACKEND_REFERENCE => {
-                let sig = s.signal.as_ref().map(|m| reference_net(m)).transpose()?.flatten();
+                let sig = s
+                    .signal
+                    .as_ref()
+                    .map(reference_net)
+                    .transpose()?
+                    .flatten();
                 let noise = match &s.noise {
                     Some(m) => reference_net(m)?,
                     None => None,
                 };
-                let sig = sig.ok_or_else(|| Fail(jd_status::JD_ERR_INTERNAL, "signal model not prepared".into()))?;
+                let sig = sig.ok_or_else(|| {
+                    Fail(
+                        jd_status::JD_ERR_INTERNAL,
+                        "signal model not prepared".into(),
+                    )
+                })?;
                 run_sampler(&RefBackend, s, sig, noise, &p, ys, seed)?
             }
             _ => {
-                let sig = &s.signal.as_ref().ok_or_else(|| Fail(jd_status::JD_ERR_INVALID_ARGUMENT, "no signal model".into()))?.cpu;
+                let sig = &s
+                    .signal
+                    .as_ref()
+                    .ok_or_else(|| {
+                        Fail(jd_status::JD_ERR_INVALID_ARGUMENT, "no signal model".into())
+                    })?
+                    .cpu;
                 let noise = s.noise.as_ref().map(|m| &m.cpu);
                 run_sampler(&CpuBackend, s, sig, noise, &p, ys, seed)?
             }
         };
         let _ = p.items;
-        std::slice::from_raw_parts_mut(signal_out, n * d).copy_from_slice(&seed_stats.estimate.signal.data);
+        std::slice::from_raw_parts_mut(signal_out, n * d)
+            .copy_from_slice(&seed_stats.estimate.signal.data);
         if !noise_out.is_null() {
-            std::slice::from_raw_parts_mut(noise_out, total).copy_from_slice(&seed_stats.estimate.noise.data);
+            std::slice::from_raw_parts_mut(noise_out, total)
+                .copy_from_slice(&seed_stats.estimate.noise.data);
         }
         if let (false, Some(sd)) = (std_out.is_null(), &seed_stats.signal_std) {
             std::slice::from_raw_parts_mut(std_out, n * d).copy_from_slice(&sd.data);
@@ -782,7 +957,9 @@ pub unsafe extern "C" fn jd_denoise(
 }
 
 fn reference_net(m: &Arc<ModelInner>) -> Result<Option<&Ncsnv2<RefBackend>>, Fail> {
-    Ok(m.reference.get_or_init(|| m.file.build(&RefBackend).ok()).as_ref())
+    Ok(m.reference
+        .get_or_init(|| m.file.build(&RefBackend).ok())
+        .as_ref())
 }
 
 /// The number of signal values `jd_denoise` writes for `n` measurements of `c x h x w` with this
@@ -800,7 +977,10 @@ pub unsafe extern "C" fn jd_denoise_signal_len(
         non_null(s, "session")?;
         non_null(out_len, "out_len")?;
         if n == 0 || c == 0 || h == 0 || w == 0 {
-            return fail(jd_status::JD_ERR_INVALID_ARGUMENT, "empty measurement shape");
+            return fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                "empty measurement shape",
+            );
         }
         let p = plan(&*s, n, c, h, w)?;
         *out_len = n * p.signal_item.iter().product::<usize>();
