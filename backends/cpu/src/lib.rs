@@ -39,7 +39,14 @@ fn per_item(x: &Tensor, f: impl Fn(&Tensor) -> Tensor + Sync + Send) -> Tensor {
     }
 }
 
-/// `c[m x n] = a[m x k] * b[k x n]` (row-major, c overwritten).
+/// Which GEMM the backend uses (reported by `jointdiff bench gemm`).
+pub const GEMM_KERNEL: &str = "matrixmultiply 0.3 (single thread per call)";
+
+/// `c[m x n] = a[m x k] * b[k x n]`, row-major, `c` overwritten: the backend's GEMM.
+pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    sgemm(m, k, n, a, b, c)
+}
+
 fn sgemm(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
     // SAFETY: the asserts above guarantee every index the row-major strides reach is in bounds.

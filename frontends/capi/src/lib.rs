@@ -209,7 +209,9 @@ pub extern "C" fn jd_abi_version() -> u32 {
 /// this thread; never NULL.
 #[no_mangle]
 pub extern "C" fn jd_last_error() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    static EMPTY: &[u8] = b"\0";
+    catch_unwind(|| LAST_ERROR.with(|e| e.borrow().as_ptr()))
+        .unwrap_or(EMPTY.as_ptr() as *const c_char)
 }
 
 fn load(bytes: &[u8], what: &str) -> Result<Box<jd_model>, Fail> {
@@ -912,12 +914,7 @@ pub unsafe extern "C" fn jd_denoise(
         }
         let seed_stats = match s.backend {
             jd_backend::JD_BACKEND_REFERENCE => {
-                let sig = s
-                    .signal
-                    .as_ref()
-                    .map(reference_net)
-                    .transpose()?
-                    .flatten();
+                let sig = s.signal.as_ref().map(reference_net).transpose()?.flatten();
                 let noise = match &s.noise {
                     Some(m) => reference_net(m)?,
                     None => None,

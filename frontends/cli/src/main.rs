@@ -1,4 +1,5 @@
 //! `jointdiff`: remove structured noise from measurements with joint diffusion posterior sampling.
+mod bench;
 mod io;
 
 use anyhow::{anyhow, bail, Result};
@@ -42,6 +43,47 @@ enum Cmd {
     Corrupt(CorruptArgs),
     /// Estimate the signal (and the noise) from measurements by joint posterior sampling.
     Denoise(DenoiseArgs),
+    /// Measure speed: `bench forward` (NCSNv2 forward) or `bench gemm` (the GEMM kernel).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Time NCSNv2 forwards with random weights: ms per forward, images/s, GFLOP/s.
+    Forward(BenchForwardArgs),
+    /// GFLOP/s of the CPU backend's GEMM on the matrix shapes of 3x3 convolutions.
+    Gemm(BenchGemmArgs),
+}
+
+#[derive(Args)]
+struct BenchForwardArgs {
+    #[arg(long, default_value_t = 28)]
+    size: usize,
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
+    #[arg(long, default_value_t = 32)]
+    ngf: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
+    /// Print one JSON object (keys ms_per_forward, images_per_s, gflops, ...).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchGemmArgs {
+    /// Shapes m,k,n (repeatable); default: the shapes of NCSNv2's convolutions at 28x28.
+    #[arg(long)]
+    shape: Vec<String>,
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -245,6 +287,8 @@ fn main() -> ExitCode {
         Cmd::Sample(a) => sample(a, quiet),
         Cmd::Corrupt(a) => corrupt(a),
         Cmd::Denoise(a) => denoise(a, quiet),
+        Cmd::Bench(BenchCmd::Forward(a)) => bench::forward(a),
+        Cmd::Bench(BenchCmd::Gemm(a)) => bench::gemm(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -278,7 +322,7 @@ fn sde_of(kind: SdeKind) -> Sde {
     }
 }
 
-fn check_backend(kind: BackendKind) -> Result<()> {
+pub(crate) fn check_backend(kind: BackendKind) -> Result<()> {
     if kind == BackendKind::Wgpu {
         bail!(
             "--backend wgpu: the GPU backend is not part of this build yet; use cpu or reference"
