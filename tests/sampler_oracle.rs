@@ -92,6 +92,7 @@ fn run(
         noise: n_prior,
         signal_shape: [1, 1, d],
         noise_shape: [1, 1, m],
+        join: &jointdiff_core::sampler::Sequential,
     };
     let ys: Vec<f32> = (0..items).flat_map(|_| y.iter().copied()).collect();
     let post = sampler.sample(&ys, 42, &mut |_, _| true).unwrap();

@@ -62,6 +62,17 @@ pub trait Backend: Send + Sync {
         gamma: &Self::Tensor,
         beta: &Self::Tensor,
     ) -> Self::Tensor;
+    /// `elu(instance_norm_plus(x))`, which NCSNv2 always applies together; backends may fuse them.
+    fn instance_norm_plus_elu(
+        &self,
+        x: &Self::Tensor,
+        alpha: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+    ) -> Self::Tensor {
+        let y = self.instance_norm_plus(x, alpha, gamma, beta);
+        self.elu(&y)
+    }
     /// ELU with alpha = 1.
     fn elu(&self, x: &Self::Tensor) -> Self::Tensor;
     /// Bilinear resize with `align_corners = True`.

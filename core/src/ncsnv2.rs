@@ -459,16 +459,14 @@ impl<B: Backend> Ncsnv2<B> {
         b.conv2d(x, &c.w, c.b.as_ref(), c.p)
     }
 
-    fn norm(&self, b: &B, x: &B::Tensor, n: &Norm<B::Tensor>) -> B::Tensor {
-        b.instance_norm_plus(x, &n.alpha, &n.gamma, &n.beta)
+    fn norm_elu(&self, b: &B, x: &B::Tensor, n: &Norm<B::Tensor>) -> B::Tensor {
+        b.instance_norm_plus_elu(x, &n.alpha, &n.gamma, &n.beta)
     }
 
     fn res_block(&self, b: &B, x: &B::Tensor, r: &ResBlock<B::Tensor>) -> B::Tensor {
-        let mut o = self.norm(b, x, &r.norm1);
-        o = b.elu(&o);
+        let mut o = self.norm_elu(b, x, &r.norm1);
         o = self.conv(b, &o, &r.conv1);
-        o = self.norm(b, &o, &r.norm2);
-        o = b.elu(&o);
+        o = self.norm_elu(b, &o, &r.norm2);
         o = self.conv(b, &o, &r.conv2);
         if r.pool {
             o = b.mean_pool2(&o);
@@ -569,8 +567,7 @@ impl<B: Backend> Ncsnv2<B> {
         let ref3 = self.refine(b, &[&layers[1], &ref2], &self.refine[2], h2, w2);
         let (h1, w1) = s(&layers[0]);
         let mut out = self.refine(b, &[&layers[0], &ref3], &self.refine[3], h1, w1);
-        out = self.norm(b, &out, &self.normalizer);
-        out = b.elu(&out);
+        out = self.norm_elu(b, &out, &self.normalizer);
         Ok(self.conv(b, &out, &self.end_conv))
     }
 

@@ -10,6 +10,23 @@ use alloc::format;
 use alloc::vec;
 use alloc::vec::Vec;
 
+/// Runs two closures, possibly at the same time: the sampler evaluates the signal and the noise score
+/// through it. Core has no threads; backends provide parallel implementations (e.g. rayon::join).
+pub trait Join: Sync {
+    fn join(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send));
+}
+
+/// Runs `a` then `b`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sequential;
+
+impl Join for Sequential {
+    fn join(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
+        a();
+        b();
+    }
+}
+
 /// Data-consistency rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rule {
@@ -91,6 +108,8 @@ pub struct JointSampler<'a> {
     pub signal_shape: [usize; 3],
     /// Per-item shape of the noise; its size is the operator's `m`.
     pub noise_shape: [usize; 3],
+    /// How the two score evaluations of a step run (sequentially, or in parallel; results are the same).
+    pub join: &'a dyn Join,
 }
 
 /// Progress callback: `(steps done, total)`; return `false` to cancel.
@@ -164,8 +183,17 @@ impl JointSampler<'_> {
         let dt = grid.dt;
         let total = grid.ts.len();
         for (k, &t) in grid.ts.iter().enumerate() {
-            let sx = self.signal.score(&x, t, &sde)?;
-            let sn = self.noise.score(&n, t, &sde)?;
+            let (mut sx, mut sn) = (None, None);
+            {
+                let (xr, nr) = (&x, &n);
+                self.join.join(
+                    &mut || sx = Some(self.signal.score(xr, t, &sde)),
+                    &mut || sn = Some(self.noise.score(nr, t, &sde)),
+                );
+            }
+            let missing = || Error::invalid("score was not evaluated");
+            let sx = sx.ok_or_else(missing)??;
+            let sn = sn.ok_or_else(missing)??;
             let (f, g, a, s) = (sde.drift(t), sde.g(t), sde.a(t), sde.s(t));
             let g2dt = (g * g * dt) as f32;
             let fdt = (f * dt) as f32;

@@ -826,6 +826,7 @@ fn run_sampler<B: Backend>(
         noise: nprior,
         signal_shape: p.signal_item,
         noise_shape: p.noise_item,
+        join: &jointdiff_cpu::RayonJoin,
     };
     let (cb, user) = (s.progress, s.progress_user);
     let mut progress = |done: usize, total: usize| match cb {

@@ -49,9 +49,15 @@ fn cargo_build() {
     );
 }
 
+/// Builds the C test once per process (both tests run it; building it twice at once would replace the
+/// executable while the other test runs it).
 fn build_c_test() -> PathBuf {
-    static BUILD: std::sync::Once = std::sync::Once::new();
-    BUILD.call_once(cargo_build);
+    static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    EXE.get_or_init(build_c_test_once).clone()
+}
+
+fn build_c_test_once() -> PathBuf {
+    cargo_build();
     let lib = target_dir().join("libjointdiff.a");
     assert!(
         lib.exists(),
@@ -235,11 +241,19 @@ fn c_program_is_clean_under_valgrind() {
         return;
     }
     let exe = build_c_test();
+    // rayon's global pool keeps its worker threads until exit; their thread-local blocks are suppressed
+    // (tests/capi/valgrind.supp), which needs enough stack frames to see the rayon caller.
+    let supp = format!(
+        "--suppressions={}",
+        root().join("tests/capi/valgrind.supp").display()
+    );
     let vg = [
         "valgrind",
         "--error-exitcode=1",
         "--leak-check=full",
         "--errors-for-leak-kinds=definite,possible",
+        "--num-callers=40",
+        supp.as_str(),
         "-q",
     ];
     // A tiny random model (ngf 2) on 8x8 images keeps the run short under valgrind's emulation.

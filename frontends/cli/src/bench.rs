@@ -81,7 +81,7 @@ pub fn forward(a: BenchForwardArgs) -> Result<()> {
         );
     } else {
         println!(
-            "{backend} NCSNv2 {s}x{s}x{c} ngf {g} batch {b} ({threads} threads): {ms:.2} ms/forward, \\
+            "{backend} NCSNv2 {s}x{s}x{c} ngf {g} batch {b} ({threads} threads): {ms:.2} ms/forward, \
              {images_per_s:.1} images/s, {gflops:.1} GFLOP/s ({gflop:.3} GFLOP, median of {i})",
             s = a.size,
             c = a.channels,

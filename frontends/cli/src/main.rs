@@ -906,6 +906,7 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
             noise: nprior,
             signal_shape: signal_item,
             noise_shape: noise_item,
+            join: &jointdiff_cpu::RayonJoin,
         };
         sampler
             .sample_k(&y_arr.data, a.samples, a.seed, &mut |k, _| {
