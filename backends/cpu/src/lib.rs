@@ -135,10 +135,15 @@ fn im2col_tile(
                         // valid ox: 0 <= ox + dx < w, clamped to this run
                         let lo = ((-dx).max(0) as usize).clamp(ox0, ox0 + run);
                         let hi = ((w as isize - dx).max(0) as usize).clamp(lo, ox0 + run);
-                        dst[..lo - ox0].fill(0.0);
-                        let (s0, s1) = ((lo as isize + dx) as usize, (hi as isize + dx) as usize);
-                        dst[lo - ox0..hi - ox0].copy_from_slice(&srow[s0..s1]);
-                        dst[hi - ox0..].fill(0.0);
+                        if lo >= hi {
+                            dst.fill(0.0);
+                        } else {
+                            dst[..lo - ox0].fill(0.0);
+                            let (s0, s1) =
+                                ((lo as isize + dx) as usize, (hi as isize + dx) as usize);
+                            dst[lo - ox0..hi - ox0].copy_from_slice(&srow[s0..s1]);
+                            dst[hi - ox0..].fill(0.0);
+                        }
                     }
                     j += run;
                 }
@@ -415,6 +420,10 @@ mod tests {
             (7, 2, 1, Conv2dParams::pointwise(), 5),
             (64, 64, 3, Conv2dParams::same3(1), 28), // several tiles, parallel path
             (9, 70, 1, Conv2dParams::pointwise(), 30),
+            // many input channels: tiles of 32 columns start mid-row, and with dilation 4 on a small image
+            // a whole run of a tile can fall into the padding
+            (256, 8, 3, Conv2dParams::same3(4), 14),
+            (256, 8, 3, Conv2dParams::same3(2), 9),
         ] {
             let x = rand([3, ci, hw, hw + 1], 1);
             let w = rand([co, ci, k, k], 2);
