@@ -259,3 +259,388 @@ pub fn affine(x: &Tensor, scale: f32, shift: f32) -> Tensor {
         data: x.data.iter().map(|&v| scale * v + shift).collect(),
     }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Backward (vector–Jacobian products) of every operation: given the forward inputs and the gradient of a
+// scalar loss with respect to the output, the gradients with respect to the inputs and parameters.
+// ---------------------------------------------------------------------------------------------------
+
+/// Gradients of a convolution: `(d x, d w, d bias)` with `d bias` shaped `[1, O, 1, 1]`.
+pub fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    gout: &Tensor,
+    p: Conv2dParams,
+) -> (Tensor, Tensor, Tensor) {
+    let [n, ci, h, wd] = x.shape;
+    let [co, _, kh, kw] = w.shape;
+    let [_, _, ho, wo] = gout.shape;
+    let mut gx = Tensor::zeros(x.shape);
+    let mut gw = Tensor::zeros(w.shape);
+    let mut gb = Tensor::zeros([1, co, 1, 1]);
+    let (pad, dil) = (p.padding as isize, p.dilation as isize);
+    for b in 0..n {
+        for o in 0..co {
+            let g = &gout.data[(b * co + o) * ho * wo..(b * co + o + 1) * ho * wo];
+            gb.data[o] += g.iter().sum::<f32>();
+            for i in 0..ci {
+                let src = &x.data[(b * ci + i) * h * wd..(b * ci + i + 1) * h * wd];
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let widx = ((o * ci + i) * kh + ky) * kw + kx;
+                        let wv = w.data[widx];
+                        let dx = kx as isize * dil - pad;
+                        let dy = ky as isize * dil - pad;
+                        let lo = (-dx).clamp(0, wo as isize) as usize;
+                        let hi = (wd as isize - dx).clamp(0, wo as isize) as usize;
+                        let mut acc = 0f32;
+                        for oy in 0..ho {
+                            let iy = oy as isize + dy;
+                            if iy < 0 || iy >= h as isize || lo >= hi {
+                                continue;
+                            }
+                            let base = (b * ci + i) * h * wd + iy as usize * wd;
+                            for ox in lo..hi {
+                                let ix = (ox as isize + dx) as usize;
+                                let gv = g[oy * wo + ox];
+                                acc += gv * src[iy as usize * wd + ix];
+                                gx.data[base + ix] += gv * wv;
+                            }
+                        }
+                        gw.data[widx] += acc;
+                    }
+                }
+            }
+        }
+    }
+    (gx, gw, gb)
+}
+
+/// Gradient of 2x2 mean pooling.
+pub fn mean_pool2_backward(gout: &Tensor, in_shape: [usize; 4]) -> Tensor {
+    let [n, c, h, w] = in_shape;
+    let (ho, wo) = (h / 2, w / 2);
+    let mut gx = Tensor::zeros(in_shape);
+    for p in 0..n * c {
+        for y in 0..ho {
+            for xx in 0..wo {
+                let g = gout.data[p * ho * wo + y * wo + xx] / 4.0;
+                for (dy, dx) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                    gx.data[p * h * w + (2 * y + dy) * w + 2 * xx + dx] += g;
+                }
+            }
+        }
+    }
+    gx
+}
+
+/// Gradient of stride-1 max pooling: each output's gradient goes to the first maximum of its window (in
+/// the scan order of [`max_pool`]).
+pub fn max_pool_backward(x: &Tensor, gout: &Tensor, k: usize, pad: usize) -> Tensor {
+    let [n, c, h, w] = x.shape;
+    let [_, _, ho, wo] = gout.shape;
+    let mut gx = Tensor::zeros(x.shape);
+    for p in 0..n * c {
+        let s = &x.data[p * h * w..(p + 1) * h * w];
+        for oy in 0..ho {
+            let y0 = (oy as isize - pad as isize).max(0) as usize;
+            let y1 = (oy + k - pad).min(h);
+            for ox in 0..wo {
+                let x0 = (ox as isize - pad as isize).max(0) as usize;
+                let x1 = (ox + k - pad).min(w);
+                let mut best = (f32::NEG_INFINITY, usize::MAX);
+                for yy in y0..y1 {
+                    for xx in x0..x1 {
+                        let v = s[yy * w + xx];
+                        if v > best.0 || best.1 == usize::MAX {
+                            best = (v, yy * w + xx);
+                        }
+                    }
+                }
+                if best.1 != usize::MAX {
+                    gx.data[p * h * w + best.1] += gout.data[p * ho * wo + oy * wo + ox];
+                }
+            }
+        }
+    }
+    gx
+}
+
+/// Gradient of ELU: `g` where `x > 0`, `g * exp(x)` elsewhere.
+pub fn elu_backward(x: &Tensor, gout: &Tensor) -> Tensor {
+    let data = x
+        .data
+        .iter()
+        .zip(&gout.data)
+        .map(|(&v, &g)| if v > 0.0 { g } else { g * libm::expf(v) })
+        .collect();
+    Tensor {
+        shape: x.shape,
+        data,
+    }
+}
+
+/// Gradient of bilinear resize (`align_corners = True`) back to `in_shape`.
+pub fn resize_bilinear_backward(gout: &Tensor, in_shape: [usize; 4]) -> Tensor {
+    let [n, c, h, w] = in_shape;
+    let [_, _, ho, wo] = gout.shape;
+    let mut gx = Tensor::zeros(in_shape);
+    for p in 0..n * c {
+        for oy in 0..ho {
+            let (y0, y1, ly0, ly1) = bilinear_coeffs(ho, h, oy);
+            for ox in 0..wo {
+                let (x0, x1, lx0, lx1) = bilinear_coeffs(wo, w, ox);
+                let g = gout.data[p * ho * wo + oy * wo + ox];
+                let d = &mut gx.data[p * h * w..(p + 1) * h * w];
+                d[y0 * w + x0] += g * ly0 * lx0;
+                d[y0 * w + x1] += g * ly0 * lx1;
+                d[y1 * w + x0] += g * ly1 * lx0;
+                d[y1 * w + x1] += g * ly1 * lx1;
+            }
+        }
+    }
+    gx
+}
+
+/// Gradients of InstanceNorm++: `(d x, d alpha, d gamma, d beta)`, parameters shaped `[1, C, 1, 1]`.
+/// Derived by hand from the forward (all in f64):
+/// `out = gamma (h + alpha mt) + beta`, `h = (x - mu_c) / sd_c`, `mt = (mu_c - m) / sqrt(v + eps)`.
+pub fn instance_norm_plus_backward(
+    x: &Tensor,
+    alpha: &Tensor,
+    gamma: &Tensor,
+    gout: &Tensor,
+) -> (Tensor, Tensor, Tensor, Tensor) {
+    let [n, c, h, w] = x.shape;
+    let hw = h * w;
+    let hwf = hw as f64;
+    let mut gx = Tensor::zeros(x.shape);
+    let (mut ga, mut gg, mut gb) = (
+        Tensor::zeros([1, c, 1, 1]),
+        Tensor::zeros([1, c, 1, 1]),
+        Tensor::zeros([1, c, 1, 1]),
+    );
+    let mut mu = vec![0f64; c];
+    let mut sd = vec![0f64; c];
+    let mut g_mu = vec![0f64; c]; // dL/d mu_c through the mean-correction path (mt)
+    for b in 0..n {
+        for ch in 0..c {
+            let s = &x.data[(b * c + ch) * hw..(b * c + ch + 1) * hw];
+            let m = s.iter().map(|&v| v as f64).sum::<f64>() / hwf;
+            let var = s
+                .iter()
+                .map(|&v| (v as f64 - m) * (v as f64 - m))
+                .sum::<f64>()
+                / hwf;
+            mu[ch] = m;
+            sd[ch] = libm::sqrt(var + 1e-5);
+        }
+        let mbar = mu.iter().sum::<f64>() / c as f64;
+        let v = mu.iter().map(|&u| (u - mbar) * (u - mbar)).sum::<f64>() / (c as f64 - 1.0);
+        let s_v = libm::sqrt(v + 1e-5);
+        // gradient w.r.t. mt_c
+        let mut g_mt = vec![0f64; c];
+        for ch in 0..c {
+            let (a, g) = (alpha.data[ch] as f64, gamma.data[ch] as f64);
+            let xs = &x.data[(b * c + ch) * hw..(b * c + ch + 1) * hw];
+            let go = &gout.data[(b * c + ch) * hw..(b * c + ch + 1) * hw];
+            let sum_go: f64 = go.iter().map(|&q| q as f64).sum();
+            let mt = (mu[ch] - mbar) / s_v;
+            let sum_go_h: f64 = go
+                .iter()
+                .zip(xs)
+                .map(|(&q, &xv)| q as f64 * (xv as f64 - mu[ch]) / sd[ch])
+                .sum();
+            gb.data[ch] += sum_go as f32;
+            gg.data[ch] += (sum_go_h + a * mt * sum_go) as f32;
+            ga.data[ch] += (g * mt * sum_go) as f32;
+            g_mt[ch] = g * a * sum_go;
+            // instance-norm part: dh -> dx (standard formula)
+            let gh: Vec<f64> = go.iter().map(|&q| q as f64 * g).collect();
+            let mean_gh = gh.iter().sum::<f64>() / hwf;
+            let mean_gh_h = gh
+                .iter()
+                .zip(xs)
+                .map(|(q, &xv)| q * (xv as f64 - mu[ch]) / sd[ch])
+                .sum::<f64>()
+                / hwf;
+            let dst = &mut gx.data[(b * c + ch) * hw..(b * c + ch + 1) * hw];
+            for ((d, q), &xv) in dst.iter_mut().zip(&gh).zip(xs) {
+                let hv = (xv as f64 - mu[ch]) / sd[ch];
+                *d = ((q - mean_gh - hv * mean_gh_h) / sd[ch]) as f32;
+            }
+        }
+        // mt_c = (mu_c - mbar) / s_v: gradient to each mu_j
+        let sum_gmt: f64 = g_mt.iter().sum();
+        let dot: f64 = g_mt.iter().zip(&mu).map(|(q, &u)| q * (u - mbar)).sum();
+        for j in 0..c {
+            // d mt_c / d mu_j = (delta_cj - 1/C) / s_v - (mu_c - mbar) (mu_j - mbar) / ((C-1) s_v^3)
+            g_mu[j] = (g_mt[j] - sum_gmt / c as f64) / s_v
+                - dot * (mu[j] - mbar) / ((c as f64 - 1.0) * s_v * s_v * s_v);
+        }
+        for ch in 0..c {
+            let add = (g_mu[ch] / hwf) as f32;
+            gx.data[(b * c + ch) * hw..(b * c + ch + 1) * hw]
+                .iter_mut()
+                .for_each(|d| *d += add);
+        }
+    }
+    (gx, ga, gg, gb)
+}
+
+#[cfg(test)]
+mod backward_tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn rand(shape: [usize; 4], seed: u64, scale: f32, shift: f32) -> Tensor {
+        let mut t = Tensor::zeros(shape);
+        let mut r = Rng::stream(seed, 5, 0);
+        t.data
+            .iter_mut()
+            .for_each(|v| *v = shift + scale * r.normal() as f32);
+        t
+    }
+
+    fn dot(a: &Tensor, b: &Tensor) -> f64 {
+        a.data
+            .iter()
+            .zip(&b.data)
+            .map(|(x, y)| *x as f64 * *y as f64)
+            .sum()
+    }
+
+    fn axpy(x: &Tensor, v: &Tensor, e: f32) -> Tensor {
+        Tensor {
+            shape: x.shape,
+            data: x.data.iter().zip(&v.data).map(|(a, b)| a + e * b).collect(),
+        }
+    }
+
+    /// Directional finite difference of `L(x) = <g, f(x)>` along `v` (central, step `e`) against `<dx, v>`.
+    fn check(
+        name: &str,
+        f: &dyn Fn(&Tensor) -> Tensor,
+        x: &Tensor,
+        g: &Tensor,
+        dx: &Tensor,
+        seed: u64,
+    ) {
+        let v = rand(x.shape, seed, 1.0, 0.0);
+        let e = 1e-2f32;
+        let fd = (dot(g, &f(&axpy(x, &v, e))) - dot(g, &f(&axpy(x, &v, -e)))) / (2.0 * e as f64);
+        let an = dot(dx, &v);
+        let rel = (fd - an).abs() / (an.abs().max(fd.abs()).max(1e-3));
+        assert!(
+            rel < 5e-3,
+            "{name}: finite difference {fd} vs analytic {an} (rel {rel:e})"
+        );
+    }
+
+    #[test]
+    fn conv_backward_matches_finite_differences() {
+        for p in [
+            Conv2dParams::same3(1),
+            Conv2dParams::same3(2),
+            Conv2dParams::pointwise(),
+        ] {
+            let k = if p.padding == 0 { 1 } else { 3 };
+            let x = rand([2, 3, 7, 6], 1, 1.0, 0.0);
+            let w = rand([4, 3, k, k], 2, 0.5, 0.0);
+            let b = rand([1, 4, 1, 1], 3, 0.5, 0.0);
+            let out = conv2d(&x, &w, Some(&b), p);
+            let g = rand(out.shape, 4, 1.0, 0.0);
+            let (gx, gw, gb) = conv2d_backward(&x, &w, &g, p);
+            check("conv dx", &|t| conv2d(t, &w, Some(&b), p), &x, &g, &gx, 10);
+            check("conv dw", &|t| conv2d(&x, t, Some(&b), p), &w, &g, &gw, 11);
+            check("conv db", &|t| conv2d(&x, &w, Some(t), p), &b, &g, &gb, 12);
+        }
+    }
+
+    #[test]
+    fn pooling_resize_elu_backward_match_finite_differences() {
+        let x = rand([2, 3, 6, 8], 5, 1.0, 0.0);
+        let g = rand([2, 3, 3, 4], 6, 1.0, 0.0);
+        check(
+            "mean pool",
+            &mean_pool2,
+            &x,
+            &g,
+            &mean_pool2_backward(&g, x.shape),
+            13,
+        );
+        let gm = rand(x.shape, 7, 1.0, 0.0);
+        // max pooling is piecewise linear: use distinct values 0.5 apart (a seeded permutation) so that the
+        // finite-difference step (0.01 along a unit-normal direction) never changes a window's argmax
+        let mut xs = x.clone();
+        let nv = xs.data.len();
+        let mut order: alloc::vec::Vec<usize> = (0..nv).collect();
+        let mut r = Rng::stream(17, 5, 0);
+        for i in (1..nv).rev() {
+            order.swap(i, r.below(i as u64 + 1) as usize);
+        }
+        for (i, &o) in order.iter().enumerate() {
+            xs.data[i] = 0.5 * o as f32 - 10.0;
+        }
+        check(
+            "max pool",
+            &|t| max_pool(t, 5, 2),
+            &xs,
+            &gm,
+            &max_pool_backward(&xs, &gm, 5, 2),
+            14,
+        );
+        check("elu", &elu, &x, &gm, &elu_backward(&x, &gm), 15);
+        let gr = rand([2, 3, 11, 15], 8, 1.0, 0.0);
+        check(
+            "resize",
+            &|t| resize_bilinear(t, 11, 15),
+            &x,
+            &gr,
+            &resize_bilinear_backward(&gr, x.shape),
+            16,
+        );
+    }
+
+    #[test]
+    fn instance_norm_plus_backward_matches_finite_differences() {
+        let x = rand([2, 5, 4, 3], 9, 1.0, 0.3);
+        let a = rand([1, 5, 1, 1], 10, 0.3, 1.0);
+        let gm = rand([1, 5, 1, 1], 11, 0.3, 1.0);
+        let be = rand([1, 5, 1, 1], 12, 0.3, 0.0);
+        let g = rand(x.shape, 13, 1.0, 0.0);
+        let (gx, ga, gg, gb) = instance_norm_plus_backward(&x, &a, &gm, &g);
+        check(
+            "norm dx",
+            &|t| instance_norm_plus(t, &a, &gm, &be),
+            &x,
+            &g,
+            &gx,
+            20,
+        );
+        check(
+            "norm dalpha",
+            &|t| instance_norm_plus(&x, t, &gm, &be),
+            &a,
+            &g,
+            &ga,
+            21,
+        );
+        check(
+            "norm dgamma",
+            &|t| instance_norm_plus(&x, &a, t, &be),
+            &gm,
+            &g,
+            &gg,
+            22,
+        );
+        check(
+            "norm dbeta",
+            &|t| instance_norm_plus(&x, &a, &gm, t),
+            &be,
+            &g,
+            &gb,
+            23,
+        );
+    }
+}
