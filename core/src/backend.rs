@@ -81,4 +81,81 @@ pub trait Backend: Send + Sync {
     fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Self::Tensor;
     /// `scale * x + shift`, elementwise.
     fn affine(&self, x: &Self::Tensor, scale: f32, shift: f32) -> Self::Tensor;
+
+    // Backward (vector–Jacobian products). The defaults run the reference loops on host copies, so every
+    // backend has a correct backward; fast backends override them.
+
+    /// Gradients of [`Backend::conv2d`]: `(d x, d w, d bias)`.
+    fn conv2d_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        gout: &Self::Tensor,
+        p: Conv2dParams,
+    ) -> (Self::Tensor, Self::Tensor, Self::Tensor) {
+        let (gx, gw, gb) = crate::reference::conv2d_backward(
+            &self.download(x),
+            &self.download(w),
+            &self.download(gout),
+            p,
+        );
+        (self.upload(&gx), self.upload(&gw), self.upload(&gb))
+    }
+    /// Gradient of [`Backend::mean_pool2`] back to `in_shape`.
+    fn mean_pool2_backward(&self, gout: &Self::Tensor, in_shape: [usize; 4]) -> Self::Tensor {
+        self.upload(&crate::reference::mean_pool2_backward(
+            &self.download(gout),
+            in_shape,
+        ))
+    }
+    /// Gradient of [`Backend::max_pool`].
+    fn max_pool_backward(
+        &self,
+        x: &Self::Tensor,
+        gout: &Self::Tensor,
+        k: usize,
+        pad: usize,
+    ) -> Self::Tensor {
+        self.upload(&crate::reference::max_pool_backward(
+            &self.download(x),
+            &self.download(gout),
+            k,
+            pad,
+        ))
+    }
+    /// Gradient of [`Backend::elu`] at input `x`.
+    fn elu_backward(&self, x: &Self::Tensor, gout: &Self::Tensor) -> Self::Tensor {
+        self.upload(&crate::reference::elu_backward(
+            &self.download(x),
+            &self.download(gout),
+        ))
+    }
+    /// Gradient of [`Backend::resize_bilinear`] back to `in_shape`.
+    fn resize_bilinear_backward(&self, gout: &Self::Tensor, in_shape: [usize; 4]) -> Self::Tensor {
+        self.upload(&crate::reference::resize_bilinear_backward(
+            &self.download(gout),
+            in_shape,
+        ))
+    }
+    /// Gradients of [`Backend::instance_norm_plus`]: `(d x, d alpha, d gamma, d beta)`.
+    fn instance_norm_plus_backward(
+        &self,
+        x: &Self::Tensor,
+        alpha: &Self::Tensor,
+        gamma: &Self::Tensor,
+        gout: &Self::Tensor,
+    ) -> (Self::Tensor, Self::Tensor, Self::Tensor, Self::Tensor) {
+        let (a, b, c, d) = crate::reference::instance_norm_plus_backward(
+            &self.download(x),
+            &self.download(alpha),
+            &self.download(gamma),
+            &self.download(gout),
+        );
+        (
+            self.upload(&a),
+            self.upload(&b),
+            self.upload(&c),
+            self.upload(&d),
+        )
+    }
 }

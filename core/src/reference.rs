@@ -478,11 +478,10 @@ pub fn instance_norm_plus_backward(
             g_mu[j] = (g_mt[j] - sum_gmt / c as f64) / s_v
                 - dot * (mu[j] - mbar) / ((c as f64 - 1.0) * s_v * s_v * s_v);
         }
-        for ch in 0..c {
-            let add = (g_mu[ch] / hwf) as f32;
-            gx.data[(b * c + ch) * hw..(b * c + ch + 1) * hw]
-                .iter_mut()
-                .for_each(|d| *d += add);
+        let image = &mut gx.data[b * c * hw..(b + 1) * c * hw];
+        for (plane, gm) in image.chunks_exact_mut(hw).zip(&g_mu) {
+            let add = (gm / hwf) as f32;
+            plane.iter_mut().for_each(|d| *d += add);
         }
     }
     (gx, ga, gg, gb)
