@@ -14,6 +14,8 @@ pub trait Prior: Send + Sync {
     fn item_shape(&self) -> Option<[usize; 3]> {
         None
     }
+    /// `J^T g` of the score with respect to `z` (the dps and pigdm rules need it).
+    fn score_vjp(&self, z: &Tensor, t: f64, sde: &Sde, g: &Tensor) -> Result<Tensor>;
 }
 
 /// A score network: `s(z, t) = net(z) / s(t)` (the network predicts `-w` of `z = a x + s w`).
@@ -34,6 +36,12 @@ impl<B: Backend> Prior for NetworkPrior<'_, B> {
     fn item_shape(&self) -> Option<[usize; 3]> {
         self.image_size
             .map(|[h, w]| [self.net.config.channels, h, w])
+    }
+    fn score_vjp(&self, z: &Tensor, t: f64, sde: &Sde, g: &Tensor) -> Result<Tensor> {
+        let mut out = self.net.vjp_input(self.backend, z, g)?;
+        let inv = (1.0 / sde.s(t)) as f32;
+        out.data.iter_mut().for_each(|v| *v *= inv);
+        Ok(out)
     }
 }
 
@@ -101,6 +109,17 @@ impl Prior for GaussianPrior {
             let m = Self::at(&self.mean, i) as f64;
             let v = Self::at(&self.var, i) as f64;
             *o = (-(zv as f64 - a * m) / (a * a * v + s * s)) as f32;
+        }
+        Ok(out)
+    }
+    fn score_vjp(&self, z: &Tensor, t: f64, sde: &Sde, g: &Tensor) -> Result<Tensor> {
+        // the score is affine in z with diagonal Jacobian -1 / (a^2 v + s^2)
+        let l = z.item_len();
+        let (a, s) = (sde.a(t), sde.s(t));
+        let mut out = Tensor::zeros(g.shape);
+        for (k, (o, &gv)) in out.data.iter_mut().zip(&g.data).enumerate() {
+            let v = Self::at(&self.var, k % l) as f64;
+            *o = (-(gv as f64) / (a * a * v + s * s)) as f32;
         }
         Ok(out)
     }

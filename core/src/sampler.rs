@@ -32,6 +32,23 @@ impl Join for Sequential {
 pub enum Rule {
     /// `r = y_t - (A x + alpha n)`, `x += lambda A^T r`, `n += mu alpha r` (the default; forward passes only).
     Projection,
+    /// DPS: `x -= lambda grad_x ||rho||`, `n -= mu grad_n ||rho||` through Tweedie's estimates (one VJP of
+    /// each score network per step), `rho = y - (A x0_hat + alpha n0_hat)`, norm per sample.
+    Dps,
+    /// PiGDM: `v = (r2 A A^T + r2 alpha^2 I)^-1 rho`, `x += lambda r2 J_x^T A^T v`, `n += mu r2 alpha J_n^T v`,
+    /// `r2 = s^2 / (s^2 + 1)`.
+    Pigdm,
+}
+
+impl Rule {
+    /// The tuned weights (lambda, mu) of the method's code for this rule.
+    pub fn default_weights(self) -> (f64, f64) {
+        match self {
+            Rule::Projection => (0.5, 0.5),
+            Rule::Dps => (12.7, 16.7),
+            Rule::Pigdm => (0.93, 0.88),
+        }
+    }
 }
 
 /// Settings of one sampling run.
@@ -180,6 +197,11 @@ impl JointSampler<'_> {
 
         let (mut wx, mut wn, mut xi) = (vec![0f32; d], vec![0f32; m], vec![0f32; m]);
         let (mut ax, mut atr, mut r) = (vec![0f32; m], vec![0f32; d], vec![0f32; m]);
+        // pigdm solves with A A^T + alpha^2 I every step: factor it once
+        let gram = match cfg.rule {
+            Rule::Pigdm => Some(GramSolver::new(self.operator, d, cfg.alpha * cfg.alpha)?),
+            _ => None,
+        };
         let dt = grid.dt;
         let total = grid.ts.len();
         for (k, &t) in grid.ts.iter().enumerate() {
@@ -195,6 +217,11 @@ impl JointSampler<'_> {
             let sx = sx.ok_or_else(missing)??;
             let sn = sn.ok_or_else(missing)??;
             let (f, g, a, s) = (sde.drift(t), sde.g(t), sde.a(t), sde.s(t));
+            // dps / pigdm: the consistency step is a VJP through Tweedie's estimates at the current x, n
+            let guidance = match cfg.rule {
+                Rule::Projection => None,
+                rule => Some(self.guidance(rule, y, &x, &n, &sx, &sn, t, &gram)?),
+            };
             let g2dt = (g * g * dt) as f32;
             let fdt = (f * dt) as f32;
             let gsq = (g * libm::sqrt(dt)) as f32;
@@ -236,6 +263,18 @@ impl JointSampler<'_> {
                             .zip(&r)
                             .for_each(|(v, q)| *v += mu * alpha * q);
                     }
+                    Rule::Dps | Rule::Pigdm => {
+                        if let Some((gx, gn)) = &guidance {
+                            x.item_mut(i)
+                                .iter_mut()
+                                .zip(gx.item(i))
+                                .for_each(|(v, q)| *v += lam * q);
+                            n.item_mut(i)
+                                .iter_mut()
+                                .zip(gn.item(i))
+                                .for_each(|(v, q)| *v += mu * q);
+                        }
+                    }
                 }
             }
             if let Some(pos) = xbar.first_non_finite().or_else(|| nbar.first_non_finite()) {
@@ -259,6 +298,197 @@ impl JointSampler<'_> {
             signal: xbar,
             noise: nbar,
         })
+    }
+}
+
+/// Solves `(A A^T + alpha^2 I) v = rho`: elementwise for identity, scale and mask operators, by a Cholesky
+/// factorisation (computed once) for a dense matrix.
+pub struct GramSolver {
+    /// Diagonal of `A A^T + alpha^2 I` (diagonal operators) or its lower Cholesky factor (`m x m`).
+    diag: Option<Vec<f64>>,
+    chol: Option<(usize, Vec<f64>)>,
+}
+
+impl GramSolver {
+    pub fn new(op: &Operator, d: usize, alpha2: f64) -> Result<Self> {
+        let m = op.out_len(d)?;
+        match op {
+            Operator::Identity => Ok(GramSolver { diag: Some(vec![1.0 + alpha2; m]), chol: None }),
+            Operator::Scale(b) => Ok(GramSolver { diag: Some(vec![(*b as f64) * (*b as f64) + alpha2; m]), chol: None }),
+            Operator::Mask(mk) => Ok(GramSolver {
+                diag: Some(mk.iter().map(|&v| (v as f64) * (v as f64) + alpha2).collect()),
+                chol: None,
+            }),
+            Operator::Matrix { m, d, a } => {
+                let (m, d) = (*m, *d);
+                let mut g = vec![0f64; m * m];
+                for i in 0..m {
+                    for j in 0..=i {
+                        let mut acc = 0f64;
+                        for k in 0..d {
+                            acc += a[i * d + k] as f64 * a[j * d + k] as f64;
+                        }
+                        g[i * m + j] = acc;
+                    }
+                    g[i * m + i] += alpha2;
+                }
+                // in-place Cholesky, lower triangle
+                for j in 0..m {
+                    let mut dsum = g[j * m + j];
+                    for k in 0..j {
+                        dsum -= g[j * m + k] * g[j * m + k];
+                    }
+                    if dsum <= 0.0 {
+                        return Err(Error::invalid(
+                            "A A^T + alpha^2 I is not positive definite (alpha = 0 with rank-deficient A?)",
+                        ));
+                    }
+                    let l = libm::sqrt(dsum);
+                    g[j * m + j] = l;
+                    for i in j + 1..m {
+                        let mut acc = g[i * m + j];
+                        for k in 0..j {
+                            acc -= g[i * m + k] * g[j * m + k];
+                        }
+                        g[i * m + j] = acc / l;
+                    }
+                }
+                Ok(GramSolver { diag: None, chol: Some((m, g)) })
+            }
+        }
+        .and_then(|gs: GramSolver| {
+            if let Some(dg) = &gs.diag {
+                if dg.iter().any(|&v| v <= 0.0) {
+                    return Err(Error::invalid("A A^T + alpha^2 I is singular (alpha = 0 and a zero in A?)"));
+                }
+            }
+            Ok(gs)
+        })
+    }
+
+    pub fn solve(&self, rho: &[f32], out: &mut [f32]) {
+        if let Some(dg) = &self.diag {
+            for ((o, r), q) in out.iter_mut().zip(rho).zip(dg) {
+                *o = (*r as f64 / q) as f32;
+            }
+        } else if let Some((m, l)) = &self.chol {
+            let m = *m;
+            let mut z = vec![0f64; m];
+            for i in 0..m {
+                let mut acc = rho[i] as f64;
+                for k in 0..i {
+                    acc -= l[i * m + k] * z[k];
+                }
+                z[i] = acc / l[i * m + i];
+            }
+            for i in (0..m).rev() {
+                let mut acc = z[i];
+                for k in i + 1..m {
+                    acc -= l[k * m + i] * z[k];
+                }
+                z[i] = acc / l[i * m + i];
+            }
+            for (o, v) in out.iter_mut().zip(&z) {
+                *o = *v as f32;
+            }
+        }
+    }
+}
+
+impl JointSampler<'_> {
+    /// The dps / pigdm consistency terms for every item: `(dx, dn)` to be added as `x += lambda dx`,
+    /// `n += mu dn` after the predictor. Computed at the current `x`, `n` (where the scores `sx`, `sn` are).
+    #[allow(clippy::too_many_arguments)]
+    fn guidance(
+        &self,
+        rule: Rule,
+        y: &[f32],
+        x: &Tensor,
+        n: &Tensor,
+        sx: &Tensor,
+        sn: &Tensor,
+        t: f64,
+        gram: &Option<GramSolver>,
+    ) -> Result<(Tensor, Tensor)> {
+        let sde = self.config.sde;
+        let (a, s) = (sde.a(t), sde.s(t));
+        let (a32, s2) = (a as f32, (s * s) as f32);
+        let alpha = self.config.alpha as f32;
+        let items = x.shape[0];
+        let d = x.item_len();
+        let m = n.item_len();
+        // Tweedie: z0 = (z + s^2 score) / a
+        let tweedie = |z: &Tensor, sc: &Tensor| Tensor {
+            shape: z.shape,
+            data: z
+                .data
+                .iter()
+                .zip(&sc.data)
+                .map(|(v, q)| (v + s2 * q) / a32)
+                .collect(),
+        };
+        let (x0, n0) = (tweedie(x, sx), tweedie(n, sn));
+        let mut ux = Tensor::zeros(x.shape);
+        let mut un = Tensor::zeros(n.shape);
+        let (mut ax, mut rho, mut v) = (vec![0f32; m], vec![0f32; m], vec![0f32; m]);
+        let r2 = (s * s / (s * s + 1.0)) as f32;
+        for i in 0..items {
+            self.operator.apply(x0.item(i), &mut ax);
+            let yi = &y[i * m..(i + 1) * m];
+            for j in 0..m {
+                rho[j] = yi[j] - (ax[j] + alpha * n0.item(i)[j]);
+            }
+            match rule {
+                Rule::Dps => {
+                    // grad of ||rho||: -(J^T A^T rho) / ||rho||; the update subtracts lambda * grad
+                    let norm =
+                        libm::sqrt(rho.iter().map(|&q| q as f64 * q as f64).sum::<f64>()) as f32;
+                    let inv = if norm > 0.0 { 1.0 / norm } else { 0.0 };
+                    v.iter_mut().zip(&rho).for_each(|(o, q)| *o = q * inv);
+                    self.operator.adjoint(&v, ux.item_mut(i));
+                    un.item_mut(i)
+                        .iter_mut()
+                        .zip(&v)
+                        .for_each(|(o, q)| *o = alpha * q);
+                }
+                _ => {
+                    // v = (r2 (A A^T + alpha^2 I))^-1 rho; x gets r2 A^T v, n gets r2 alpha v
+                    let gs = gram
+                        .as_ref()
+                        .ok_or_else(|| Error::invalid("pigdm without a factorised operator"))?;
+                    gs.solve(&rho, &mut v);
+                    v.iter_mut().for_each(|q| *q /= r2);
+                    self.operator.adjoint(&v, ux.item_mut(i));
+                    ux.item_mut(i).iter_mut().for_each(|q| *q *= r2);
+                    un.item_mut(i)
+                        .iter_mut()
+                        .zip(&v)
+                        .for_each(|(o, q)| *o = r2 * alpha * q);
+                }
+            }
+        }
+        let _ = d;
+        // J_z0^T u = (u + s^2 J_score^T u) / a: one VJP of each score network, run through `join`
+        let (mut jx, mut jn) = (None, None);
+        {
+            let (uxr, unr) = (&ux, &un);
+            self.join.join(
+                &mut || jx = Some(self.signal.score_vjp(x, t, &sde, uxr)),
+                &mut || jn = Some(self.noise.score_vjp(n, t, &sde, unr)),
+            );
+        }
+        let missing = || Error::invalid("score VJP was not evaluated");
+        let (jx, jn) = (jx.ok_or_else(missing)??, jn.ok_or_else(missing)??);
+        let combine = |u: &Tensor, j: &Tensor| Tensor {
+            shape: u.shape,
+            data: u
+                .data
+                .iter()
+                .zip(&j.data)
+                .map(|(p, q)| (p + s2 * q) / a32)
+                .collect(),
+        };
+        Ok((combine(&ux, &jx), combine(&un, &jn)))
     }
 }
 

@@ -168,7 +168,9 @@ int main(int argc, char **argv) {
   expect(jd_session_set_steps(s, 0), JD_ERR_INVALID_ARGUMENT, "steps", "steps 0");
   expect(jd_session_set_lambda(s, -1.0), JD_ERR_INVALID_ARGUMENT, "lambda", "negative lambda");
   expect(jd_session_set_mu(s, NAN), JD_ERR_INVALID_ARGUMENT, "mu", "NaN mu");
-  expect(jd_session_set_rule(s, JD_RULE_DPS), JD_ERR_UNAVAILABLE, "dps", "dps unavailable");
+  expect(jd_session_set_rule(s, 7), JD_ERR_INVALID_ARGUMENT, "rule", "unknown rule");
+  expect(jd_session_set_rule(s, JD_RULE_PIGDM), JD_OK, NULL, "pigdm rule");
+  expect(jd_session_set_rule(s, JD_RULE_PROJECTION), JD_OK, NULL, "back to projection");
   expect(jd_session_set_backend(s, JD_BACKEND_WGPU), JD_ERR_UNAVAILABLE, "wgpu", "wgpu unavailable");
   expect(jd_session_set_sde(s, 99), JD_ERR_INVALID_ARGUMENT, "sde", "unknown sde");
   expect(jd_session_set_noise_gaussian(s, -0.1f, 0.0f), JD_ERR_INVALID_ARGUMENT, "std", "negative std");

@@ -192,8 +192,8 @@ jd_status jd_model_get_info(const jd_model *model, jd_model_info *out);
 void jd_model_destroy(jd_model **model);
 
 /**
- * Creates a session with the defaults of `jointdiff denoise`: projection rule, 600 steps, lambda = mu =
- * 0.5, alpha 1, identity operator, the signal model's SDE, CPU backend, one sample, output clipped to the
+ * Creates a session with the defaults of `jointdiff denoise`: projection rule, 600 steps, the rule's tuned
+ * lambda and mu (projection 0.5 / 0.5), alpha 1, identity operator, the signal model's SDE, CPU backend, one sample, output clipped to the
  * data range. A signal model and a noise prior must be set before `jd_denoise`.
  */
 jd_status jd_session_create(jd_session **out);
@@ -223,7 +223,7 @@ jd_status jd_session_set_noise_gaussian(jd_session *s,
 jd_status jd_session_set_sde(jd_session *s, int32_t sde);
 
 /**
- * Only `JD_RULE_PROJECTION` is in this build; the others return `JD_ERR_UNAVAILABLE`.
+ * Data-consistency rule; lambda and mu default to the rule's tuned weights unless set.
  */
 jd_status jd_session_set_rule(jd_session *s, int32_t rule);
 

@@ -125,8 +125,9 @@ pub struct jd_session {
     sde: jd_sde,
     rule: jd_rule,
     steps: usize,
-    lambda: f64,
-    mu: f64,
+    /// None: the rule's tuned weight.
+    lambda: Option<f64>,
+    mu: Option<f64>,
     alpha: f64,
     samples: usize,
     clip: bool,
@@ -329,8 +330,8 @@ pub unsafe extern "C" fn jd_model_destroy(model: *mut *mut jd_model) {
     });
 }
 
-/// Creates a session with the defaults of `jointdiff denoise`: projection rule, 600 steps, lambda = mu =
-/// 0.5, alpha 1, identity operator, the signal model's SDE, CPU backend, one sample, output clipped to the
+/// Creates a session with the defaults of `jointdiff denoise`: projection rule, 600 steps, the rule's tuned
+/// lambda and mu (projection 0.5 / 0.5), alpha 1, identity operator, the signal model's SDE, CPU backend, one sample, output clipped to the
 /// data range. A signal model and a noise prior must be set before `jd_denoise`.
 #[no_mangle]
 pub unsafe extern "C" fn jd_session_create(out: *mut *mut jd_session) -> jd_status {
@@ -343,8 +344,8 @@ pub unsafe extern "C" fn jd_session_create(out: *mut *mut jd_session) -> jd_stat
             sde: jd_sde::JD_SDE_MODEL,
             rule: jd_rule::JD_RULE_PROJECTION,
             steps: 600,
-            lambda: 0.5,
-            mu: 0.5,
+            lambda: None,
+            mu: None,
             alpha: 1.0,
             samples: 1,
             clip: true,
@@ -445,20 +446,21 @@ pub unsafe extern "C" fn jd_session_set_sde(s: *mut jd_session, sde: i32) -> jd_
     })
 }
 
-/// Only `JD_RULE_PROJECTION` is in this build; the others return `JD_ERR_UNAVAILABLE`.
+/// Data-consistency rule; lambda and mu default to the rule's tuned weights unless set.
 #[no_mangle]
 pub unsafe extern "C" fn jd_session_set_rule(s: *mut jd_session, rule: i32) -> jd_status {
     with_session(s, |s| {
-        if !(0..=2).contains(&rule) {
-            return fail(
-                jd_status::JD_ERR_INVALID_ARGUMENT,
-                format!("unknown rule {rule}"),
-            );
-        }
-        if rule != jd_rule::JD_RULE_PROJECTION as i32 {
-            return fail(jd_status::JD_ERR_UNAVAILABLE, "dps and pigdm need the network's vector-Jacobian product, which this build does not have yet");
-        }
-        s.rule = jd_rule::JD_RULE_PROJECTION;
+        s.rule = match rule {
+            0 => jd_rule::JD_RULE_PROJECTION,
+            1 => jd_rule::JD_RULE_DPS,
+            2 => jd_rule::JD_RULE_PIGDM,
+            _ => {
+                return fail(
+                    jd_status::JD_ERR_INVALID_ARGUMENT,
+                    format!("unknown rule {rule}"),
+                )
+            }
+        };
         Ok(())
     })
 }
@@ -492,7 +494,7 @@ fn weight(v: f64, what: &str) -> Result<f64, Fail> {
 #[no_mangle]
 pub unsafe extern "C" fn jd_session_set_lambda(s: *mut jd_session, lambda: f64) -> jd_status {
     with_session(s, |s| {
-        s.lambda = weight(lambda, "lambda")?;
+        s.lambda = Some(weight(lambda, "lambda")?);
         Ok(())
     })
 }
@@ -501,7 +503,7 @@ pub unsafe extern "C" fn jd_session_set_lambda(s: *mut jd_session, lambda: f64) 
 #[no_mangle]
 pub unsafe extern "C" fn jd_session_set_mu(s: *mut jd_session, mu: f64) -> jd_status {
     with_session(s, |s| {
-        s.mu = weight(mu, "mu")?;
+        s.mu = Some(weight(mu, "mu")?);
         Ok(())
     })
 }
@@ -772,13 +774,18 @@ fn plan(s: &jd_session, n: usize, c: usize, h: usize, w: usize) -> Result<Plan, 
             meta.sde
         }
     };
+    let rule = match s.rule {
+        jd_rule::JD_RULE_PROJECTION => Rule::Projection,
+        jd_rule::JD_RULE_DPS => Rule::Dps,
+        jd_rule::JD_RULE_PIGDM => Rule::Pigdm,
+    };
     let config = SamplerConfig {
         sde,
         steps: s.steps,
         eps: 1e-3,
-        rule: Rule::Projection,
-        lambda: s.lambda,
-        mu: s.mu,
+        rule,
+        lambda: s.lambda.unwrap_or(rule.default_weights().0),
+        mu: s.mu.unwrap_or(rule.default_weights().1),
         alpha: s.alpha,
         clip: if s.clip { Some(meta.data_range) } else { None },
     };
