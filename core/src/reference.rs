@@ -6,6 +6,7 @@
 use crate::backend::{Backend, Conv2dParams};
 use crate::tensor::Tensor;
 use alloc::vec;
+use alloc::vec::Vec;
 
 /// Plain-loop backend on host tensors.
 #[derive(Debug, Clone, Copy, Default)]
