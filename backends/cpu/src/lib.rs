@@ -397,6 +397,143 @@ impl Backend for CpuBackend {
     fn affine(&self, x: &Tensor, scale: f32, shift: f32) -> Tensor {
         reference::affine(x, scale, shift)
     }
+    fn conv2d_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        gout: &Tensor,
+        p: Conv2dParams,
+    ) -> (Tensor, Tensor, Tensor) {
+        conv2d_backward(x, w, gout, p)
+    }
+}
+
+/// Fully general strided GEMM `C = A B` (element strides given explicitly).
+///
+/// # Safety
+/// The pointers must cover the strided extents.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_general(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    (rsa, csa): (usize, usize),
+    b: *const f32,
+    (rsb, csb): (usize, usize),
+    c: *mut f32,
+    rsc: usize,
+) {
+    matrixmultiply::sgemm(
+        m,
+        k,
+        n,
+        1.0,
+        a,
+        rsa as isize,
+        csa as isize,
+        b,
+        rsb as isize,
+        csb as isize,
+        0.0,
+        c,
+        rsc as isize,
+        1,
+    );
+}
+
+/// Convolution backward by GEMM: per image, `d col = W^T g` scattered back by col2im, `d W += g col^T`.
+/// Images run in parallel; their weight gradients are summed in image order (deterministic).
+fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    gout: &Tensor,
+    p: Conv2dParams,
+) -> (Tensor, Tensor, Tensor) {
+    let [n, ci, h, wd] = x.shape;
+    let [co, _, kh, kw] = w.shape;
+    let [_, _, ho, wo] = gout.shape;
+    let hw = ho * wo;
+    let kk = ci * kh * kw;
+    let per_image: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..n)
+        .into_par_iter()
+        .map(|b| {
+            let src = &x.data[b * ci * h * wd..(b + 1) * ci * h * wd];
+            let g = &gout.data[b * co * hw..(b + 1) * co * hw];
+            let mut col = vec![0f32; kk * hw];
+            if hw > 0 {
+                im2col_tile(src, ci, h, wd, kh, kw, p, wo, 0, hw, &mut col);
+            }
+            // d W (co x kk) = g (co x hw) * col^T (hw x kk)
+            let mut gw = vec![0f32; co * kk];
+            // d col (kk x hw) = W^T (kk x co) * g (co x hw)
+            let mut gcol = vec![0f32; kk * hw];
+            if hw > 0 && kk > 0 && co > 0 {
+                // SAFETY: all buffers are sized for the extents passed.
+                unsafe {
+                    sgemm_general(
+                        co,
+                        hw,
+                        kk,
+                        g.as_ptr(),
+                        (hw, 1),
+                        col.as_ptr(),
+                        (1, hw),
+                        gw.as_mut_ptr(),
+                        kk,
+                    );
+                    sgemm_general(
+                        kk,
+                        co,
+                        hw,
+                        w.data.as_ptr(),
+                        (1, kk),
+                        g.as_ptr(),
+                        (hw, 1),
+                        gcol.as_mut_ptr(),
+                        hw,
+                    );
+                }
+            }
+            // col2im: scatter-add d col into d x
+            let mut gx = vec![0f32; ci * h * wd];
+            let (pad, dil) = (p.padding as isize, p.dilation as isize);
+            for i in 0..ci {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let row = &gcol[((i * kh + ky) * kw + kx) * hw..][..hw];
+                        let dy = ky as isize * dil - pad;
+                        let dx = kx as isize * dil - pad;
+                        let lo = (-dx).clamp(0, wo as isize) as usize;
+                        let hi = (wd as isize - dx).clamp(0, wo as isize) as usize;
+                        for oy in 0..ho {
+                            let iy = oy as isize + dy;
+                            if iy < 0 || iy >= h as isize || lo >= hi {
+                                continue;
+                            }
+                            let dst = &mut gx[(i * h + iy as usize) * wd..][..wd];
+                            for ox in lo..hi {
+                                dst[(ox as isize + dx) as usize] += row[oy * wo + ox];
+                            }
+                        }
+                    }
+                }
+            }
+            let gb: Vec<f32> = (0..co)
+                .map(|o| g[o * hw..(o + 1) * hw].iter().sum())
+                .collect();
+            (gx, gw, gb)
+        })
+        .collect();
+    let mut gx = Tensor::zeros(x.shape);
+    let mut gw = Tensor::zeros(w.shape);
+    let mut gb = Tensor::zeros([1, co, 1, 1]);
+    for (b, (x_i, w_i, b_i)) in per_image.into_iter().enumerate() {
+        gx.data[b * ci * h * wd..(b + 1) * ci * h * wd].copy_from_slice(&x_i);
+        gw.data.iter_mut().zip(&w_i).for_each(|(a, v)| *a += v);
+        gb.data.iter_mut().zip(&b_i).for_each(|(a, v)| *a += v);
+    }
+    (gx, gw, gb)
 }
 
 #[cfg(test)]
@@ -433,6 +570,27 @@ mod tests {
             assert_eq!(got.shape, want.shape);
             let e = rel_max_err(&got.data, &want.data);
             assert!(e < 1e-5, "conv {ci}->{co} k{k} {p:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn conv_backward_matches_reference() {
+        for (ci, co, k, p, hw) in [
+            (3, 5, 3, Conv2dParams::same3(1), 7),
+            (4, 6, 3, Conv2dParams::same3(4), 6),
+            (7, 2, 1, Conv2dParams::pointwise(), 5),
+        ] {
+            let x = rand([3, ci, hw, hw + 1], 1);
+            let w = rand([co, ci, k, k], 2);
+            let out = reference::conv2d(&x, &w, None, p);
+            let g = rand(out.shape, 3);
+            let (rx, rw, rb) = reference::conv2d_backward(&x, &w, &g, p);
+            let (cx, cw, cb) = CpuBackend.conv2d_backward(&x, &w, &g, p);
+            for (name, a, b) in [("dx", &cx, &rx), ("dw", &cw, &rw), ("db", &cb, &rb)] {
+                assert_eq!(a.shape, b.shape);
+                let e = rel_max_err(&a.data, &b.data);
+                assert!(e < 1e-5, "{name} {ci}->{co} k{k} {p:?}: {e}");
+            }
         }
     }
 
