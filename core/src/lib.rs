@@ -22,6 +22,7 @@ pub mod rng;
 pub mod sampler;
 pub mod sde;
 pub mod tensor;
+pub mod train;
 
 pub use backend::{Backend, Conv2dParams};
 pub use error::{Error, Result};

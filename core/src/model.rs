@@ -17,6 +17,11 @@ use serde::{Deserialize, Serialize};
 
 /// The metadata key that marks a jointdiff model file.
 pub const META_KEY: &str = "jointdiff";
+/// Metadata key of the training state in a checkpoint (step, settings).
+pub const TRAIN_META_KEY: &str = "jointdiff_train";
+/// Tensors whose names start with this hold training state (raw weights, Adam moments); the network
+/// ignores them.
+pub const TRAIN_TENSOR_PREFIX: &str = "train.";
 
 /// How images are mapped before the first convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +75,8 @@ pub struct ModelFile {
     /// True when the file had no `jointdiff` metadata (a reference NCSNv2 checkpoint).
     pub reference_checkpoint: bool,
     pub tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    /// The training-state metadata of a checkpoint (JSON), if any.
+    pub train_meta: Option<String>,
 }
 
 fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
@@ -114,6 +121,10 @@ impl ModelFile {
             .metadata()
             .as_ref()
             .and_then(|m| m.get(META_KEY).cloned());
+        let train_meta = md
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(TRAIN_META_KEY).cloned());
         let (meta, reference_checkpoint) = match meta_json {
             Some(js) => {
                 let meta: ModelMeta = serde_json::from_str(&js)
@@ -134,6 +145,7 @@ impl ModelFile {
             meta,
             reference_checkpoint,
             tensors,
+            train_meta,
         })
     }
 
@@ -165,6 +177,9 @@ impl ModelFile {
     pub fn build<B: Backend>(&self, backend: &B) -> Result<Ncsnv2<B>> {
         let specs = param_specs(&self.meta.net_config());
         for name in self.tensors.keys() {
+            if name.starts_with(TRAIN_TENSOR_PREFIX) {
+                continue;
+            }
             if !specs.iter().any(|s| &s.name == name) {
                 return Err(Error::shape(format!(
                     "unexpected tensor '{name}': not part of NCSNv2 with ngf {} and {} channel(s) \
@@ -209,10 +224,24 @@ pub fn serialize(
     meta: Option<&ModelMeta>,
     tensors: &[(String, Vec<usize>, Vec<f32>)],
 ) -> Result<Vec<u8>> {
+    serialize_with(meta, &[], tensors)
+}
+
+/// [`serialize`] with extra metadata entries (e.g. the training state of a checkpoint).
+pub fn serialize_with(
+    meta: Option<&ModelMeta>,
+    extra: &[(String, String)],
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> Result<Vec<u8>> {
     let views = tensors
         .iter()
         .map(|(n, s, d)| (n.as_str(), F32View { shape: s, data: d }));
-    let info = meta.map(|m| [(META_KEY.to_string(), m.to_json())].into_iter().collect());
+    let info = meta.map(|m| {
+        [(META_KEY.to_string(), m.to_json())]
+            .into_iter()
+            .chain(extra.iter().cloned())
+            .collect()
+    });
     safetensors::tensor::serialize(views, info)
         .map_err(|e| Error::format(format!("cannot serialise: {e}")))
 }
