@@ -265,8 +265,14 @@ pub fn dsm_loss<B: Backend>(
 ) -> Result<(f64, Tensor, Tensor)> {
     let items = x.shape[0];
     let mut z = Tensor::zeros(x.shape);
-    for i in 0..items {
-        let (a, s) = (sde.a(ts[i]) as f32, sde.s(ts[i]) as f32);
+    if ts.len() != items {
+        return Err(Error::shape(format!(
+            "{} times for {items} images",
+            ts.len()
+        )));
+    }
+    for (i, &t) in ts.iter().enumerate() {
+        let (a, s) = (sde.a(t) as f32, sde.s(t) as f32);
         for ((o, &xv), &wv) in z.item_mut(i).iter_mut().zip(x.item(i)).zip(w.item(i)) {
             *o = a * xv + s * wv;
         }
