@@ -17,8 +17,6 @@ use serde::{Deserialize, Serialize};
 
 /// The metadata key that marks a jointdiff model file.
 pub const META_KEY: &str = "jointdiff";
-/// Metadata key of the training state in a checkpoint (step, settings).
-pub const TRAIN_META_KEY: &str = "jointdiff_train";
 /// Tensors whose names start with this hold training state (raw weights, Adam moments); the network
 /// ignores them.
 pub const TRAIN_TENSOR_PREFIX: &str = "train.";
@@ -49,6 +47,17 @@ pub struct ModelMeta {
     /// Free-form provenance (data, command, steps, ...).
     #[serde(default)]
     pub provenance: BTreeMap<String, String>,
+    /// Present in training checkpoints: where the run stands (see `train::to_checkpoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<TrainInfo>,
+}
+
+/// The training state's scalars in a checkpoint (kept inside the one `jointdiff` metadata entry so that
+/// files are byte-for-byte reproducible).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainInfo {
+    pub step: u64,
+    pub seed: u64,
 }
 
 fn default_range() -> [f32; 2] {
@@ -75,8 +84,6 @@ pub struct ModelFile {
     /// True when the file had no `jointdiff` metadata (a reference NCSNv2 checkpoint).
     pub reference_checkpoint: bool,
     pub tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    /// The training-state metadata of a checkpoint (JSON), if any.
-    pub train_meta: Option<String>,
 }
 
 fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
@@ -121,10 +128,6 @@ impl ModelFile {
             .metadata()
             .as_ref()
             .and_then(|m| m.get(META_KEY).cloned());
-        let train_meta = md
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(TRAIN_META_KEY).cloned());
         let (meta, reference_checkpoint) = match meta_json {
             Some(js) => {
                 let meta: ModelMeta = serde_json::from_str(&js)
@@ -145,7 +148,6 @@ impl ModelFile {
             meta,
             reference_checkpoint,
             tensors,
-            train_meta,
         })
     }
 
@@ -170,6 +172,7 @@ impl ModelFile {
             sde: Sde::ve_default(),
             data_range: [0.0, 1.0],
             provenance: BTreeMap::new(),
+            train: None,
         })
     }
 
@@ -224,24 +227,11 @@ pub fn serialize(
     meta: Option<&ModelMeta>,
     tensors: &[(String, Vec<usize>, Vec<f32>)],
 ) -> Result<Vec<u8>> {
-    serialize_with(meta, &[], tensors)
-}
-
-/// [`serialize`] with extra metadata entries (e.g. the training state of a checkpoint).
-pub fn serialize_with(
-    meta: Option<&ModelMeta>,
-    extra: &[(String, String)],
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-) -> Result<Vec<u8>> {
     let views = tensors
         .iter()
         .map(|(n, s, d)| (n.as_str(), F32View { shape: s, data: d }));
-    let info = meta.map(|m| {
-        [(META_KEY.to_string(), m.to_json())]
-            .into_iter()
-            .chain(extra.iter().cloned())
-            .collect()
-    });
+    // one metadata entry only: the header's map order would otherwise vary between runs
+    let info = meta.map(|m| [(META_KEY.to_string(), m.to_json())].into_iter().collect());
     safetensors::tensor::serialize(views, info)
         .map_err(|e| Error::format(format!("cannot serialise: {e}")))
 }
@@ -278,6 +268,7 @@ mod tests {
             sde: Sde::vp_default(),
             data_range: [0.0, 1.0],
             provenance,
+            train: None,
         }
     }
 

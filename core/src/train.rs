@@ -161,16 +161,11 @@ impl TrainState {
     }
 }
 
-/// What a checkpoint records besides the tensors.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct CheckpointInfo {
-    pub step: u64,
-    pub seed: u64,
-}
+pub use crate::model::TrainInfo as CheckpointInfo;
 
 /// A checkpoint: the model file (EMA weights under the state_dict names, `meta` under `jointdiff`) plus the
-/// raw weights and Adam moments as `train.param.*`, `train.adam_m.*`, `train.adam_v.*` and the step under
-/// `jointdiff_train`. Loading it as a model uses the EMA weights.
+/// raw weights and Adam moments as `train.param.*`, `train.adam_m.*`, `train.adam_v.*`, and the step and
+/// seed in the metadata's `train` field. Loading it as a model uses the EMA weights.
 pub fn to_checkpoint(
     state: &TrainState,
     meta: &crate::model::ModelMeta,
@@ -195,26 +190,19 @@ pub fn to_checkpoint(
         tensors.push((format!("train.adam_m.{name}"), shape.clone(), m.clone()));
         tensors.push((format!("train.adam_v.{name}"), shape.clone(), vv.clone()));
     }
-    let info = CheckpointInfo {
+    let mut meta = meta.clone();
+    meta.train = Some(CheckpointInfo {
         step: state.step,
         seed,
-    };
-    let js = serde_json::to_string(&info).map_err(|e| Error::invalid(format!("{e}")))?;
-    crate::model::serialize_with(
-        Some(meta),
-        &[(crate::model::TRAIN_META_KEY.into(), js)],
-        &tensors,
-    )
+    });
+    crate::model::serialize(Some(&meta), &tensors)
 }
 
 /// The training state stored in a checkpoint made by [`to_checkpoint`].
 pub fn from_checkpoint(mf: &crate::model::ModelFile) -> Result<(TrainState, CheckpointInfo)> {
-    let js = mf
-        .train_meta
-        .as_ref()
-        .ok_or_else(|| Error::format("not a training checkpoint (no jointdiff_train metadata)"))?;
-    let info: CheckpointInfo = serde_json::from_str(js)
-        .map_err(|e| Error::format(format!("invalid jointdiff_train metadata: {e}")))?;
+    let info = mf.meta.train.clone().ok_or_else(|| {
+        Error::format("not a training checkpoint (no train state in its metadata)")
+    })?;
     let net = mf.meta.net_config();
     let mut params = BTreeMap::new();
     let (mut adam_m, mut adam_v, mut ema) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
@@ -507,6 +495,7 @@ mod tests {
             sde: c.sde,
             data_range: [0.0, 1.0],
             provenance: BTreeMap::new(),
+            train: None,
         };
         let bytes = to_checkpoint(&first, &meta, c.seed).unwrap();
         let mf = crate::model::ModelFile::from_bytes(&bytes).unwrap();

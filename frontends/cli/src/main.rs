@@ -1,6 +1,7 @@
 //! `jointdiff`: remove structured noise from measurements with joint diffusion posterior sampling.
 mod bench;
 mod io;
+mod train;
 
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -43,6 +44,8 @@ enum Cmd {
     Corrupt(CorruptArgs),
     /// Estimate the signal (and the noise) from measurements by joint posterior sampling.
     Denoise(DenoiseArgs),
+    /// Train a score model by denoising score matching (checkpoints, --resume, validation loss).
+    Train(train::TrainArgs),
     /// Measure speed: `bench forward` (NCSNv2 forward) or `bench gemm` (the GEMM kernel).
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -290,6 +293,7 @@ fn main() -> ExitCode {
         Cmd::Sample(a) => sample(a, quiet),
         Cmd::Corrupt(a) => corrupt(a),
         Cmd::Denoise(a) => denoise(a, quiet),
+        Cmd::Train(a) => train::run(a, quiet),
         Cmd::Bench(BenchCmd::Forward(a)) => bench::forward(a),
         Cmd::Bench(BenchCmd::Gemm(a)) => bench::gemm(a),
     };
@@ -303,7 +307,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn progress_bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
+pub(crate) fn progress_bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
     if quiet || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -317,7 +321,7 @@ fn progress_bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
     pb
 }
 
-fn sde_of(kind: SdeKind) -> Sde {
+pub(crate) fn sde_of(kind: SdeKind) -> Sde {
     match kind {
         SdeKind::Vp => Sde::vp_default(),
         SdeKind::Ve => Sde::ve_default(),

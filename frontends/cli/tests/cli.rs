@@ -355,6 +355,7 @@ fn bad_input_gives_one_clear_line() {
         sde: Sde::vp_default(),
         data_range: [0.0, 1.0],
         provenance: Default::default(),
+        train: None,
     };
     let params = init_params(&meta.net_config(), |s| vec![0.1; s.shape.iter().product()]);
     let own = write(
@@ -517,4 +518,88 @@ fn gradient_rules_run_with_network_priors() {
             "{rule}"
         );
     }
+}
+
+#[test]
+fn train_resume_is_bit_exact_and_the_checkpoint_is_a_model() {
+    // 40 toy 8x8 images; 6 steps straight vs 4 steps, then --resume to 6: the same file, byte for byte
+    let mut imgs = Vec::new();
+    for i in 0..40 {
+        for p in 0..64 {
+            imgs.push(((i * 7 + p * 3) % 17) as f32 / 17.0);
+        }
+    }
+    let data = write("train_data.npy", &NpyArray::to_bytes(&[40, 1, 8, 8], &imgs));
+    let valid = write(
+        "valid_data.npy",
+        &NpyArray::to_bytes(&[8, 1, 8, 8], &imgs[..8 * 64]),
+    );
+    let (straight, resumed) = (tmp("straight.safetensors"), tmp("resumed.safetensors"));
+    let args = |out: &Path, steps: &str| {
+        vec![
+            "train".to_string(),
+            "--data".into(),
+            data.clone(),
+            "--valid".into(),
+            valid.clone(),
+            "--out".into(),
+            out.display().to_string(),
+            "--ngf".into(),
+            "2".into(),
+            "--batch".into(),
+            "4".into(),
+            "--steps".into(),
+            steps.into(),
+            "--checkpoint-every".into(),
+            "2".into(),
+            "--valid-every".into(),
+            "3".into(),
+            "--hflip".into(),
+        ]
+    };
+    let run_args = |v: Vec<String>| {
+        let r: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+        ok(&r)
+    };
+    run_args(args(&straight, "6"));
+    run_args(args(&resumed, "4"));
+    let mut more = args(&resumed, "6");
+    more.push("--resume".into());
+    let o = run_args(more);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("trained 2 steps (now at step 6)"));
+    assert_eq!(
+        std::fs::read(&straight).unwrap(),
+        std::fs::read(&resumed).unwrap()
+    );
+    // the checkpoint is a model file: info reads it, score runs it
+    let info = ok(&["info", straight.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["config"]["image_size"], serde_json::json!([8, 8]));
+    assert_eq!(v["config"]["provenance"]["steps"], "6");
+    let s = tmp("train_score.npy");
+    ok(&[
+        "score",
+        "--model",
+        straight.to_str().unwrap(),
+        "--input",
+        &valid,
+        "--sigma",
+        "1",
+        "--out",
+        s.to_str().unwrap(),
+    ]);
+    assert_eq!(read_npy(&s).shape, vec![8, 1, 8, 8]);
+    // bad input: odd image size, missing data, resume with another seed
+    let odd = write(
+        "odd_train.npy",
+        &NpyArray::to_bytes(&[2, 1, 7, 7], &vec![0.5; 98]),
+    );
+    let mut a = args(&tmp("x.safetensors"), "2");
+    a[2] = odd;
+    let r: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+    fails(&r, &["odd_train.npy", "7x7"]);
+    let mut a = args(&resumed, "8");
+    a.extend(["--resume".into(), "--seed".into(), "5".into()]);
+    let r: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+    fails(&r, &["seed"]);
 }

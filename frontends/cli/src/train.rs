@@ -1,0 +1,331 @@
+//! `jointdiff train`: denoising score matching of an NCSNv2 on a set of images.
+use crate::{check_backend, io, progress_bar, sde_of, BackendKind, SdeKind};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use jointdiff_core::model::{InputMap, ModelMeta};
+use jointdiff_core::ncsnv2::Ncsnv2Config;
+use jointdiff_core::train::{
+    from_checkpoint, to_checkpoint, train_step, validation_loss, TrainConfig, TrainState,
+};
+use jointdiff_core::{Backend, RefBackend, Tensor};
+use jointdiff_cpu::CpuBackend;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Training images: .npy (NCHW/CHW/HW, float in [0, 1] or uint8) or an IDX file (.gz or raw, uint8).
+    #[arg(long)]
+    data: PathBuf,
+    /// Model / checkpoint file to write (safetensors; holds the EMA weights and the training state).
+    #[arg(long)]
+    out: PathBuf,
+    /// Held-out images for the validation loss (same formats as --data).
+    #[arg(long)]
+    valid: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    ngf: usize,
+    /// Total optimisation steps (with --resume: the total to reach).
+    #[arg(long, default_value_t = 1000)]
+    steps: u64,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// Linear learning-rate warm-up steps.
+    #[arg(long, default_value_t = 100)]
+    warmup: u64,
+    /// Clip the global gradient norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// EMA decay of the weights.
+    #[arg(long, default_value_t = 0.999)]
+    ema: f64,
+    /// Random horizontal flips (augmentation).
+    #[arg(long)]
+    hflip: bool,
+    #[arg(long, value_enum, default_value = "vp")]
+    sde: SdeKind,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write a checkpoint every K steps (and at the end).
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: u64,
+    /// Compute the validation loss every K steps (and at the end).
+    #[arg(long, default_value_t = 100)]
+    valid_every: u64,
+    /// Continue from the checkpoint in --out (bit-exact: same result as an uninterrupted run).
+    #[arg(long)]
+    resume: bool,
+    /// Use only the first N training images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Append step, loss and validation loss to this CSV file.
+    #[arg(long)]
+    log: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
+}
+
+/// Reads an IDX image file (magic 0x00000803, uint8), gzip-compressed or not, as [N, 1, H, W] in [0, 1].
+fn read_idx(path: &Path) -> Result<Tensor> {
+    let raw = io::read_bytes(path)?;
+    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .take(1 << 31)
+            .read_to_end(&mut out)
+            .with_context(|| format!("{}: not a readable gzip file", path.display()))?;
+        out
+    } else {
+        raw
+    };
+    if bytes.len() < 16 || bytes[..4] != [0, 0, 8, 3] {
+        bail!(
+            "{}: not an IDX image file (magic 0x00000803)",
+            path.display()
+        );
+    }
+    let dim = |i: usize| {
+        u32::from_be_bytes([
+            bytes[4 * i],
+            bytes[4 * i + 1],
+            bytes[4 * i + 2],
+            bytes[4 * i + 3],
+        ]) as usize
+    };
+    let (n, h, w) = (dim(1), dim(2), dim(3));
+    let need = n
+        .checked_mul(h)
+        .and_then(|v| v.checked_mul(w))
+        .ok_or_else(|| anyhow!("{}: IDX size overflows", path.display()))?;
+    if bytes.len() < 16 + need {
+        bail!(
+            "{}: truncated IDX data: {n}x{h}x{w} needs {need} bytes, file has {}",
+            path.display(),
+            bytes.len() - 16
+        );
+    }
+    let data = bytes[16..16 + need]
+        .iter()
+        .map(|&b| b as f32 / 255.0)
+        .collect();
+    Tensor::from_vec([n, 1, h, w], data).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+pub fn read_dataset(path: &Path) -> Result<Tensor> {
+    let name = path.to_string_lossy();
+    if name.ends_with(".npy") || name.ends_with(".png") {
+        io::read_images(path)
+    } else {
+        read_idx(path)
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+pub fn run(a: TrainArgs, quiet: bool) -> Result<()> {
+    check_backend(a.backend)?;
+    match a.backend {
+        BackendKind::Reference => run_on(&RefBackend, a, quiet),
+        _ => run_on(&CpuBackend, a, quiet),
+    }
+}
+
+fn run_on<B: Backend>(b: &B, a: TrainArgs, quiet: bool) -> Result<()> {
+    let mut data = read_dataset(&a.data)?;
+    if let Some(n) = a.limit {
+        if n == 0 {
+            bail!("--limit must be at least 1");
+        }
+        let n = n.min(data.shape[0]);
+        data = Tensor::from_vec(
+            [n, data.shape[1], data.shape[2], data.shape[3]],
+            data.data[..n * data.item_len()].to_vec(),
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+    }
+    let [_, c, h, w] = data.shape;
+    let net_cfg = Ncsnv2Config {
+        channels: c,
+        ngf: a.ngf,
+        input_map: true,
+    };
+    net_cfg.validate().map_err(|e| anyhow!("--ngf: {e}"))?;
+    net_cfg
+        .check_input([1, c, h, w])
+        .map_err(|e| anyhow!("{}: {e}", a.data.display()))?;
+    let valid = a.valid.as_ref().map(|p| read_dataset(p)).transpose()?;
+    if let Some(v) = &valid {
+        if v.shape[1..] != data.shape[1..] {
+            bail!(
+                "--valid images are {:?}, training images {:?}",
+                &v.shape[1..],
+                &data.shape[1..]
+            );
+        }
+    }
+    let cfg = TrainConfig {
+        sde: sde_of(a.sde),
+        batch: a.batch,
+        lr: a.lr,
+        warmup: a.warmup,
+        grad_clip: a.clip,
+        ema: a.ema,
+        hflip: a.hflip,
+        seed: a.seed,
+        ..TrainConfig::default()
+    };
+    cfg.validate().map_err(|e| anyhow!("{e}"))?;
+    if a.checkpoint_every == 0 || a.valid_every == 0 {
+        bail!("--checkpoint-every and --valid-every must be at least 1");
+    }
+    let mut state = if a.resume && a.out.exists() {
+        let mf = io::load_model(&a.out)?;
+        let (st, info) = from_checkpoint(&mf).map_err(|e| anyhow!("{}: {e}", a.out.display()))?;
+        if st.net != net_cfg || mf.meta.image_size != [h, w] {
+            bail!(
+                "{}: checkpoint is ngf {} / {:?}, this run asks for ngf {} / {:?}",
+                a.out.display(),
+                st.net.ngf,
+                mf.meta.image_size,
+                a.ngf,
+                [h, w]
+            );
+        }
+        if info.seed != a.seed {
+            bail!(
+                "{}: checkpoint was trained with --seed {}, not {}",
+                a.out.display(),
+                info.seed,
+                a.seed
+            );
+        }
+        st
+    } else {
+        TrainState::init(net_cfg, a.seed).map_err(|e| anyhow!("{e}"))?
+    };
+    let mut meta = ModelMeta {
+        architecture: "ncsnv2".into(),
+        ngf: a.ngf,
+        channels: c,
+        image_size: [h, w],
+        input_map: InputMap::TwoXMinusOne,
+        sde: cfg.sde,
+        data_range: [0.0, 1.0],
+        provenance: Default::default(),
+        train: None,
+    };
+    meta.provenance.insert(
+        "trainer".into(),
+        format!("jointdiff {} train", env!("CARGO_PKG_VERSION")),
+    );
+    meta.provenance
+        .insert("data".into(), a.data.display().to_string());
+    meta.provenance
+        .insert("images".into(), data.shape[0].to_string());
+    meta.provenance.insert(
+        "settings".into(),
+        format!(
+            "batch {} lr {} warmup {} clip {} ema {} hflip {} seed {} sde {}",
+            a.batch,
+            a.lr,
+            a.warmup,
+            a.clip,
+            a.ema,
+            a.hflip,
+            a.seed,
+            cfg.sde.name()
+        ),
+    );
+    let mut log = match &a.log {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("{}: cannot open", p.display()))?,
+        ),
+        None => None,
+    };
+    let pb = progress_bar(quiet, a.steps as usize, "train");
+    pb.set_position(state.step);
+    let t0 = Instant::now();
+    let start = state.step;
+    let mut smooth: Option<f64> = None;
+    let save = |state: &TrainState, meta: &mut ModelMeta, vl: Option<f64>| -> Result<()> {
+        meta.provenance
+            .insert("steps".into(), state.step.to_string());
+        if let Some(v) = vl {
+            meta.provenance
+                .insert("validation_loss".into(), format!("{v:.6}"));
+        }
+        let bytes = to_checkpoint(state, meta, a.seed).map_err(|e| anyhow!("{e}"))?;
+        write_atomic(&a.out, &bytes)
+    };
+    let mut last_valid = None;
+    while state.step < a.steps {
+        let (loss, _) = train_step(b, &cfg, &mut state, &data).map_err(|e| anyhow!("{e}"))?;
+        smooth = Some(smooth.map_or(loss, |s| 0.95 * s + 0.05 * loss));
+        let done = state.step - start;
+        let rate = done as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        pb.set_position(state.step);
+        pb.set_message(format!(
+            "train loss {:.2} {rate:.2} steps/s",
+            smooth.unwrap_or(loss)
+        ));
+        let mut vl = None;
+        if let Some(v) = &valid {
+            if state.step % a.valid_every == 0 || state.step == a.steps {
+                let net = state.ema_network(b).map_err(|e| anyhow!("{e}"))?;
+                vl = Some(
+                    validation_loss(b, &net, &cfg.sde, v, a.seed, 64)
+                        .map_err(|e| anyhow!("{e}"))?,
+                );
+                last_valid = vl;
+                pb.println(format!(
+                    "step {}: train loss {:.3}, validation loss {:.3}",
+                    state.step,
+                    smooth.unwrap_or(loss),
+                    vl.unwrap_or(f64::NAN)
+                ));
+            }
+        }
+        if let Some(f) = log.as_mut() {
+            use std::io::Write;
+            writeln!(
+                f,
+                "{},{loss},{}",
+                state.step,
+                vl.map(|v| v.to_string()).unwrap_or_default()
+            )
+            .context("cannot write --log")?;
+        }
+        if state.step % a.checkpoint_every == 0 || state.step == a.steps {
+            save(&state, &mut meta, last_valid)?;
+        }
+    }
+    pb.finish_and_clear();
+    if start >= a.steps {
+        // nothing to do (already at the requested step count): make sure the file exists
+        if !a.out.exists() {
+            save(&state, &mut meta, last_valid)?;
+        }
+    }
+    println!(
+        "trained {} steps (now at step {}) in {:.1} s -> {}{}",
+        state.step - start,
+        state.step,
+        t0.elapsed().as_secs_f64(),
+        a.out.display(),
+        last_valid
+            .map(|v| format!(", validation loss {v:.4}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
