@@ -27,6 +27,24 @@ impl Join for Sequential {
     }
 }
 
+/// Per-step coefficients of the Euler–Maruyama predictor: `f dt`, `g^2 dt`, `g sqrt(dt)`.
+#[derive(Clone, Copy)]
+struct EmCoef {
+    fdt: f32,
+    g2dt: f32,
+    gsq: f32,
+}
+
+/// Reverse-time Euler–Maruyama predictor on one item: `z̄ = z - [f z - g^2 s] dt` (kept in `zbar`),
+/// `z = z̄ + g sqrt(dt) w`.
+fn em_predict(z: &mut [f32], zbar: &mut [f32], score: &[f32], w: &[f32], c: EmCoef) {
+    for (((zv, zb), &sv), &wv) in z.iter_mut().zip(zbar.iter_mut()).zip(score).zip(w) {
+        let mean = *zv - (c.fdt * *zv - c.g2dt * sv);
+        *zb = mean;
+        *zv = mean + c.gsq * wv;
+    }
+}
+
 /// Data-consistency rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rule {
@@ -231,19 +249,9 @@ impl JointSampler<'_> {
                 rng.fill_normal(&mut wx);
                 rng.fill_normal(&mut wn);
                 rng.fill_normal(&mut xi);
-                // predictor: z̄ = z - [f z - g^2 s] dt ; z = z̄ + g sqrt(dt) w
-                let (xs, xbs, sxs) = (x.item_mut(i), xbar.item_mut(i), sx.item(i));
-                for j in 0..d {
-                    let zb = xs[j] - (fdt * xs[j] - g2dt * sxs[j]);
-                    xbs[j] = zb;
-                    xs[j] = zb + gsq * wx[j];
-                }
-                let (ns, nbs, sns) = (n.item_mut(i), nbar.item_mut(i), sn.item(i));
-                for j in 0..m {
-                    let zb = ns[j] - (fdt * ns[j] - g2dt * sns[j]);
-                    nbs[j] = zb;
-                    ns[j] = zb + gsq * wn[j];
-                }
+                let coef = EmCoef { fdt, g2dt, gsq };
+                em_predict(x.item_mut(i), xbar.item_mut(i), sx.item(i), &wx, coef);
+                em_predict(n.item_mut(i), nbar.item_mut(i), sn.item(i), &wn, coef);
                 // data consistency
                 match cfg.rule {
                     Rule::Projection => {
@@ -537,12 +545,8 @@ pub fn sample_prior(
         let gsq = (g * libm::sqrt(grid.dt)) as f32;
         for (i, rng) in rngs.iter_mut().enumerate() {
             rng.fill_normal(&mut wx);
-            let (xs, xbs, sxs) = (x.item_mut(i), xbar.item_mut(i), sx.item(i));
-            for j in 0..d {
-                let zb = xs[j] - (fdt * xs[j] - g2dt * sxs[j]);
-                xbs[j] = zb;
-                xs[j] = zb + gsq * wx[j];
-            }
+            let coef = EmCoef { fdt, g2dt, gsq };
+            em_predict(x.item_mut(i), xbar.item_mut(i), sx.item(i), &wx, coef);
         }
         if let Some(pos) = xbar.first_non_finite() {
             return Err(Error::non_finite(format!(
