@@ -407,3 +407,74 @@ fn gradient_rules_move_towards_the_gaussian_posterior() {
         }
     }
 }
+
+/// A small NCSNv2 trained by denoising score matching on a toy distribution whose diffused score is known
+/// in closed form (i.i.d. Gaussian pixels x ~ N(0.5, 0.2^2) under the VP SDE: score(z) = -(z - a mu) /
+/// (a^2 sigma^2 + s^2)) learns a score close to it: relative L2 error at t = 0.3, 0.6, 0.9 far below the
+/// error of the zero score (1.0) and of the untrained network.
+#[test]
+fn training_learns_a_closed_form_score() {
+    use jointdiff_core::ncsnv2::Ncsnv2Config;
+    use jointdiff_core::tensor::Tensor;
+    use jointdiff_core::train::{train_step, TrainConfig, TrainState};
+    use jointdiff_cpu::CpuBackend;
+    let b = CpuBackend;
+    let (mu, sigma, size) = (0.5f64, 0.2f64, 8usize);
+    let mut data = Tensor::zeros([512, 1, size, size]);
+    let mut r = Rng::stream(21, 0, 0);
+    data.data
+        .iter_mut()
+        .for_each(|v| *v = (mu + sigma * r.normal()) as f32);
+    let cfg = TrainConfig {
+        batch: 32,
+        lr: 2e-3,
+        warmup: 20,
+        grad_clip: 10.0,
+        ema: 0.95,
+        seed: 4,
+        ..TrainConfig::default()
+    };
+    let mut st = TrainState::init(
+        Ncsnv2Config {
+            channels: 1,
+            ngf: 8,
+            input_map: true,
+        },
+        2,
+    )
+    .unwrap();
+    let sde = cfg.sde;
+    let score_error = |st: &TrainState| -> Vec<f64> {
+        let net = st.ema_network(&b).unwrap();
+        [0.3f64, 0.6, 0.9]
+            .iter()
+            .map(|&t| {
+                let (a, s) = (sde.a(t), sde.s(t));
+                let mut z = Tensor::zeros([64, 1, size, size]);
+                let mut r = Rng::stream(22, 0, (t * 1000.0) as u64);
+                let sd = (a * a * sigma * sigma + s * s).sqrt();
+                z.data
+                    .iter_mut()
+                    .for_each(|v| *v = (a * mu + sd * r.normal()) as f32);
+                let out = net.forward(&b, &z).unwrap();
+                let (mut num, mut den) = (0.0, 0.0);
+                for (&zv, &o) in z.data.iter().zip(&out.data) {
+                    let truth = -(zv as f64 - a * mu) / (sd * sd);
+                    let learned = o as f64 / s;
+                    num += (learned - truth).powi(2);
+                    den += truth * truth;
+                }
+                (num / den).sqrt()
+            })
+            .collect()
+    };
+    let before = score_error(&st);
+    for _ in 0..300 {
+        train_step(&b, &cfg, &mut st, &data).unwrap();
+    }
+    let after = score_error(&st);
+    println!("relative score error at t = 0.3, 0.6, 0.9: before {before:.3?}, after {after:.3?}");
+    for (bf, af) in before.iter().zip(&after) {
+        assert!(*af < 0.35 && *af < 0.5 * bf, "score error {bf} -> {af}");
+    }
+}
