@@ -42,3 +42,22 @@ fn reference_backend_matches_pytorch() {
 fn cpu_backend_matches_pytorch() {
     check(&CpuBackend);
 }
+
+/// PSNR and SSIM against values from an independent numpy implementation of tf.image.ssim's algorithm
+/// (tools/reference/make_ssim_fixture.py: direct 2-D window sums instead of our separable filtering).
+#[test]
+fn metrics_match_the_numpy_reference() {
+    use jointdiff_core::metrics::{psnr, ssim};
+    let pairs = read_npy("golden/metrics_pairs.npy"); // [4, 2, 28, 28]
+    let bytes = std::fs::read(fixture("golden/metrics_values.npy")).unwrap();
+    let vals = jointdiff_core::npy::NpyArray::parse(&bytes).unwrap(); // [4, 2] float64 -> f32
+    for k in 0..4 {
+        let item = pairs.item(k);
+        let (a, b) = item.split_at(28 * 28);
+        let (p, s) = (psnr(a, b, 1.0), ssim(a, b, 1, 28, 28, 1.0));
+        let (wp, ws) = (vals.data[2 * k] as f64, vals.data[2 * k + 1] as f64);
+        println!("pair {k}: psnr {p:.5} vs {wp:.5}, ssim {s:.6} vs {ws:.6}");
+        assert!((p - wp).abs() < 1e-3, "psnr {k}");
+        assert!((s - ws).abs() < 1e-5, "ssim {k}");
+    }
+}

@@ -11,6 +11,7 @@ extern crate alloc;
 
 pub mod backend;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod ncsnv2;
 pub mod noise;
