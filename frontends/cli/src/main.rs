@@ -1,5 +1,6 @@
 //! `jointdiff`: remove structured noise from measurements with joint diffusion posterior sampling.
 mod bench;
+mod demo;
 mod io;
 mod train;
 
@@ -44,6 +45,8 @@ enum Cmd {
     Corrupt(CorruptArgs),
     /// Estimate the signal (and the noise) from measurements by joint posterior sampling.
     Denoise(DenoiseArgs),
+    /// The method's MNIST experiment on held-out data: PSNR/SSIM table and demo.png.
+    Demo(demo::DemoArgs),
     /// Train a score model by denoising score matching (checkpoints, --resume, validation loss).
     Train(train::TrainArgs),
     /// Measure speed: `bench forward` (NCSNv2 forward) or `bench gemm` (the GEMM kernel).
@@ -294,6 +297,7 @@ fn main() -> ExitCode {
         Cmd::Corrupt(a) => corrupt(a),
         Cmd::Denoise(a) => denoise(a, quiet),
         Cmd::Train(a) => train::run(a, quiet),
+        Cmd::Demo(a) => demo::run(a, quiet),
         Cmd::Bench(BenchCmd::Forward(a)) => bench::forward(a),
         Cmd::Bench(BenchCmd::Gemm(a)) => bench::gemm(a),
     };

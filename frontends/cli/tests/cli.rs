@@ -660,3 +660,50 @@ fn train_reads_idx_and_mnist_json() {
         assert_eq!(v["config"]["provenance"]["images"], n, "{split}");
     }
 }
+
+#[test]
+fn demo_prints_the_table_and_writes_the_figure() {
+    let png = tmp("demo.png");
+    let o = ok(&[
+        "demo",
+        "--signal-model",
+        &fx(MODEL),
+        "--noise-model",
+        &fx(MODEL),
+        "--count",
+        "3",
+        "--steps",
+        "3",
+        "--samples",
+        "2",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    // the trivial-inverse row, recomputed here from the fixtures: PSNR of clip((0.5 x + 0.5 n) / 0.5) vs x
+    let x = read_npy(&root().join("fixtures/data/fashion_t10k_16.npy"));
+    let n = read_npy(&root().join("fixtures/data/digits_heldout_16.npy"));
+    let mut ps = Vec::new();
+    for i in 0..3 {
+        let mut se = 0.0f64;
+        for j in 0..784 {
+            let (xv, nv) = (x.data[i * 784 + j], n.data[i * 784 + j]);
+            let inv = ((0.5 * xv + 0.5 * nv) / 0.5).clamp(0.0, 1.0);
+            se += ((inv - xv) as f64).powi(2);
+        }
+        ps.push(10.0 * (1.0 / (se / 784.0)).log10());
+    }
+    let want = ps.iter().sum::<f64>() / 3.0;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("trivial inverse"))
+        .expect(&text);
+    let got: f64 = line.split_whitespace().nth(5).unwrap().parse().unwrap();
+    assert!((got - want).abs() < 0.006, "{line} vs {want:.2}");
+    for row in ["corrupted input y", "non-joint baseline", "joint (ours)"] {
+        assert!(text.contains(row), "{text}");
+    }
+    let img = image::open(&png).unwrap();
+    assert_eq!(img.height() as usize, 6 * (56 + 2) + 2); // six rows of 28x28 images shown at 2x
+    fails(&["demo"], &["default models", "--signal-model"]);
+}

