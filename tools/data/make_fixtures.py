@@ -8,6 +8,9 @@ Outputs (float32, NCHW, values in [0, 1]):
   fashion_train_stats.npy [2, 1, 28, 28]: per-pixel mean and variance over the 60000 training images
   digits_heldout_16.npy   16 held-out MNIST digits: the last image of each class 0..9, then the
                           second-to-last of classes 0..5 (all from the last 100 of each class)
+  fashion_t10k_200.npy    the first 200 Fashion-MNIST test images (the demo's and evaluation's signals)
+  digits_heldout_200.npy  200 held-out digits: for j in 0..20, for class d in 0..10, image n_d - 100 + j
+                          of class d (the first 20 of each class's 100 held-out images, interleaved)
 """
 import gzip, json, os, struct
 import numpy as np
@@ -46,6 +49,9 @@ def main():
         digits.append(np.array(data, dtype=np.float32).reshape(-1, 1, 28, 28))
     picks = [digits[d][-1] for d in range(10)] + [digits[d][-2] for d in range(6)]
     np.save(os.path.join(out, "digits_heldout_16.npy"), np.stack(picks).astype(np.float32))
+    np.save(os.path.join(out, "fashion_t10k_200.npy"), test[:200])
+    picks200 = [digits[d][len(digits[d]) - 100 + j] for j in range(20) for d in range(10)]
+    np.save(os.path.join(out, "digits_heldout_200.npy"), np.stack(picks200).astype(np.float32))
     print("wrote", sorted(os.listdir(out)))
 
 

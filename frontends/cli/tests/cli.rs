@@ -681,8 +681,8 @@ fn demo_prints_the_table_and_writes_the_figure() {
     ]);
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     // the trivial-inverse row, recomputed here from the fixtures: PSNR of clip((0.5 x + 0.5 n) / 0.5) vs x
-    let x = read_npy(&root().join("fixtures/data/fashion_t10k_16.npy"));
-    let n = read_npy(&root().join("fixtures/data/digits_heldout_16.npy"));
+    let x = read_npy(&root().join("fixtures/data/fashion_t10k_200.npy"));
+    let n = read_npy(&root().join("fixtures/data/digits_heldout_200.npy"));
     let mut ps = Vec::new();
     for i in 0..3 {
         let mut se = 0.0f64;
