@@ -93,8 +93,11 @@ impl OutPtr {
 
 /// Columns per tile: about 64K floats of im2col scratch, a multiple of 16, from the layer's shape only.
 fn tile_cols(kk: usize, hw: usize) -> usize {
-    let t = (65536 / kk.max(1)).clamp(32, 1024) / 16 * 16;
-    t.min(hw.max(1))
+    // about 512K floats of im2col scratch per tile (GEMM packs the weights once per tile, so wide tiles
+    // pay off for deep layers), but at least four tiles per image when it is large enough to share out
+    let t = ((1 << 19) / kk.max(1)).clamp(64, 1024) / 16 * 16;
+    let quarter = hw.div_ceil(4).div_ceil(16) * 16;
+    t.min(quarter.max(16)).min(hw.max(1))
 }
 
 /// Packs columns `[c0, c0 + tw)` of the im2col matrix of one image into `col` (`kk x tw`).
