@@ -472,96 +472,47 @@ impl<B: Backend> Ncsnv2<B> {
         b.instance_norm_plus_elu(x, &n.alpha, &n.gamma, &n.beta)
     }
 
-    fn res_block(&self, b: &B, x: &B::Tensor, r: &ResBlock<B::Tensor>) -> B::Tensor {
-        let mut o = self.norm_elu(b, x, &r.norm1);
-        o = self.conv(b, &o, &r.conv1);
-        o = self.norm_elu(b, &o, &r.norm2);
-        o = self.conv(b, &o, &r.conv2);
-        if r.pool {
-            o = b.mean_pool2(&o);
-        }
-        let short = match &r.shortcut {
-            Some(c) => {
-                let s = self.conv(b, x, c);
-                if r.pool {
-                    b.mean_pool2(&s)
-                } else {
-                    s
-                }
-            }
-            None => x.clone(),
-        };
-        b.add(&short, &o)
-    }
-
-    fn rcu(&self, b: &B, x: &B::Tensor, r: &Rcu<B::Tensor>) -> B::Tensor {
-        let mut x = x.clone();
-        for block in &r.convs {
-            let residual = x.clone();
-            for conv in block {
-                x = b.elu(&x);
-                x = self.conv(b, &x, conv);
-            }
-            x = b.add(&x, &residual);
-        }
-        x
-    }
-
-    fn refine(
+    /// InstanceNorm++ then ELU: fused when nothing is kept, else separately so that the backward pass
+    /// has the pre-activation.
+    fn norm_act(
         &self,
         b: &B,
-        xs: &[&B::Tensor],
-        r: &Refine<B::Tensor>,
-        h: usize,
-        w: usize,
-    ) -> B::Tensor {
-        let hs: Vec<B::Tensor> = xs
-            .iter()
-            .zip(&r.adapt)
-            .map(|(x, a)| self.rcu(b, x, a))
-            .collect();
-        let mut out = if r.msf.is_empty() {
-            hs[0].clone()
+        x: &B::Tensor,
+        n: &Norm<B::Tensor>,
+        keep: bool,
+    ) -> (B::Tensor, Option<B::Tensor>) {
+        if keep {
+            let pre = b.instance_norm_plus(x, &n.alpha, &n.gamma, &n.beta);
+            (b.elu(&pre), Some(pre))
         } else {
-            let mut sum: Option<B::Tensor> = None;
-            for (hx, conv) in hs.iter().zip(&r.msf) {
-                let mut t = self.conv(b, hx, conv);
-                let [_, _, th, tw] = b.shape(&t);
-                if th != h || tw != w {
-                    t = b.resize_bilinear(&t, h, w);
-                }
-                sum = Some(match sum {
-                    None => t,
-                    Some(s) => b.add(&s, &t),
-                });
-            }
-            sum.expect("msf has at least two inputs")
-        };
-        // CRP
-        out = b.elu(&out);
-        let mut path = out.clone();
-        for conv in &r.crp {
-            path = b.max_pool(&path, 5, 2);
-            path = self.conv(b, &path, conv);
-            out = b.add(&path, &out);
+            (self.norm_elu(b, x, n), None)
         }
-        self.rcu(b, &out, &r.output)
     }
 
     /// `net(x)` for a batch `x` of shape `[N, C, H, W]` already on the backend.
     pub fn forward_device(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
         self.config.check_input(b.shape(x))?;
+        Ok(self.run(b, x, false).0)
+    }
+
+    /// The network graph, written once: `keep` records what the backward pass needs (a [`Tape`]).
+    fn run(&self, b: &B, x: &B::Tensor, keep: bool) -> (B::Tensor, Option<Tape<B::Tensor>>) {
         let h = if self.config.input_map {
             b.affine(x, 2.0, -1.0)
         } else {
             x.clone()
         };
         let mut out = self.conv(b, &h, &self.begin_conv);
+        let mut res_recs: Vec<Vec<ResRec<B::Tensor>>> = Vec::new();
         let mut layers: Vec<B::Tensor> = Vec::with_capacity(4);
         for stage in &self.res {
+            let mut recs = Vec::new();
             for blk in stage {
-                out = self.res_block(b, &out, blk);
+                let (o, rec) = self.res_fwd(b, &out, blk, keep);
+                out = o;
+                recs.extend(rec);
             }
+            res_recs.push(recs);
             layers.push(out.clone());
         }
         let s = |t: &B::Tensor| {
@@ -569,15 +520,27 @@ impl<B: Backend> Ncsnv2<B> {
             (hh, ww)
         };
         let (h4, w4) = s(&layers[3]);
-        let ref1 = self.refine(b, &[&layers[3]], &self.refine[0], h4, w4);
+        let (ref1, r1) = self.refine_fwd(b, &[&layers[3]], &self.refine[0], h4, w4, keep);
         let (h3, w3) = s(&layers[2]);
-        let ref2 = self.refine(b, &[&layers[2], &ref1], &self.refine[1], h3, w3);
+        let (ref2, r2) = self.refine_fwd(b, &[&layers[2], &ref1], &self.refine[1], h3, w3, keep);
         let (h2, w2) = s(&layers[1]);
-        let ref3 = self.refine(b, &[&layers[1], &ref2], &self.refine[2], h2, w2);
+        let (ref3, r3) = self.refine_fwd(b, &[&layers[1], &ref2], &self.refine[2], h2, w2, keep);
         let (h1, w1) = s(&layers[0]);
-        let mut out = self.refine(b, &[&layers[0], &ref3], &self.refine[3], h1, w1);
-        out = self.norm_elu(b, &out, &self.normalizer);
-        Ok(self.conv(b, &out, &self.end_conv))
+        let (ref4, r4) = self.refine_fwd(b, &[&layers[0], &ref3], &self.refine[3], h1, w1, keep);
+        let (act, normed) = self.norm_act(b, &ref4, &self.normalizer, keep);
+        let out = self.conv(b, &act, &self.end_conv);
+        let tape = match (normed, r1, r2, r3, r4) {
+            (Some(normed), Some(r1), Some(r2), Some(r3), Some(r4)) => Some(Tape {
+                begin_in: h,
+                res: res_recs,
+                refine: [r1, r2, r3, r4],
+                head_in: ref4,
+                normed,
+                act,
+            }),
+            _ => None,
+        };
+        (out, tape)
     }
 
     /// `net(x)` on host tensors: uploads, runs, downloads.
@@ -660,6 +623,18 @@ struct CrpRec<T> {
     stages: Vec<(T, T)>,
 }
 
+/// What the backward pass of the whole network needs, recorded by `run(.., keep = true)`.
+struct Tape<T> {
+    /// input of begin_conv (after the input map)
+    begin_in: T,
+    res: Vec<Vec<ResRec<T>>>,
+    refine: [RefineRec<T>; 4],
+    /// input of the final normalizer, its output, and the ELU after it
+    head_in: T,
+    normed: T,
+    act: T,
+}
+
 struct RefineRec<T> {
     adapt: Vec<RcuRec<T>>,
     /// per MSF input: (conv input, conv output shape)
@@ -674,30 +649,28 @@ impl<B: Backend> Ncsnv2<B> {
         b: &B,
         x: &B::Tensor,
         r: &ResBlock<B::Tensor>,
-    ) -> (B::Tensor, ResRec<B::Tensor>) {
-        let n1 = b.instance_norm_plus(x, &r.norm1.alpha, &r.norm1.gamma, &r.norm1.beta);
-        let e1 = b.elu(&n1);
+        keep: bool,
+    ) -> (B::Tensor, Option<ResRec<B::Tensor>>) {
+        let (e1, n1) = self.norm_act(b, x, &r.norm1, keep);
         let c1 = self.conv(b, &e1, &r.conv1);
-        let n2 = b.instance_norm_plus(&c1, &r.norm2.alpha, &r.norm2.gamma, &r.norm2.beta);
-        let e2 = b.elu(&n2);
+        let (e2, n2) = self.norm_act(b, &c1, &r.norm2, keep);
         let c2 = self.conv(b, &e2, &r.conv2);
         let c2_shape = b.shape(&c2);
         let o = if r.pool { b.mean_pool2(&c2) } else { c2 };
         let (short, srec) = match &r.shortcut {
             Some(c) => {
                 let sc = self.conv(b, x, c);
-                let rec = ConvRec {
+                let rec = keep.then(|| ConvRec {
                     input: x.clone(),
                     out_shape: b.shape(&sc),
-                };
-                (if r.pool { b.mean_pool2(&sc) } else { sc }, Some(rec))
+                });
+                (if r.pool { b.mean_pool2(&sc) } else { sc }, rec)
             }
             None => (x.clone(), None),
         };
         let out = b.add(&short, &o);
-        (
-            out,
-            ResRec {
+        let rec = match (n1, n2) {
+            (Some(n1), Some(n2)) => Some(ResRec {
                 x: x.clone(),
                 n1,
                 e1,
@@ -706,8 +679,10 @@ impl<B: Backend> Ncsnv2<B> {
                 e2,
                 c2_shape,
                 short: srec,
-            },
-        )
+            }),
+            _ => None,
+        };
+        (out, rec)
     }
 
     fn res_bwd(
@@ -743,7 +718,13 @@ impl<B: Backend> Ncsnv2<B> {
         b.add(&g_x, &g_short)
     }
 
-    fn rcu_fwd(&self, b: &B, x: &B::Tensor, r: &Rcu<B::Tensor>) -> (B::Tensor, RcuRec<B::Tensor>) {
+    fn rcu_fwd(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        r: &Rcu<B::Tensor>,
+        keep: bool,
+    ) -> (B::Tensor, RcuRec<B::Tensor>) {
         let mut x = x.clone();
         let mut stages = Vec::new();
         for block in &r.convs {
@@ -751,7 +732,9 @@ impl<B: Backend> Ncsnv2<B> {
             let mut recs = Vec::new();
             for conv in block {
                 let e = b.elu(&x);
-                recs.push((x.clone(), e.clone()));
+                if keep {
+                    recs.push((x.clone(), e.clone()));
+                }
                 x = self.conv(b, &e, conv);
             }
             x = b.add(&x, &residual);
@@ -787,11 +770,12 @@ impl<B: Backend> Ncsnv2<B> {
         r: &Refine<B::Tensor>,
         h: usize,
         w: usize,
-    ) -> (B::Tensor, RefineRec<B::Tensor>) {
+        keep: bool,
+    ) -> (B::Tensor, Option<RefineRec<B::Tensor>>) {
         let mut hs = Vec::new();
         let mut adapt = Vec::new();
         for (x, a) in xs.iter().zip(&r.adapt) {
-            let (o, rec) = self.rcu_fwd(b, x, a);
+            let (o, rec) = self.rcu_fwd(b, x, a, keep);
             hs.push(o);
             adapt.push(rec);
         }
@@ -803,7 +787,9 @@ impl<B: Backend> Ncsnv2<B> {
             for (hx, conv) in hs.iter().zip(&r.msf) {
                 let mut t = self.conv(b, hx, conv);
                 let shape = b.shape(&t);
-                msf.push((hx.clone(), shape));
+                if keep {
+                    msf.push((hx.clone(), shape));
+                }
                 if shape[2] != h || shape[3] != w {
                     t = b.resize_bilinear(&t, h, w);
                 }
@@ -814,26 +800,27 @@ impl<B: Backend> Ncsnv2<B> {
             }
             sum.expect("msf has at least two inputs")
         };
-        let input = out.clone();
+        // CRP: x = elu(input); path = x; per stage path = conv(maxpool(path)), x += path
+        let input = keep.then(|| out.clone());
         let mut x = b.elu(&out);
         let mut path = x.clone();
         let mut stages = Vec::new();
         for conv in &r.crp {
             let pooled = b.max_pool(&path, 5, 2);
-            stages.push((path.clone(), pooled.clone()));
+            if keep {
+                stages.push((path.clone(), pooled.clone()));
+            }
             path = self.conv(b, &pooled, conv);
             x = b.add(&path, &x);
         }
-        let (o, output) = self.rcu_fwd(b, &x, &r.output);
-        (
-            o,
-            RefineRec {
-                adapt,
-                msf,
-                crp: CrpRec { input, stages },
-                output,
-            },
-        )
+        let (o, output) = self.rcu_fwd(b, &x, &r.output, keep);
+        let rec = input.map(|input| RefineRec {
+            adapt,
+            msf,
+            crp: CrpRec { input, stages },
+            output,
+        });
+        (o, rec)
     }
 
     /// Gradients with respect to each input of the refine block.
@@ -898,41 +885,15 @@ impl<B: Backend> Ncsnv2<B> {
             )));
         }
         let dx = b.upload(x);
-        let h = if self.config.input_map {
-            b.affine(&dx, 2.0, -1.0)
-        } else {
-            dx.clone()
-        };
-        let mut out = self.conv(b, &h, &self.begin_conv);
-        let begin_rec = h;
-        let mut res_recs: Vec<Vec<ResRec<B::Tensor>>> = Vec::new();
-        let mut layers: Vec<B::Tensor> = Vec::new();
-        for stage in &self.res {
-            let mut recs = Vec::new();
-            for blk in stage {
-                let (o, rec) = self.res_fwd(b, &out, blk);
-                out = o;
-                recs.push(rec);
-            }
-            res_recs.push(recs);
-            layers.push(out.clone());
-        }
-        let s = |t: &B::Tensor| {
-            let [_, _, hh, ww] = b.shape(t);
-            (hh, ww)
-        };
-        let (h4, w4) = s(&layers[3]);
-        let (ref1, r1) = self.refine_fwd(b, &[&layers[3]], &self.refine[0], h4, w4);
-        let (h3, w3) = s(&layers[2]);
-        let (ref2, r2) = self.refine_fwd(b, &[&layers[2], &ref1], &self.refine[1], h3, w3);
-        let (h2, w2) = s(&layers[1]);
-        let (ref3, r3) = self.refine_fwd(b, &[&layers[1], &ref2], &self.refine[2], h2, w2);
-        let (h1, w1) = s(&layers[0]);
-        let (ref4, r4) = self.refine_fwd(b, &[&layers[0], &ref3], &self.refine[3], h1, w1);
-        let n = self.normalizer.alpha.clone();
-        let normed = b.instance_norm_plus(&ref4, &n, &self.normalizer.gamma, &self.normalizer.beta);
-        let act = b.elu(&normed);
-        let _ = &n;
+        let (_, tape) = self.run(b, &dx, true);
+        let Tape {
+            begin_in,
+            res: res_recs,
+            refine: [r1, r2, r3, r4],
+            head_in: ref4,
+            normed,
+            act,
+        } = tape.ok_or_else(|| Error::invalid("the forward pass kept no tape"))?;
         // backward
         let gs = &mut Grads(Vec::new());
         let gd = b.upload(g);
@@ -958,7 +919,7 @@ impl<B: Backend> Ncsnv2<B> {
             g_next = Some(gk);
         }
         let g_begin = g_next.expect("four stages");
-        let g_h = conv_bwd(b, &begin_rec, &self.begin_conv, &g_begin, gs);
+        let g_h = conv_bwd(b, &begin_in, &self.begin_conv, &g_begin, gs);
         let g_x = if self.config.input_map {
             b.affine(&g_h, 2.0, 0.0)
         } else {
