@@ -545,7 +545,7 @@ impl<B: Backend> Ncsnv2<B> {
 
     /// `net(x)` on host tensors: uploads, runs, downloads.
     pub fn forward(&self, b: &B, x: &Tensor) -> Result<Tensor> {
-        self.config.check_input(x.shape)?;
+        // shapes are checked by forward_device
         if let Some(i) = x.first_non_finite() {
             return Err(Error::non_finite(format!(
                 "network input has a non-finite value at index {i}"

@@ -157,29 +157,48 @@ pub fn max_pool(x: &Tensor, k: usize, pad: usize) -> Tensor {
     out
 }
 
+/// Statistics of one image `[C, HW]` that InstanceNorm++ uses, in f64.
+pub struct NormStats {
+    /// per-channel mean over the pixels
+    pub means: Vec<f64>,
+    /// per-channel (biased) variance over the pixels, as `nn.InstanceNorm2d`
+    pub vars: Vec<f64>,
+    /// mean of the channel means
+    pub m: f64,
+    /// `sqrt(v + 1e-5)` with `v` the unbiased variance of the channel means, as `torch.var`
+    pub vs: f64,
+}
+
+pub fn norm_stats(img: &[f32], c: usize, hw: usize) -> NormStats {
+    let mut means = vec![0f64; c];
+    let mut vars = vec![0f64; c];
+    for (ch, plane) in img.chunks_exact(hw).take(c).enumerate() {
+        let mean = plane.iter().map(|&v| v as f64).sum::<f64>() / hw as f64;
+        vars[ch] = plane
+            .iter()
+            .map(|&v| (v as f64 - mean) * (v as f64 - mean))
+            .sum::<f64>()
+            / hw as f64;
+        means[ch] = mean;
+    }
+    let m = means.iter().sum::<f64>() / c as f64;
+    let v = means.iter().map(|&u| (u - m) * (u - m)).sum::<f64>() / (c as f64 - 1.0);
+    NormStats {
+        means,
+        vars,
+        m,
+        vs: libm::sqrt(v + 1e-5),
+    }
+}
+
 /// InstanceNorm++ of ermongroup/ncsnv2 (`InstanceNorm2dPlus`, bias = True), statistics in f64.
 pub fn instance_norm_plus(x: &Tensor, alpha: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {
     let [n, c, h, w] = x.shape;
     let hw = h * w;
     let mut out = Tensor::zeros(x.shape);
-    let mut means = vec![0f64; c];
-    let mut vars = vec![0f64; c];
     for b in 0..n {
-        for ch in 0..c {
-            let s = &x.data[(b * c + ch) * hw..(b * c + ch + 1) * hw];
-            let mean = s.iter().map(|&v| v as f64).sum::<f64>() / hw as f64;
-            let var = s
-                .iter()
-                .map(|&v| (v as f64 - mean) * (v as f64 - mean))
-                .sum::<f64>()
-                / hw as f64;
-            means[ch] = mean;
-            vars[ch] = var;
-        }
-        let m = means.iter().sum::<f64>() / c as f64;
-        // unbiased variance over channels, as torch.var
-        let v = means.iter().map(|&u| (u - m) * (u - m)).sum::<f64>() / (c as f64 - 1.0);
-        let vs = libm::sqrt(v + 1e-5);
+        let NormStats { means, vars, m, vs } =
+            norm_stats(&x.data[b * c * hw..(b + 1) * c * hw], c, hw);
         for ch in 0..c {
             let mt = (means[ch] - m) / vs;
             let inv = 1.0 / libm::sqrt(vars[ch] + 1e-5);
@@ -421,24 +440,11 @@ pub fn instance_norm_plus_backward(
         Tensor::zeros([1, c, 1, 1]),
         Tensor::zeros([1, c, 1, 1]),
     );
-    let mut mu = vec![0f64; c];
-    let mut sd = vec![0f64; c];
     let mut g_mu = vec![0f64; c]; // dL/d mu_c through the mean-correction path (mt)
     for b in 0..n {
-        for ch in 0..c {
-            let s = &x.data[(b * c + ch) * hw..(b * c + ch + 1) * hw];
-            let m = s.iter().map(|&v| v as f64).sum::<f64>() / hwf;
-            let var = s
-                .iter()
-                .map(|&v| (v as f64 - m) * (v as f64 - m))
-                .sum::<f64>()
-                / hwf;
-            mu[ch] = m;
-            sd[ch] = libm::sqrt(var + 1e-5);
-        }
-        let mbar = mu.iter().sum::<f64>() / c as f64;
-        let v = mu.iter().map(|&u| (u - mbar) * (u - mbar)).sum::<f64>() / (c as f64 - 1.0);
-        let s_v = libm::sqrt(v + 1e-5);
+        let st = norm_stats(&x.data[b * c * hw..(b + 1) * c * hw], c, hw);
+        let (mu, mbar, s_v) = (&st.means, st.m, st.vs);
+        let sd: Vec<f64> = st.vars.iter().map(|v| libm::sqrt(v + 1e-5)).collect();
         // gradient w.r.t. mt_c
         let mut g_mt = vec![0f64; c];
         for ch in 0..c {
@@ -473,7 +479,7 @@ pub fn instance_norm_plus_backward(
         }
         // mt_c = (mu_c - mbar) / s_v: gradient to each mu_j
         let sum_gmt: f64 = g_mt.iter().sum();
-        let dot: f64 = g_mt.iter().zip(&mu).map(|(q, &u)| q * (u - mbar)).sum();
+        let dot: f64 = g_mt.iter().zip(mu).map(|(q, &u)| q * (u - mbar)).sum();
         for j in 0..c {
             // d mt_c / d mu_j = (delta_cj - 1/C) / s_v - (mu_c - mbar) (mu_j - mbar) / ((C-1) s_v^3)
             g_mu[j] = (g_mt[j] - sum_gmt / c as f64) / s_v

@@ -45,6 +45,38 @@ fn em_predict(z: &mut [f32], zbar: &mut [f32], score: &[f32], w: &[f32], c: EmCo
     }
 }
 
+/// After step `k` (0-based) of `total`: an error if the predictor mean went non-finite (at index `bad`),
+/// or if the progress callback asks to stop.
+fn end_of_step(
+    k: usize,
+    total: usize,
+    t: f64,
+    bad: Option<usize>,
+    progress: &mut Progress<'_>,
+) -> Result<()> {
+    if let Some(pos) = bad {
+        return Err(Error::non_finite(format!(
+            "sampler diverged at step {} of {total} (t = {t:.4}): non-finite value at index {pos}; \
+             try smaller lambda/mu or more steps",
+            k + 1
+        )));
+    }
+    if !progress(k + 1, total) {
+        return Err(Error::new(
+            ErrorKind::Cancelled,
+            format!("cancelled at step {} of {total}", k + 1),
+        ));
+    }
+    Ok(())
+}
+
+/// Clips an estimate to the data range, if one is set.
+fn clip(t: &mut Tensor, range: Option<[f32; 2]>) {
+    if let Some([lo, hi]) = range {
+        t.data.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
+    }
+}
+
 /// Data-consistency rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rule {
@@ -285,23 +317,10 @@ impl JointSampler<'_> {
                     }
                 }
             }
-            if let Some(pos) = xbar.first_non_finite().or_else(|| nbar.first_non_finite()) {
-                return Err(Error::non_finite(format!(
-                    "sampler diverged at step {} of {total} (t = {t:.4}): non-finite value at index {pos}; \
-                     try smaller lambda/mu or more steps",
-                    k + 1
-                )));
-            }
-            if !progress(k + 1, total) {
-                return Err(Error::new(
-                    ErrorKind::Cancelled,
-                    format!("cancelled at step {} of {total}", k + 1),
-                ));
-            }
+            let bad = xbar.first_non_finite().or_else(|| nbar.first_non_finite());
+            end_of_step(k, total, t, bad, progress)?;
         }
-        if let Some([lo, hi]) = cfg.clip {
-            xbar.data.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
-        }
+        clip(&mut xbar, cfg.clip);
         Ok(Posterior {
             signal: xbar,
             noise: nbar,
@@ -548,22 +567,9 @@ pub fn sample_prior(
             let coef = EmCoef { fdt, g2dt, gsq };
             em_predict(x.item_mut(i), xbar.item_mut(i), sx.item(i), &wx, coef);
         }
-        if let Some(pos) = xbar.first_non_finite() {
-            return Err(Error::non_finite(format!(
-                "sampler diverged at step {} of {total}: non-finite value at index {pos}",
-                k + 1
-            )));
-        }
-        if !progress(k + 1, total) {
-            return Err(Error::new(
-                ErrorKind::Cancelled,
-                format!("cancelled at step {} of {total}", k + 1),
-            ));
-        }
+        end_of_step(k, total, t, xbar.first_non_finite(), progress)?;
     }
-    if let Some([lo, hi]) = config.clip {
-        xbar.data.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
-    }
+    clip(&mut xbar, config.clip);
     Ok(xbar)
 }
 

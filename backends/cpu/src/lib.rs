@@ -237,22 +237,7 @@ fn instance_norm_plus_act(
     let mut out = Tensor::zeros(x.shape);
     let per_image = |(b, dst): (usize, &mut [f32])| {
         let src = &x.data[b * c * hw..(b + 1) * c * hw];
-        let mut means = vec![0f64; c];
-        let mut vars = vec![0f64; c];
-        for ch in 0..c {
-            let s = &src[ch * hw..(ch + 1) * hw];
-            let mean = s.iter().map(|&v| v as f64).sum::<f64>() / hw as f64;
-            let var = s
-                .iter()
-                .map(|&v| (v as f64 - mean) * (v as f64 - mean))
-                .sum::<f64>()
-                / hw as f64;
-            means[ch] = mean;
-            vars[ch] = var;
-        }
-        let m = means.iter().sum::<f64>() / c as f64;
-        let v = means.iter().map(|&u| (u - m) * (u - m)).sum::<f64>() / (c as f64 - 1.0);
-        let vs = (v + 1e-5).sqrt();
+        let reference::NormStats { means, vars, m, vs } = reference::norm_stats(src, c, hw);
         for ch in 0..c {
             let inv = 1.0 / (vars[ch] + 1e-5).sqrt();
             let (a, g, be) = (

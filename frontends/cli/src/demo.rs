@@ -10,7 +10,7 @@ use jointdiff_core::model::ModelFile;
 use jointdiff_core::npy::NpyArray;
 use jointdiff_core::operator::Operator;
 use jointdiff_core::prior::{GaussianPrior, NetworkPrior, Prior};
-use jointdiff_core::sampler::{JointSampler, Rule, SamplerConfig};
+use jointdiff_core::sampler::{JointSampler, SamplerConfig};
 use jointdiff_core::{Backend, RefBackend, Tensor};
 use jointdiff_cpu::{CpuBackend, RayonJoin};
 use std::path::PathBuf;
@@ -127,15 +127,7 @@ fn run_on<B: Backend>(
         .zip(&n.data)
         .map(|(p, q)| 0.5 * p + 0.5 * q)
         .collect();
-    let rule = match a.rule {
-        RuleKind::Projection => Rule::Projection,
-        RuleKind::Dps => Rule::Dps,
-        RuleKind::Pigdm => Rule::Pigdm,
-    };
-    let (lambda, mu) = (
-        a.lambda.unwrap_or(rule.default_weights().0),
-        a.mu.unwrap_or(rule.default_weights().1),
-    );
+    let (rule, lambda, mu) = a.rule.with_weights(a.lambda, a.mu);
     let config = SamplerConfig {
         sde: smf.meta.sde,
         steps: a.steps,

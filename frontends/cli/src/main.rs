@@ -113,6 +113,19 @@ enum RuleKind {
     Pigdm,
 }
 
+impl RuleKind {
+    /// The sampler's rule and its weights: those given, else the rule's tuned defaults.
+    pub(crate) fn with_weights(self, lambda: Option<f64>, mu: Option<f64>) -> (Rule, f64, f64) {
+        let rule = match self {
+            RuleKind::Projection => Rule::Projection,
+            RuleKind::Dps => Rule::Dps,
+            RuleKind::Pigdm => Rule::Pigdm,
+        };
+        let (l, m) = rule.default_weights();
+        (rule, lambda.unwrap_or(l), mu.unwrap_or(m))
+    }
+}
+
 #[derive(Args)]
 struct InfoArgs {
     /// Model file (safetensors).
@@ -713,15 +726,7 @@ fn psnr(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
-    let rule = match a.rule {
-        RuleKind::Projection => Rule::Projection,
-        RuleKind::Dps => Rule::Dps,
-        RuleKind::Pigdm => Rule::Pigdm,
-    };
-    let (lambda, mu) = (
-        a.lambda.unwrap_or(rule.default_weights().0),
-        a.mu.unwrap_or(rule.default_weights().1),
-    );
+    let (rule, lambda, mu) = a.rule.with_weights(a.lambda, a.mu);
     let y_arr = io::read_array(&a.measurement)?;
     if y_arr.data.is_empty() {
         bail!("{}: measurement is empty", a.measurement.display());
