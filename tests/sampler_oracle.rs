@@ -478,3 +478,71 @@ fn training_learns_a_closed_form_score() {
         assert!(*af < 0.35 && *af < 0.5 * bf, "score error {bf} -> {af}");
     }
 }
+
+#[test]
+fn sample_k_first_signal_is_the_single_sample_of_its_stream() {
+    // Measurement i's sample j runs as batch item i*k + j with stream i*k + j, so `first_signal[i]` must be
+    // item i*k of one plain run over the measurements each repeated k times, and the mean/std the k items'.
+    let x_prior = GaussianPrior::new(vec![0.2, -0.1], vec![1.0, 0.5]).unwrap();
+    let n_prior = GaussianPrior::new(vec![0.0, 0.3], vec![0.8, 1.0]).unwrap();
+    let config = SamplerConfig {
+        steps: 40,
+        ..SamplerConfig::default()
+    };
+    let sampler = JointSampler {
+        config,
+        operator: &Operator::Identity,
+        signal: &x_prior,
+        noise: &n_prior,
+        signal_shape: [1, 1, 2],
+        noise_shape: [1, 1, 2],
+        join: &jointdiff_core::sampler::Sequential,
+    };
+    let (k, y) = (3, [0.5f32, -0.4, 1.2, 0.1]);
+    let stats = sampler.sample_k(&y, k, 7, &mut |_, _| true).unwrap();
+    let rep: Vec<f32> = y
+        .chunks(2)
+        .flat_map(|c| (0..k).flat_map(|_| c.to_vec()))
+        .collect();
+    let each = sampler.sample(&rep, 7, &mut |_, _| true).unwrap().signal;
+    let std = stats.signal_std.as_ref().unwrap();
+    for i in 0..2 {
+        assert_eq!(stats.first_signal.item(i), each.item(i * k), "first of {i}");
+        for j in 0..2 {
+            let v: Vec<f64> = (0..k).map(|q| each.item(i * k + q)[j] as f64).collect();
+            let m = v.iter().sum::<f64>() / k as f64;
+            let s = (v.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / k as f64).sqrt();
+            assert!((stats.estimate.signal.item(i)[j] as f64 - m).abs() < 1e-6);
+            assert!((std.item(i)[j] as f64 - s).abs() < 1e-6);
+        }
+        assert_ne!(each.item(i * k), each.item(i * k + 1), "samples differ");
+    }
+}
+
+#[test]
+fn divergence_is_an_error_naming_the_step_not_a_nan() {
+    // A consistency weight far past stability: every step multiplies the residual by about -1e19, so
+    // the state overflows within a few steps. The sampler must stop with its divergence error.
+    let prior = GaussianPrior::new(vec![0.0], vec![1.0]).unwrap();
+    let config = SamplerConfig {
+        steps: 50,
+        lambda: 1e19,
+        mu: 1e19,
+        ..SamplerConfig::default()
+    };
+    let sampler = JointSampler {
+        config,
+        operator: &Operator::Identity,
+        signal: &prior,
+        noise: &prior,
+        signal_shape: [1, 1, 1],
+        noise_shape: [1, 1, 1],
+        join: &jointdiff_core::sampler::Sequential,
+    };
+    let err = sampler.sample(&[0.5], 1, &mut |_, _| true).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("diverged at step") && msg.contains("lambda"),
+        "{msg}"
+    );
+}

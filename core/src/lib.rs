@@ -10,6 +10,8 @@
 extern crate alloc;
 
 pub mod backend;
+#[cfg(feature = "default-models")]
+pub mod defaults;
 pub mod error;
 pub mod metrics;
 pub mod model;

@@ -317,7 +317,10 @@ impl JointSampler<'_> {
                     }
                 }
             }
-            let bad = xbar.first_non_finite().or_else(|| nbar.first_non_finite());
+            // the state after the consistency step feeds the next network call: check it too
+            let bad = [&xbar, &nbar, &x, &n]
+                .iter()
+                .find_map(|v| v.first_non_finite());
             end_of_step(k, total, t, bad, progress)?;
         }
         clip(&mut xbar, cfg.clip);
@@ -580,6 +583,9 @@ pub struct PosteriorStats {
     /// With `k > 1`: the mean over the samples (MMSE estimate) of the signal and the noise.
     pub estimate: Posterior,
     pub signal_std: Option<Tensor>,
+    /// The signal of each measurement's first sample (stream `i*k`): a single posterior sample, the
+    /// method's own output, for comparison with the mean. Equals `estimate.signal` when `k == 1`.
+    pub first_signal: Tensor,
 }
 
 impl JointSampler<'_> {
@@ -598,6 +604,7 @@ impl JointSampler<'_> {
         if k == 1 {
             let estimate = self.sample(y, seed, progress)?;
             return Ok(PosteriorStats {
+                first_signal: estimate.signal.clone(),
                 estimate,
                 signal_std: None,
             });
@@ -619,9 +626,19 @@ impl JointSampler<'_> {
         let post = self.sample(&ys, seed, progress)?;
         let (signal, signal_std) = group_stats(&post.signal, k);
         let (noise, _) = group_stats(&post.noise, k);
+        let [_, c, h, w] = post.signal.shape;
+        let l = c * h * w;
+        let items = post.signal.shape[0] / k;
+        let mut first_signal = Tensor::zeros([items, c, h, w]);
+        for i in 0..items {
+            first_signal
+                .item_mut(i)
+                .copy_from_slice(&post.signal.data[i * k * l..(i * k + 1) * l]);
+        }
         Ok(PosteriorStats {
             estimate: Posterior { signal, noise },
             signal_std: Some(signal_std),
+            first_signal,
         })
     }
 }

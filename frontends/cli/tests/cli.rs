@@ -413,7 +413,7 @@ fn bad_input_gives_one_clear_line() {
     );
     den(&["--noise", "gaussian:0.1", "--backend", "wgpu"], &["wgpu"]);
     den(&["--noise", "gaussian:0.1", "--rule", "ddpm"], &["ddpm"]);
-    den(&[], &["noise prior"]);
+    den(&["--noise-model", "builtin:nope"], &["builtin:digits"]);
     fails(
         &[
             "score", "--model", &model, "--input", &good_in, "--sigma", "0", "--out", o,
@@ -664,18 +664,23 @@ fn train_reads_idx_and_mnist_json() {
 #[test]
 fn demo_prints_the_table_and_writes_the_figure() {
     let png = tmp("demo.png");
+    let csv = tmp("demo.csv");
     let o = ok(&[
         "demo",
         "--signal-model",
         &fx(MODEL),
         "--noise-model",
         &fx(MODEL),
+        "--start",
+        "5",
         "--count",
         "3",
         "--steps",
         "3",
         "--samples",
         "2",
+        "--csv",
+        csv.to_str().unwrap(),
         "--out",
         png.to_str().unwrap(),
     ]);
@@ -684,7 +689,7 @@ fn demo_prints_the_table_and_writes_the_figure() {
     let x = read_npy(&root().join("fixtures/data/fashion_t10k_200.npy"));
     let n = read_npy(&root().join("fixtures/data/digits_heldout_200.npy"));
     let mut ps = Vec::new();
-    for i in 0..3 {
+    for i in 5..8 {
         let mut se = 0.0f64;
         for j in 0..784 {
             let (xv, nv) = (x.data[i * 784 + j], n.data[i * 784 + j]);
@@ -700,10 +705,93 @@ fn demo_prints_the_table_and_writes_the_figure() {
         .expect(&text);
     let got: f64 = line.split_whitespace().nth(5).unwrap().parse().unwrap();
     assert!((got - want).abs() < 0.006, "{line} vs {want:.2}");
-    for row in ["corrupted input y", "non-joint baseline", "joint (ours)"] {
+    for row in [
+        "corrupted input y",
+        "baseline, one sample",
+        "baseline, mean of 2",
+        "joint (ours), one sample",
+        "joint (ours), mean of 2",
+    ] {
         assert!(text.contains(row), "{text}");
+    }
+    // per-pair CSV: 6 methods x 3 pairs, pairs numbered from --start
+    let table = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 18, "{table}");
+    let trivial: Vec<&Vec<&str>> = rows
+        .iter()
+        .filter(|r| r[1].starts_with("trivial inverse"))
+        .collect();
+    for (k, r) in trivial.iter().enumerate() {
+        assert_eq!(r[0], (5 + k).to_string());
+        let v: f64 = r[2].parse().unwrap();
+        assert!((v - ps[k]).abs() < 1e-6 * ps[k].abs(), "{r:?} vs {}", ps[k]);
     }
     let img = image::open(&png).unwrap();
     assert_eq!(img.height() as usize, 6 * (56 + 2) + 2); // six rows of 28x28 images shown at 2x
-    fails(&["demo"], &["default models", "--signal-model"]);
+    fails(
+        &["demo", "--start", "199", "--count", "2"],
+        &["--start + --count"],
+    );
+}
+
+#[test]
+fn demo_and_denoise_run_on_the_embedded_default_models() {
+    // No model arguments: the embedded Fashion-MNIST and digit models (a short run; quality is measured in
+    // docs/results.md and by the default_models test of jointdiff-tests).
+    let png = tmp("demo_default.png");
+    let o = ok(&[
+        "demo",
+        "--count",
+        "2",
+        "--steps",
+        "2",
+        "--samples",
+        "1",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        text.contains("joint (ours)") && text.contains("lambda 1, mu 1"),
+        "{text}"
+    );
+    let y = write(
+        "default_y.npy",
+        &NpyArray::to_bytes(&[1, 1, 28, 28], &[0.3f32; 784]),
+    );
+    let out = tmp("default_x.npy");
+    ok(&[
+        "denoise",
+        "--measurement",
+        &y,
+        "--operator",
+        "scale:0.5",
+        "--alpha",
+        "0.5",
+        "--steps",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(read_npy(&out).shape, vec![1, 1, 28, 28]);
+    fails(
+        &[
+            "denoise",
+            "--measurement",
+            &y,
+            "--signal-model",
+            "builtin:celeba",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["builtin:fashion", "builtin:digits"],
+    );
+    let o = ok(&["info", "builtin:digits"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(text.contains("ngf 32") && text.contains("digits"), "{text}");
 }
