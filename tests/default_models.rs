@@ -84,3 +84,44 @@ fn each_default_model_fits_its_own_data_better_than_the_other() {
         "digits model fits fashion better ({df}) than digits ({dd})"
     );
 }
+
+#[test]
+fn validation_loss_agrees_with_the_pytorch_trainers_record() {
+    // The PyTorch trainer recorded each model's validation loss (its EMA weights, 1000 held-out images, its
+    // own random times and noise) in the metadata. jointdiff's loss of the same weights on 200 of those
+    // images, with its own draws, must agree within 3.5 standard errors of the 200-image mean: the two
+    // implementations compute the same objective.
+    use jointdiff_core::train::dsm_loss;
+    for (name, data) in [
+        ("fashion", "data/fashion_t10k_200.npy"),
+        ("digits", "data/digits_heldout_200.npy"),
+    ] {
+        let mf = defaults::by_name(name).unwrap().unwrap();
+        let recorded: f64 = mf.meta.provenance["validation_loss"].parse().unwrap();
+        let net = mf.build(&CpuBackend).unwrap();
+        let x = read_npy(data);
+        let mut per = Vec::new();
+        for i in 0..x.shape[0] {
+            let xi = Tensor::from_vec([1, 1, 28, 28], x.item(i).to_vec()).unwrap();
+            let mut r = Rng::stream(21, 0, i as u64);
+            let t = 1e-3 + (1.0 - 1e-3) * r.uniform();
+            let mut w = Tensor::zeros(xi.shape);
+            r.fill_normal(&mut w.data);
+            per.push(
+                dsm_loss(&CpuBackend, &net, &mf.meta.sde, &xi, &[t], &w)
+                    .unwrap()
+                    .0,
+            );
+        }
+        let n = per.len() as f64;
+        let mean = per.iter().sum::<f64>() / n;
+        let se = (per.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt();
+        println!(
+            "{name}: jointdiff {mean:.2} ± {se:.2} (SE), PyTorch trainer recorded {recorded:.2}"
+        );
+        assert!(
+            (mean - recorded).abs() < 3.5 * se,
+            "{name}: {mean} vs recorded {recorded} (SE {se})"
+        );
+    }
+}
