@@ -3,15 +3,19 @@
 
     python tools/docs/summarize_demo.py proj_0.csv proj_50.csv ...
 """
-import csv, math, sys
+import math, sys
 
 rows, order = {}, []
 for path in sys.argv[1:]:
-    for r in csv.DictReader(open(path)):
-        if r["method"] not in rows:
-            rows[r["method"]] = {}
-            order.append(r["method"])
-        rows[r["method"]][int(r["pair"])] = (float(r["psnr"]), float(r["ssim"]))
+    for line in open(path).read().splitlines()[1:]:
+        # pair first, psnr and ssim last; the method between (older files have commas in it)
+        pair, rest = line.split(",", 1)
+        method, psnr, ssim = rest.rsplit(",", 2)
+        method = method.replace(", ", ": ")
+        if method not in rows:
+            rows[method] = {}
+            order.append(method)
+        rows[method][int(pair)] = (float(psnr), float(ssim))
 
 
 def ms(v):

@@ -201,11 +201,11 @@ fn run_on<B: Backend>(
     ];
     let kk = a.samples;
     if kk > 1 {
-        rows.push(("baseline, one sample".into(), &base.first_signal));
-        rows.push((format!("baseline, mean of {kk}"), &base.estimate.signal));
-        rows.push(("joint (ours), one sample".into(), &joint.first_signal));
+        rows.push(("baseline: one sample".into(), &base.first_signal));
+        rows.push((format!("baseline: mean of {kk}"), &base.estimate.signal));
+        rows.push(("joint (ours): one sample".into(), &joint.first_signal));
         rows.push((
-            format!("joint (ours), mean of {kk}"),
+            format!("joint (ours): mean of {kk}"),
             &joint.estimate.signal,
         ));
     } else {

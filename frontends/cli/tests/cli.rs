@@ -707,10 +707,10 @@ fn demo_prints_the_table_and_writes_the_figure() {
     assert!((got - want).abs() < 0.006, "{line} vs {want:.2}");
     for row in [
         "corrupted input y",
-        "baseline, one sample",
-        "baseline, mean of 2",
-        "joint (ours), one sample",
-        "joint (ours), mean of 2",
+        "baseline: one sample",
+        "baseline: mean of 2",
+        "joint (ours): one sample",
+        "joint (ours): mean of 2",
     ] {
         assert!(text.contains(row), "{text}");
     }
