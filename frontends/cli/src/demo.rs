@@ -85,12 +85,8 @@ fn stats(v: &[f64]) -> (f64, f64) {
 
 pub fn run(a: DemoArgs, quiet: bool) -> Result<()> {
     check_backend(a.backend)?;
-    let builtin = |p: &Option<PathBuf>, name: &str| {
-        p.clone()
-            .unwrap_or_else(|| PathBuf::from(format!("builtin:{name}")))
-    };
-    let smf = io::load_model(&builtin(&a.signal_model, "fashion"))?;
-    let nmf = io::load_model(&builtin(&a.noise_model, "digits"))?;
+    let smf = io::load_model(&io::or_builtin(a.signal_model.as_deref(), "fashion"))?;
+    let nmf = io::load_model(&io::or_builtin(a.noise_model.as_deref(), "digits"))?;
     if a.count == 0 || a.start + a.count > PAIRS || a.samples == 0 {
         bail!("--start + --count must be at most {PAIRS}, --count and --samples at least 1");
     }

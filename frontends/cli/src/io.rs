@@ -3,7 +3,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use jointdiff_core::model::ModelFile;
 use jointdiff_core::npy::NpyArray;
 use jointdiff_core::Tensor;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Largest file the CLI reads (models and arrays alike).
 const MAX_FILE: u64 = 4 << 30;
@@ -93,6 +93,14 @@ fn decode_png(bytes: &[u8]) -> std::result::Result<Tensor, String> {
 pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     std::fs::write(path, NpyArray::to_bytes(shape, data))
         .with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// The model path given, else the embedded default model `builtin:{name}`.
+pub fn or_builtin(path: Option<&Path>, name: &str) -> PathBuf {
+    path.map_or_else(
+        || PathBuf::from(format!("builtin:{name}")),
+        Path::to_path_buf,
+    )
 }
 
 /// A model file, or an embedded default model by name: `builtin:fashion` (signal) or `builtin:digits` (noise).

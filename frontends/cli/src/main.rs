@@ -729,11 +729,11 @@ fn psnr(a: &[f32], b: &[f32]) -> f64 {
 
 fn denoise(mut a: DenoiseArgs, quiet: bool) -> Result<()> {
     // Without a prior for one side, the embedded default model takes its place.
-    if a.signal_model.is_none() && a.signal_stats.is_none() {
-        a.signal_model = Some(PathBuf::from("builtin:fashion"));
+    if a.signal_stats.is_none() {
+        a.signal_model = Some(io::or_builtin(a.signal_model.as_deref(), "fashion"));
     }
-    if a.noise_model.is_none() && a.noise.is_none() {
-        a.noise_model = Some(PathBuf::from("builtin:digits"));
+    if a.noise.is_none() {
+        a.noise_model = Some(io::or_builtin(a.noise_model.as_deref(), "digits"));
     }
     let (rule, lambda, mu) = a.rule.with_weights(a.lambda, a.mu);
     let y_arr = io::read_array(&a.measurement)?;
