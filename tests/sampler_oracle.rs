@@ -479,6 +479,24 @@ fn training_learns_a_closed_form_score() {
     }
 }
 
+/// A sequential sampler of `d`-dimensional signal and noise under the identity operator.
+fn identity_sampler<'a>(
+    config: SamplerConfig,
+    x_prior: &'a GaussianPrior,
+    n_prior: &'a GaussianPrior,
+    d: usize,
+) -> JointSampler<'a> {
+    JointSampler {
+        config,
+        operator: &Operator::Identity,
+        signal: x_prior,
+        noise: n_prior,
+        signal_shape: [1, 1, d],
+        noise_shape: [1, 1, d],
+        join: &jointdiff_core::sampler::Sequential,
+    }
+}
+
 #[test]
 fn sample_k_first_signal_is_the_single_sample_of_its_stream() {
     // Measurement i's sample j runs as batch item i*k + j with stream i*k + j, so `first_signal[i]` must be
@@ -489,15 +507,7 @@ fn sample_k_first_signal_is_the_single_sample_of_its_stream() {
         steps: 40,
         ..SamplerConfig::default()
     };
-    let sampler = JointSampler {
-        config,
-        operator: &Operator::Identity,
-        signal: &x_prior,
-        noise: &n_prior,
-        signal_shape: [1, 1, 2],
-        noise_shape: [1, 1, 2],
-        join: &jointdiff_core::sampler::Sequential,
-    };
+    let sampler = identity_sampler(config, &x_prior, &n_prior, 2);
     let (k, y) = (3, [0.5f32, -0.4, 1.2, 0.1]);
     let stats = sampler.sample_k(&y, k, 7, &mut |_, _| true).unwrap();
     let rep: Vec<f32> = y
@@ -530,15 +540,7 @@ fn divergence_is_an_error_naming_the_step_not_a_nan() {
         mu: 1e19,
         ..SamplerConfig::default()
     };
-    let sampler = JointSampler {
-        config,
-        operator: &Operator::Identity,
-        signal: &prior,
-        noise: &prior,
-        signal_shape: [1, 1, 1],
-        noise_shape: [1, 1, 1],
-        join: &jointdiff_core::sampler::Sequential,
-    };
+    let sampler = identity_sampler(config, &prior, &prior, 1);
     let err = sampler.sample(&[0.5], 1, &mut |_, _| true).unwrap_err();
     let msg = err.to_string();
     assert!(
