@@ -16,6 +16,32 @@ fn rand(shape: [usize; 4], seed: u64, scale: f32, shift: f32) -> Tensor {
     t
 }
 
+/// Random weights whose values depend only on the parameter's name, so that networks built on different
+/// backends get the same weights.
+fn init_by_name(s: &jointdiff_core::ncsnv2::ParamSpec) -> Vec<f32> {
+    let h = s.name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    let mut r = Rng::stream(99, 2, h);
+    let n: usize = s.shape.iter().product();
+    let fan_in: usize = if s.shape.len() == 4 {
+        s.shape[1..].iter().product()
+    } else {
+        1
+    };
+    let base = if s.name.ends_with("alpha") || s.name.ends_with("gamma") {
+        1.0
+    } else {
+        0.0
+    };
+    let sc = if s.shape.len() == 4 {
+        1.0 / (fan_in as f64).sqrt()
+    } else {
+        0.2
+    };
+    (0..n).map(|_| (base + sc * r.normal()) as f32).collect()
+}
+
 #[test]
 fn every_op_agrees() {
     let (r, c) = (RefBackend, CpuBackend);
@@ -82,32 +108,8 @@ fn whole_forward_agrees_at_three_sizes() {
             ngf,
             input_map: true,
         };
-        // each parameter's values depend only on its name, so both networks get the same weights
-        let init = |s: &jointdiff_core::ncsnv2::ParamSpec| {
-            let h = s.name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100000001b3)
-            });
-            let mut r = Rng::stream(99, 2, h);
-            let n: usize = s.shape.iter().product();
-            let fan_in: usize = if s.shape.len() == 4 {
-                s.shape[1..].iter().product()
-            } else {
-                1
-            };
-            let base = if s.name.ends_with("alpha") || s.name.ends_with("gamma") {
-                1.0
-            } else {
-                0.0
-            };
-            let sc = if s.shape.len() == 4 {
-                1.0 / (fan_in as f64).sqrt()
-            } else {
-                0.2
-            };
-            (0..n).map(|_| (base + sc * r.normal()) as f32).collect()
-        };
-        let net_r = Ncsnv2::from_fn(&RefBackend, cfg, init).unwrap();
-        let net_c = Ncsnv2::from_fn(&CpuBackend, cfg, init).unwrap();
+        let net_r = Ncsnv2::from_fn(&RefBackend, cfg, init_by_name).unwrap();
+        let net_c = Ncsnv2::from_fn(&CpuBackend, cfg, init_by_name).unwrap();
         let x = rand([2, ch, size, size], 11, 0.3, 0.5);
         let a = net_r.forward(&RefBackend, &x).unwrap();
         let b = net_c.forward(&CpuBackend, &x).unwrap();
@@ -115,4 +117,30 @@ fn whole_forward_agrees_at_three_sizes() {
         println!("{size}x{size}x{ch} ngf {ngf}: cpu vs reference {e:.2e}");
         assert!(e < 1e-4, "{size}: {e}");
     }
+}
+
+#[test]
+fn whole_forward_is_bit_identical_with_one_and_two_threads() {
+    let cfg = Ncsnv2Config {
+        channels: 1,
+        ngf: 32,
+        input_map: true,
+    };
+    let net = Ncsnv2::from_fn(&CpuBackend, cfg, init_by_name).unwrap();
+    let x = rand([2, 1, 28, 28], 12, 0.3, 0.5);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| net.forward(&CpuBackend, &x).unwrap())
+    };
+    let (one, two) = (run(1), run(2));
+    assert!(one.data.iter().all(|v| v.is_finite()));
+    let same = one
+        .data
+        .iter()
+        .zip(&two.data)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "the forward differs between 1 and 2 threads");
 }

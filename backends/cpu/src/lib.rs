@@ -11,18 +11,57 @@ use jointdiff_core::reference;
 use jointdiff_core::sampler::Join;
 use jointdiff_core::Tensor;
 use rayon::prelude::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+
+mod direct;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
 
-/// Runs the signal and the noise networks of the joint sampler at the same time (rayon::join).
+/// Runs the signal and the noise networks of the joint sampler at the same time (rayon::join), each on one
+/// thread: inside each side the backend's operations run serially, so two threads share the two networks
+/// without a hand-off per operation (on a 28x28 image one operation is too small to split well).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RayonJoin;
 
 impl Join for RayonJoin {
     fn join(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
-        rayon::join(a, b);
+        rayon::join(|| serially(a), || serially(b));
+    }
+}
+
+thread_local! {
+    /// Set while this thread runs one side of a `RayonJoin`: operations then do not split their work.
+    static SERIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with this thread's operations serial, restoring the flag afterwards (also on a panic).
+fn serially(f: &mut (dyn FnMut() + Send)) {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SERIAL.with(|s| s.replace(true)));
+    f();
+}
+
+/// Whether an operation on this thread may split its work over the pool.
+fn may_split() -> bool {
+    !SERIAL.with(Cell::get)
+}
+
+/// Runs `f` on one of rayon's worker threads (at once if this thread already is one).
+///
+/// Every parallel loop of the backend started from outside the pool hands its work to the pool and puts the
+/// caller to sleep until it is done: a futex round trip per operation, tens of microseconds, a tenth of the
+/// time of a small forward. Frontends run their whole job through this so that the loops start on a worker.
+pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
     }
 }
 
@@ -155,7 +194,17 @@ fn im2col_tile(
     }
 }
 
+/// Convolution: the direct AVX2 kernel where the CPU has it, else tiled im2col + GEMM.
 fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
+    if direct::available() {
+        direct::conv2d(x, w, bias, p)
+    } else {
+        conv2d_im2col(x, w, bias, p)
+    }
+}
+
+/// The portable convolution: tiled im2col + `matrixmultiply`.
+fn conv2d_im2col(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
     let [n, ci, h, wd] = x.shape;
     let [co, _, kh, kw] = w.shape;
     let ho = reference::conv_out(h, kh, p);
@@ -216,7 +265,7 @@ fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Ten
     };
     let jobs = n * tiles;
     // Size gate: parallel only when there is enough work to pay for the threads.
-    if jobs > 1 && (co * kk * hw * n) >= 1 << 18 {
+    if may_split() && jobs > 1 && (co * kk * hw * n) >= 1 << 18 {
         (0..jobs).into_par_iter().for_each(run);
     } else {
         (0..jobs).for_each(run);
@@ -263,7 +312,7 @@ fn instance_norm_plus_act(
             }
         }
     };
-    if n > 1 {
+    if may_split() && n > 1 {
         out.data
             .par_chunks_mut(c * hw)
             .enumerate()
@@ -443,8 +492,11 @@ fn conv2d_backward(
     let [_, _, ho, wo] = gout.shape;
     let hw = ho * wo;
     let kk = ci * kh * kw;
+    // one piece (no split) inside a serial join side
+    let min_len = if may_split() { 1 } else { n.max(1) };
     let per_image: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..n)
         .into_par_iter()
+        .with_min_len(min_len)
         .map(|b| {
             let src = &x.data[b * ci * h * wd..(b + 1) * ci * h * wd];
             let g = &gout.data[b * co * hw..(b + 1) * co * hw];
@@ -549,15 +601,100 @@ mod tests {
             // a whole run of a tile can fall into the padding
             (256, 8, 3, Conv2dParams::same3(4), 14),
             (256, 8, 3, Conv2dParams::same3(2), 9),
+            // output channels not a multiple of the direct kernel's 3, a 5x5 kernel with padding 1
+            (
+                6,
+                7,
+                5,
+                Conv2dParams {
+                    padding: 1,
+                    dilation: 1,
+                },
+                8,
+            ),
+            (
+                2,
+                1,
+                3,
+                Conv2dParams {
+                    padding: 0,
+                    dilation: 1,
+                },
+                4,
+            ),
         ] {
             let x = rand([3, ci, hw, hw + 1], 1);
             let w = rand([co, ci, k, k], 2);
             let b = rand([1, co, 1, 1], 3);
             let want = reference::conv2d(&x, &w, Some(&b), p);
-            let got = CpuBackend.conv2d(&x, &w, Some(&b), p);
-            assert_eq!(got.shape, want.shape);
-            let e = rel_max_err(&got.data, &want.data);
-            assert!(e < 1e-5, "conv {ci}->{co} k{k} {p:?}: {e}");
+            for (path, got) in conv_paths(&x, &w, Some(&b), p) {
+                assert_eq!(got.shape, want.shape);
+                let e = rel_max_err(&got.data, &want.data);
+                assert!(e < 1e-5, "{path} conv {ci}->{co} k{k} {p:?}: {e}");
+            }
+        }
+    }
+
+    /// Both convolution paths this CPU has: the portable one always, the direct one where AVX2 + FMA are.
+    fn conv_paths(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        p: Conv2dParams,
+    ) -> Vec<(&'static str, Tensor)> {
+        let mut v = vec![("im2col", conv2d_im2col(x, w, b, p))];
+        if direct::available() {
+            v.push(("direct", direct::conv2d(x, w, b, p)));
+        } else {
+            eprintln!("no AVX2 + FMA here: the direct path is not tested");
+        }
+        v
+    }
+
+    #[test]
+    fn rayon_join_runs_both_sides_serially_and_restores_the_flag() {
+        let x = rand([1, 16, 20, 20], 1);
+        let w = rand([16, 16, 3, 3], 2);
+        let p = Conv2dParams::same3(1);
+        let want = conv2d(&x, &w, None, p);
+        let (mut a, mut b) = (None, None);
+        RayonJoin.join(
+            &mut || a = Some((may_split(), conv2d(&x, &w, None, p))),
+            &mut || b = Some((may_split(), conv2d(&x, &w, None, p))),
+        );
+        for (split, got) in [a.unwrap(), b.unwrap()] {
+            assert!(!split, "a join side may not split its operations");
+            assert!(got
+                .data
+                .iter()
+                .zip(&want.data)
+                .all(|(u, v)| u.to_bits() == v.to_bits()));
+        }
+        assert!(may_split(), "the flag outlived the join");
+    }
+
+    #[test]
+    fn conv_is_bit_identical_with_one_and_two_threads() {
+        // large enough for the parallel paths; odd sizes so that tiles and pixel blocks end mid-row
+        let x = rand([2, 33, 29, 31], 1);
+        let w = rand([37, 33, 3, 3], 2);
+        let b = rand([1, 37, 1, 1], 3);
+        let p = Conv2dParams::same3(2);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| conv_paths(&x, &w, Some(&b), p))
+        };
+        for ((path, one), (_, two)) in run(1).into_iter().zip(run(2)) {
+            assert!(
+                one.data
+                    .iter()
+                    .zip(&two.data)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{path}: 1 and 2 threads differ"
+            );
         }
     }
 

@@ -305,7 +305,8 @@ fn main() -> ExitCode {
         }
     };
     let quiet = cli.quiet;
-    let r = match cli.cmd {
+    // the whole job on a rayon worker: the backend's parallel loops then start without a hand-off
+    let r = jointdiff_cpu::on_worker(|| match cli.cmd {
         Cmd::Info(a) => info(a),
         Cmd::Score(a) => score(a),
         Cmd::Sample(a) => sample(a, quiet),
@@ -315,7 +316,7 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => demo::run(a, quiet),
         Cmd::Bench(BenchCmd::Forward(a)) => bench::forward(a),
         Cmd::Bench(BenchCmd::Gemm(a)) => bench::gemm(a),
-    };
+    });
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
