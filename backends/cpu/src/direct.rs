@@ -5,13 +5,14 @@
 //! cost as much as the arithmetic (perf: kernel 31%, im2col 16%, packing 15%). The crate has no entry point
 //! for operands that are already packed, so this module computes the convolution directly:
 //!
-//! * the input is copied once into a zero-padded buffer (`Hp x Wp` per channel);
-//! * output pixels are numbered over the *padded* width (`y * Wp + x`, the columns `x >= Wo` are computed and
-//!   thrown away), so that for every tap `(ky, kx)` and channel `c` the 24 input values a block of 24 output
-//!   pixels needs are one contiguous run at `c * Hp * Wp + ky * d * Wp + kx * d + p0`;
-//! * the weights are packed as `[co / 4][ci * kh * kw][4]` (zero rows pad `co` to a multiple of 4);
-//! * a 4 x 24 micro-kernel (12 AVX accumulators) runs the whole reduction over `ci * kh * kw` for one block
-//!   of 4 output channels and 24 pixels: per step 3 loads of input, 4 broadcasts of weights, 12 FMAs.
+//! * the input is copied once into a zero-padded buffer (`Hp x Wp` per channel), so that the input value
+//!   output pixel `(y, x)` needs for channel `c` and tap `(ky, kx)` sits at
+//!   `c * Hp * Wp + (y + ky * d) * Wp + (x + kx * d)`: a per-pixel base plus a per-tap offset;
+//! * the weights are repacked as `[co / 16][ci * kh * kw][16]` (zero columns pad `co` to a multiple of 16);
+//! * a 6 x 16 micro-kernel (12 AVX accumulators) runs the whole reduction over `ci * kh * kw` for 6 output
+//!   pixels and 16 output channels: per step 2 loads of weights, 6 broadcasts of input values, 12 FMAs.
+//!   The 6 pixels are any 6 consecutive output pixels (they may span rows), so no work is wasted on padding
+//!   columns; the bias is the accumulators' starting value.
 //!
 //! Every output value is the same sequence of FMAs whatever the thread count or tiling, so results are
 //! bit-identical with 1 or many threads.
@@ -20,16 +21,16 @@ use jointdiff_core::backend::Conv2dParams;
 use jointdiff_core::reference;
 use jointdiff_core::Tensor;
 use rayon::prelude::*;
-use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
-/// Output channels per micro-kernel block.
-const MR: usize = 3;
-/// Output pixels per micro-kernel block (3 AVX vectors).
-const NR: usize = 24;
+/// Output pixels per micro-kernel block.
+const MR: usize = 6;
+/// Output channels per micro-kernel block (2 AVX vectors).
+const NR: usize = 16;
 
 /// Whether the CPU has AVX2 and FMA (checked once; `JOINTDIFF_CPU_KERNEL=portable` turns the path off).
 pub(crate) fn available() -> bool {
-    use std::sync::OnceLock;
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         let wanted = std::env::var("JOINTDIFF_CPU_KERNEL").map_or(true, |v| v != "portable");
@@ -47,22 +48,21 @@ fn detect() -> bool {
     false
 }
 
-thread_local! {
-    static OUT_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The convolution's geometry over the padded input.
-struct Geometry {
+/// What every job of one convolution shares.
+struct Plan<'a> {
     co: usize,
-    /// padded plane: `hp * wp` floats per channel
-    wp: usize,
-    plane: usize,
-    ho: usize,
-    wo: usize,
-    /// output positions over the padded width: `ho * wp`
-    len: usize,
+    /// output pixels per image
+    hw: usize,
     /// reduction length `ci * kh * kw`
     kk: usize,
+    /// input offset of each reduction index (channel, tap) from a pixel's base
+    offs: &'a [u32],
+    /// base of each output pixel in the padded plane
+    bases: &'a [u32],
+    /// `[co16 / 16][kk][16]`
+    packed: &'a [f32],
+    /// `co16` floats, zero beyond `co`
+    bias: &'a [f32],
 }
 
 /// Stride-1 convolution (any kernel size, padding, dilation) by the direct AVX2 kernel.
@@ -76,74 +76,72 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dPar
     let ho = reference::conv_out(h, kh, p);
     let wo = reference::conv_out(wd, kw, p);
     let mut out = Tensor::zeros([n, co, ho, wo]);
-    if ho * wo == 0 || co == 0 {
+    let hw = ho * wo;
+    if hw == 0 || co == 0 {
         return out;
     }
     let (pad, d) = (p.padding, p.dilation);
     let (hp, wp) = (h + 2 * pad, wd + 2 * pad);
-    let g = Geometry {
-        co,
-        wp,
-        plane: hp * wp,
-        ho,
-        wo,
-        len: ho * wp,
-        kk: ci * kh * kw,
-    };
-    // input offset of each reduction index k = (c, ky, kx)
-    let mut offs = Vec::with_capacity(g.kk);
+    let plane = hp * wp;
+    let kk = ci * kh * kw;
+    let mut offs = Vec::with_capacity(kk);
     for c in 0..ci {
         for ky in 0..kh {
             for kx in 0..kw {
-                offs.push(c * g.plane + ky * d * wp + kx * d);
+                offs.push((c * plane + ky * d * wp + kx * d) as u32);
             }
         }
     }
-    let packed = pack_weights(&w.data, co, g.kk);
-    let blocks = g.len.div_ceil(NR);
-    // the last block reads up to `max offset + blocks * NR`; zeros beyond the padded planes
-    let max_off = offs.last().copied().unwrap_or(0);
-    let per_image = (max_off + blocks * NR).max(ci * g.plane);
+    let mut bases = Vec::with_capacity(hw);
+    for y in 0..ho {
+        bases.extend((y * wp..y * wp + wo).map(|b| b as u32));
+    }
+    let co16 = co.next_multiple_of(NR);
+    let mut bias16 = vec![0f32; co16];
+    if let Some(b) = bias {
+        bias16[..co].copy_from_slice(&b.data[..co]);
+    }
+    let packed = packed_weights(&w.data[..co * kk], co, kk);
+    // zero-padded input, one `ci x hp x wp` block per image
+    let per_image = ci * plane;
     let mut padded = vec![0f32; n * per_image];
     for b in 0..n {
         let src = &x.data[b * ci * h * wd..(b + 1) * ci * h * wd];
-        let dst = &mut padded[b * per_image..];
+        let dst = &mut padded[b * per_image..(b + 1) * per_image];
         for c in 0..ci {
             for y in 0..h {
-                let o = c * g.plane + (y + pad) * wp + pad;
+                let o = c * plane + (y + pad) * wp + pad;
                 dst[o..o + wd].copy_from_slice(&src[(c * h + y) * wd..(c * h + y + 1) * wd]);
             }
         }
     }
-    // Jobs: runs of pixel blocks of one image, all output channels each. A run covers about 8 rows of the
-    // padded image (its input stays in cache across the channel blocks), and an image has at least 4 runs
-    // when it has that many blocks, so that two threads share even one small image.
-    let rows_blocks = (8 * wp).div_ceil(NR);
-    let run_blocks = rows_blocks.min(blocks.div_ceil(4)).max(1);
+    let plan = Plan {
+        co,
+        hw,
+        kk,
+        offs: &offs,
+        bases: &bases,
+        packed: &packed.packed,
+        bias: &bias16,
+    };
+    // Jobs: runs of pixel blocks of one image, all output channels each; an image has at least 4 runs when
+    // it has that many blocks, so that two threads share even one small image.
+    let blocks = hw.div_ceil(MR);
+    let run_blocks = blocks.div_ceil(4).clamp(1, 64);
     let runs = blocks.div_ceil(run_blocks);
     let optr = OutPtr(out.data.as_mut_ptr());
     let job = |j: usize| {
         let (b, r) = (j / runs, j % runs);
-        let b0 = r * run_blocks;
-        let b1 = (b0 + run_blocks).min(blocks);
+        let q0 = r * run_blocks * MR;
+        let q1 = (q0 + run_blocks * MR).min(hw);
         let src = &padded[b * per_image..(b + 1) * per_image];
-        OUT_SCRATCH.with(|s| {
-            let mut scratch = s.borrow_mut();
-            let width = (b1 - b0) * NR;
-            let need = co.next_multiple_of(MR) * width;
-            if scratch.len() < need {
-                scratch.resize(need, 0.0);
-            }
-            // SAFETY: AVX2 + FMA are present (asserted above); `src` covers every offset + 24 the blocks
-            // read (per_image), `packed` covers `co4 * kk` floats, `scratch` covers `co4 * width`.
-            unsafe { run_blocks_avx2(&g, &offs, &packed, src, b0, b1, &mut scratch[..need]) };
-            // SAFETY: this job writes only image b's output pixels of its own blocks.
-            let obase = unsafe { optr.at(b * co * ho * wo) };
-            scatter(&g, bias, &scratch[..need], b0 * NR, width, obase);
-        });
+        // SAFETY: AVX2 + FMA are present (asserted above); every base + offset is inside the padded image
+        // (valid output pixels read only the padded input); this job writes only image b's pixels
+        // [q0, q1) of every output channel, which no other job writes.
+        unsafe { run_avx2(&plan, src, q0, q1, optr.at(b * co * hw)) };
     };
     let jobs = n * runs;
-    if crate::may_split() && jobs > 1 && co * g.kk * ho * wo * n >= 1 << 18 {
+    if crate::may_split() && jobs > 1 && co * kk * hw * n >= 1 << 18 {
         (0..jobs).into_par_iter().for_each(job);
     } else {
         (0..jobs).for_each(job);
@@ -151,132 +149,138 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dPar
     out
 }
 
-/// `[co][kk]` row-major weights → `[co4 / 4][kk][4]`, zero rows beyond `co`.
+/// `[co][kk]` row-major weights → `[co16 / 16][kk][16]`, zero columns beyond `co`.
 fn pack_weights(w: &[f32], co: usize, kk: usize) -> Vec<f32> {
-    let co4 = co.next_multiple_of(MR);
-    let mut packed = vec![0f32; co4 * kk];
+    let co16 = co.next_multiple_of(NR);
+    let mut packed = vec![0f32; co16 * kk];
     for o in 0..co {
-        let (blk, r) = (o / MR, o % MR);
-        let dst = &mut packed[blk * kk * MR..(blk + 1) * kk * MR];
+        let (blk, j) = (o / NR, o % NR);
+        let dst = &mut packed[blk * kk * NR..(blk + 1) * kk * NR];
         for (k, &v) in w[o * kk..(o + 1) * kk].iter().enumerate() {
-            dst[k * MR + r] = v;
+            dst[k * NR + j] = v;
         }
     }
     packed
 }
 
-/// Copies the valid pixels (`x < wo`) of positions `[q0, q0 + width)` from `scratch` (`[co4][width]`)
-/// into one image's output, adding the bias.
-fn scatter(
-    g: &Geometry,
-    bias: Option<&Tensor>,
-    scratch: &[f32],
-    q0: usize,
-    width: usize,
-    obase: *mut f32,
-) {
-    let q1 = (q0 + width).min(g.len);
-    for o in 0..g.co {
-        let bv = bias.map_or(0.0, |t| t.data[o]);
-        let srow = &scratch[o * width..(o + 1) * width];
-        let mut q = q0;
-        while q < q1 {
-            let (y, x) = (q / g.wp, q % g.wp);
-            let end = (q - x + g.wp).min(q1);
-            if x < g.wo {
-                let stop = (q - x + g.wo).min(end);
-                let n = stop - q;
-                // SAFETY: pixel (y, x..x + n) of channel o lies inside the image's [co, ho, wo] block, and
-                // no other job writes the positions of this job's blocks.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(obase.add((o * g.ho + y) * g.wo + x), n)
-                };
-                for (d, &s) in dst.iter_mut().zip(&srow[q - q0..q - q0 + n]) {
-                    *d = s + bv;
-                }
-            }
-            q = end;
-        }
-    }
+/// The bytes of a float slice (compared with `memcmp`: bit-exact, and fast).
+fn as_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding bytes and u8 has alignment 1; the length is the slice's size in bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
-/// All channel blocks for pixel blocks `[b0, b1)`: `scratch[o][j]` = output channel `o` at position
-/// `b0 * NR + j`.
+/// Packed weights with the weights they were packed from.
+struct Packed {
+    src: Vec<f32>,
+    packed: Vec<f32>,
+}
+
+/// Most floats the packed-weight cache holds (sources and packed copies together): 32M floats, 128 MB.
+const CACHE_FLOATS: usize = 1 << 25;
+
+/// The packed form of `w`, from a cache when these exact weights (bit for bit) were packed before.
+///
+/// A sampler runs the same networks hundreds of times, and repacking every weight at every step cost about
+/// 7% of a forward; comparing the weights with the cached copy costs a fraction of that. Entries are keyed
+/// by the weights' address and size and always checked against the copy, so weights changed in place (a
+/// training step) are repacked, never served stale.
+fn packed_weights(w: &[f32], co: usize, kk: usize) -> Arc<Packed> {
+    type Cache = HashMap<(usize, usize, usize), Arc<Packed>>;
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let key = (w.as_ptr() as usize, w.len(), co);
+    let hit = cache.lock().ok().and_then(|c| c.get(&key).cloned());
+    if let Some(p) = hit {
+        if as_bytes(&p.src) == as_bytes(w) {
+            return p;
+        }
+    }
+    let p = Arc::new(Packed {
+        src: w.to_vec(),
+        packed: pack_weights(w, co, kk),
+    });
+    if let Ok(mut c) = cache.lock() {
+        let held: usize = c.values().map(|p| p.src.len() + p.packed.len()).sum();
+        if held + p.src.len() + p.packed.len() > CACHE_FLOATS {
+            c.clear();
+        }
+        c.insert(key, p.clone());
+    }
+    p
+}
+
+/// Output pixels `[q0, q1)` of one image, all channels, written to `out` (`[co][hw]`).
 ///
 /// # Safety
-/// Needs AVX2 + FMA; the slices must have the sizes `conv2d` gives them.
+/// Needs AVX2 + FMA; `src` is the image's padded input, `out` its output block.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run_blocks_avx2(
-    g: &Geometry,
-    offs: &[usize],
-    packed: &[f32],
-    src: &[f32],
-    b0: usize,
-    b1: usize,
-    scratch: &mut [f32],
-) {
-    let width = (b1 - b0) * NR;
-    let co4 = g.co.next_multiple_of(MR);
-    debug_assert!(scratch.len() >= co4 * width && packed.len() >= co4 * g.kk);
-    debug_assert!(offs.iter().all(|&o| o + b1 * NR <= src.len()));
-    for blk in 0..co4 / MR {
-        let a = packed.as_ptr().add(blk * g.kk * MR);
-        for pb in b0..b1 {
-            let c = scratch.as_mut_ptr().add(blk * MR * width + (pb - b0) * NR);
-            micro_4x24(g.kk, a, offs.as_ptr(), src.as_ptr().add(pb * NR), c, width);
+unsafe fn run_avx2(plan: &Plan, src: &[f32], q0: usize, q1: usize, out: *mut f32) {
+    debug_assert!(plan.bases[q0..q1]
+        .iter()
+        .all(|&b| b as usize + *plan.offs.last().unwrap_or(&0) as usize <= src.len()));
+    let mut tile = [[0f32; NR]; MR];
+    for cb in 0..plan.co.div_ceil(NR) {
+        let w = plan.packed.as_ptr().add(cb * plan.kk * NR);
+        let bias = plan.bias.as_ptr().add(cb * NR);
+        let nch = (plan.co - cb * NR).min(NR);
+        let mut q = q0;
+        while q < q1 {
+            let npx = (q1 - q).min(MR);
+            // the pixels' input pointers; a short last block repeats its last pixel
+            let mut ptrs = [src.as_ptr(); MR];
+            for (r, p) in ptrs.iter_mut().enumerate() {
+                *p = src.as_ptr().add(plan.bases[q + r.min(npx - 1)] as usize);
+            }
+            micro_6x16(plan.kk, w, plan.offs.as_ptr(), &ptrs, bias, &mut tile);
+            for (j, ch) in (cb * NR..cb * NR + nch).enumerate() {
+                let row = out.add(ch * plan.hw + q);
+                for (r, t) in tile.iter().enumerate().take(npx) {
+                    *row.add(r) = t[j];
+                }
+            }
+            q += npx;
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn run_blocks_avx2(
-    _: &Geometry,
-    _: &[usize],
-    _: &[f32],
-    _: &[f32],
-    _: usize,
-    _: usize,
-    _: &mut [f32],
-) {
+unsafe fn run_avx2(_: &Plan, _: &[f32], _: usize, _: usize, _: *mut f32) {
     unreachable!("direct convolution is x86-64 only")
 }
 
-/// `c[r][0..24] = sum_k a[k][r] * src[offs[k] .. offs[k] + 24]` for r in 0..4 (rows `ldc` apart).
+/// `tile[r][j] = bias[j] + sum_k w[k][j] * ptrs[r][offs[k]]` for 6 pixels r and 16 channels j.
 ///
 /// # Safety
-/// Needs AVX2 + FMA; `a` covers `kk * 4` floats, `offs` `kk` entries, `src + offs[k]` 24 floats each,
-/// `c` four rows of 24.
+/// Needs AVX2 + FMA; `w` covers `kk * 16` floats, `offs` `kk` entries, `ptrs[r] + offs[k]` must be
+/// readable, `bias` 16 floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn micro_4x24(
+unsafe fn micro_6x16(
     kk: usize,
-    a: *const f32,
-    offs: *const usize,
-    src: *const f32,
-    c: *mut f32,
-    ldc: usize,
+    w: *const f32,
+    offs: *const u32,
+    ptrs: &[*const f32; MR],
+    bias: *const f32,
+    tile: &mut [[f32; NR]; MR],
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); 3 * MR];
+    let (b0, b1) = (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)));
+    let mut acc = [b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1];
+    let [p0, p1, p2, p3, p4, p5] = *ptrs;
     for k in 0..kk {
-        let b = src.add(*offs.add(k));
-        let v0 = _mm256_loadu_ps(b);
-        let v1 = _mm256_loadu_ps(b.add(8));
-        let v2 = _mm256_loadu_ps(b.add(16));
-        let ap = a.add(k * MR);
-        for r in 0..MR {
-            let s = _mm256_broadcast_ss(&*ap.add(r));
-            acc[3 * r] = _mm256_fmadd_ps(s, v0, acc[3 * r]);
-            acc[3 * r + 1] = _mm256_fmadd_ps(s, v1, acc[3 * r + 1]);
-            acc[3 * r + 2] = _mm256_fmadd_ps(s, v2, acc[3 * r + 2]);
+        let o = *offs.add(k) as usize;
+        let wk = w.add(k * NR);
+        let (w0, w1) = (_mm256_loadu_ps(wk), _mm256_loadu_ps(wk.add(8)));
+        for (r, p) in [p0, p1, p2, p3, p4, p5].into_iter().enumerate() {
+            let s = _mm256_broadcast_ss(&*p.add(o));
+            acc[2 * r] = _mm256_fmadd_ps(s, w0, acc[2 * r]);
+            acc[2 * r + 1] = _mm256_fmadd_ps(s, w1, acc[2 * r + 1]);
         }
     }
-    for r in 0..MR {
-        let row = c.add(r * ldc);
-        _mm256_storeu_ps(row, acc[3 * r]);
-        _mm256_storeu_ps(row.add(8), acc[3 * r + 1]);
-        _mm256_storeu_ps(row.add(16), acc[3 * r + 2]);
+    for (r, t) in tile.iter_mut().enumerate() {
+        _mm256_storeu_ps(t.as_mut_ptr(), acc[2 * r]);
+        _mm256_storeu_ps(t.as_mut_ptr().add(8), acc[2 * r + 1]);
     }
 }
