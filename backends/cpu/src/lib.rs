@@ -194,14 +194,22 @@ fn im2col_tile(
     }
 }
 
-/// Convolution: the direct AVX2 kernel where the CPU has it, else tiled im2col + GEMM.
+/// Convolution: the direct AVX2 kernel where the CPU has it and the reduction is short enough for its
+/// weights and input rows to stay in cache (`ci * kh * kw` up to [`DIRECT_MAX_K`]), else tiled im2col +
+/// GEMM, whose cache blocking wins on deep layers.
 fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
-    if direct::available() {
+    let [_, ci, kh, kw] = w.shape;
+    if direct::available() && ci * kh * kw <= DIRECT_MAX_K {
         direct::conv2d(x, w, bias, p)
     } else {
         conv2d_im2col(x, w, bias, p)
     }
 }
+
+/// Longest reduction the direct kernel takes: 64 input channels of a 3x3 kernel. Measured with
+/// `jointdiff bench forward` at 32x32x3 ngf 128 (reductions of 1152 and 2304): the direct kernel was 15-20%
+/// slower than im2col + GEMM there.
+const DIRECT_MAX_K: usize = 576;
 
 /// The portable convolution: tiled im2col + `matrixmultiply`.
 fn conv2d_im2col(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
