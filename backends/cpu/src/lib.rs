@@ -206,10 +206,11 @@ fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Ten
     }
 }
 
-/// Longest reduction the direct kernel takes: 64 input channels of a 3x3 kernel. Measured with
-/// `jointdiff bench forward` at 32x32x3 ngf 128 (reductions of 1152 and 2304): the direct kernel was 15-20%
-/// slower than im2col + GEMM there.
-const DIRECT_MAX_K: usize = 576;
+/// Longest reduction the direct kernel takes: 128 input channels of a 3x3 kernel. Measured with
+/// `jointdiff bench forward` (best of alternating runs, 2 threads): raising it from 576 to 1152 made
+/// 28x28x1 ngf 64 22% faster and left the ngf 128 configs level; with 2304 as well (every layer direct),
+/// 32x32x3 ngf 128 was 15-20% slower than im2col + GEMM.
+const DIRECT_MAX_K: usize = 1152;
 
 /// The portable convolution: tiled im2col + `matrixmultiply`.
 fn conv2d_im2col(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
