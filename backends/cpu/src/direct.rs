@@ -25,9 +25,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Output pixels per micro-kernel block.
-const MR: usize = 6;
+pub(crate) const MR: usize = 6;
 /// Output channels per micro-kernel block (2 AVX vectors).
-const NR: usize = 16;
+pub(crate) const NR: usize = 16;
 
 /// Whether the CPU has AVX2 and FMA (checked once; `JOINTDIFF_CPU_KERNEL=portable` turns the path off).
 pub(crate) fn available() -> bool {
@@ -101,7 +101,8 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dPar
     if let Some(b) = bias {
         bias16[..co].copy_from_slice(&b.data[..co]);
     }
-    let packed = packed_weights(&w.data[..co * kk], co, kk);
+    // kind: the output channel count (the same weights could be read as another shape)
+    let packed = cached_packing(&w.data[..co * kk], 2 * co, |w| pack_weights(w, co, kk));
     // zero-padded input, one `ci x hp x wp` block per image
     let per_image = ci * plane;
     let mut padded = vec![0f32; n * per_image];
@@ -150,7 +151,7 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dPar
 }
 
 /// `[co][kk]` row-major weights → `[co16 / 16][kk][16]`, zero columns beyond `co`.
-fn pack_weights(w: &[f32], co: usize, kk: usize) -> Vec<f32> {
+pub(crate) fn pack_weights(w: &[f32], co: usize, kk: usize) -> Vec<f32> {
     let co16 = co.next_multiple_of(NR);
     let mut packed = vec![0f32; co16 * kk];
     for o in 0..co {
@@ -170,25 +171,30 @@ fn as_bytes(v: &[f32]) -> &[u8] {
 }
 
 /// Packed weights with the weights they were packed from.
-struct Packed {
+pub(crate) struct Packed {
     src: Vec<f32>,
-    packed: Vec<f32>,
+    pub(crate) packed: Vec<f32>,
 }
 
 /// Most floats the packed-weight cache holds (sources and packed copies together): 32M floats, 128 MB.
 const CACHE_FLOATS: usize = 1 << 25;
 
-/// The packed form of `w`, from a cache when these exact weights (bit for bit) were packed before.
+/// The packed form of `w` (`pack(w)`, one packing per `kind`), from a cache when these exact weights (bit
+/// for bit) were packed before.
 ///
 /// A sampler runs the same networks hundreds of times, and repacking every weight at every step cost about
 /// 7% of a forward; comparing the weights with the cached copy costs a fraction of that. Entries are keyed
-/// by the weights' address and size and always checked against the copy, so weights changed in place (a
-/// training step) are repacked, never served stale.
-fn packed_weights(w: &[f32], co: usize, kk: usize) -> Arc<Packed> {
+/// by the weights' address, size and the packing's kind, and always checked against the copy, so weights
+/// changed in place (a training step) are repacked, never served stale.
+pub(crate) fn cached_packing(
+    w: &[f32],
+    kind: usize,
+    pack: impl FnOnce(&[f32]) -> Vec<f32>,
+) -> Arc<Packed> {
     type Cache = HashMap<(usize, usize, usize), Arc<Packed>>;
     static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    let key = (w.as_ptr() as usize, w.len(), co);
+    let key = (w.as_ptr() as usize, w.len(), kind);
     let hit = cache.lock().ok().and_then(|c| c.get(&key).cloned());
     if let Some(p) = hit {
         if as_bytes(&p.src) == as_bytes(w) {
@@ -197,7 +203,7 @@ fn packed_weights(w: &[f32], co: usize, kk: usize) -> Arc<Packed> {
     }
     let p = Arc::new(Packed {
         src: w.to_vec(),
-        packed: pack_weights(w, co, kk),
+        packed: pack(w),
     });
     if let Ok(mut c) = cache.lock() {
         let held: usize = c.values().map(|p| p.src.len() + p.packed.len()).sum();
@@ -232,7 +238,15 @@ unsafe fn run_avx2(plan: &Plan, src: &[f32], q0: usize, q1: usize, out: *mut f32
             for (r, p) in ptrs.iter_mut().enumerate() {
                 *p = src.as_ptr().add(plan.bases[q + r.min(npx - 1)] as usize);
             }
-            micro_6x16(plan.kk, w, plan.offs.as_ptr(), &ptrs, bias, &mut tile);
+            micro_6x16(
+                plan.kk,
+                w,
+                plan.offs.as_ptr(),
+                &ptrs,
+                bias,
+                tile.as_mut_ptr().cast(),
+                NR,
+            );
             for (j, ch) in (cb * NR..cb * NR + nch).enumerate() {
                 let row = out.add(ch * plan.hw + q);
                 for (r, t) in tile.iter().enumerate().take(npx) {
@@ -249,21 +263,22 @@ unsafe fn run_avx2(_: &Plan, _: &[f32], _: usize, _: usize, _: *mut f32) {
     unreachable!("direct convolution is x86-64 only")
 }
 
-/// `tile[r][j] = bias[j] + sum_k w[k][j] * ptrs[r][offs[k]]` for 6 pixels r and 16 channels j.
+/// `c[r * ldc + j] = bias[j] + sum_k w[k][j] * ptrs[r][offs[k]]` for 6 pixels r and 16 channels j.
 ///
 /// # Safety
 /// Needs AVX2 + FMA; `w` covers `kk * 16` floats, `offs` `kk` entries, `ptrs[r] + offs[k]` must be
-/// readable, `bias` 16 floats.
+/// readable, `bias` 16 floats, `c` 6 rows of 16 floats `ldc` apart.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn micro_6x16(
+pub(crate) unsafe fn micro_6x16(
     kk: usize,
     w: *const f32,
     offs: *const u32,
     ptrs: &[*const f32; MR],
     bias: *const f32,
-    tile: &mut [[f32; NR]; MR],
+    c: *mut f32,
+    ldc: usize,
 ) {
     use std::arch::x86_64::*;
     let (b0, b1) = (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)));
@@ -279,8 +294,9 @@ unsafe fn micro_6x16(
             acc[2 * r + 1] = _mm256_fmadd_ps(s, w1, acc[2 * r + 1]);
         }
     }
-    for (r, t) in tile.iter_mut().enumerate() {
-        _mm256_storeu_ps(t.as_mut_ptr(), acc[2 * r]);
-        _mm256_storeu_ps(t.as_mut_ptr().add(8), acc[2 * r + 1]);
+    for r in 0..MR {
+        let row = c.add(r * ldc);
+        _mm256_storeu_ps(row, acc[2 * r]);
+        _mm256_storeu_ps(row.add(8), acc[2 * r + 1]);
     }
 }

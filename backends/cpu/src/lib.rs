@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
 
 mod direct;
+mod winograd;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
@@ -194,12 +195,17 @@ fn im2col_tile(
     }
 }
 
-/// Convolution: the direct AVX2 kernel where the CPU has it and the reduction is short enough for its
-/// weights and input rows to stay in cache (`ci * kh * kw` up to [`DIRECT_MAX_K`]), else tiled im2col +
-/// GEMM, whose cache blocking wins on deep layers.
+/// Convolution. Where the CPU has AVX2 + FMA and the reduction `ci * kh * kw` is at most
+/// [`DIRECT_MAX_K`] (short enough for its weights and input rows to stay in cache): Winograd F(2x2, 3x3) for
+/// "same" 3x3 convolutions with input channels a multiple of 8, else the direct kernel. Otherwise tiled
+/// im2col + GEMM, whose cache blocking wins on deep layers. `JOINTDIFF_CPU_KERNEL=direct` turns Winograd
+/// off and `JOINTDIFF_CPU_KERNEL=portable` both AVX2 paths (for comparisons).
 fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
-    let [_, ci, kh, kw] = w.shape;
+    let [co, ci, kh, kw] = w.shape;
     if direct::available() && ci * kh * kw <= DIRECT_MAX_K {
+        if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) && winograd::enabled() {
+            return winograd::conv2d(x, w, bias);
+        }
         direct::conv2d(x, w, bias, p)
     } else {
         conv2d_im2col(x, w, bias, p)
@@ -706,7 +712,7 @@ mod tests {
             // a whole run of a tile can fall into the padding
             (256, 8, 3, Conv2dParams::same3(4), 14),
             (256, 8, 3, Conv2dParams::same3(2), 9),
-            // output channels not a multiple of the direct kernel's 3, a 5x5 kernel with padding 1
+            // a 5x5 kernel with padding 1; no padding
             (
                 6,
                 7,
@@ -727,6 +733,10 @@ mod tests {
                 },
                 4,
             ),
+            // Winograd: odd heights and widths (tiles cut by the border), co not a multiple of 16
+            (8, 16, 3, Conv2dParams::same3(1), 7),
+            (16, 37, 3, Conv2dParams::same3(1), 9),
+            (32, 8, 3, Conv2dParams::same3(1), 1),
         ] {
             let x = rand([3, ci, hw, hw + 1], 1);
             let w = rand([co, ci, k, k], 2);
@@ -750,6 +760,10 @@ mod tests {
         let mut v = vec![("im2col", conv2d_im2col(x, w, b, p))];
         if direct::available() {
             v.push(("direct", direct::conv2d(x, w, b, p)));
+            let [co, ci, kh, kw] = w.shape;
+            if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
+                v.push(("winograd", winograd::conv2d(x, w, b)));
+            }
         } else {
             eprintln!("no AVX2 + FMA here: the direct path is not tested");
         }
@@ -797,11 +811,12 @@ mod tests {
 
     #[test]
     fn conv_is_bit_identical_with_one_and_two_threads() {
-        // large enough for the parallel paths; odd sizes so that tiles and pixel blocks end mid-row
-        let x = rand([2, 33, 29, 31], 1);
-        let w = rand([37, 33, 3, 3], 2);
+        // large enough for the parallel paths; odd sizes so that tiles and pixel blocks end mid-row;
+        // dilation 1 and 32 input channels so that the Winograd path runs too
+        let x = rand([2, 32, 29, 31], 1);
+        let w = rand([37, 32, 3, 3], 2);
         let b = rand([1, 37, 1, 1], 3);
-        let p = Conv2dParams::same3(2);
+        let p = Conv2dParams::same3(1);
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)

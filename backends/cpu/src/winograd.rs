@@ -1,0 +1,302 @@
+//! Winograd F(2x2, 3x3) convolution for x86-64 with AVX2 + FMA: 3x3 kernels, stride 1, dilation 1,
+//! padding 1, input channels a multiple of 8. These are most of NCSNv2's arithmetic.
+//!
+//! Each 2x2 block of output pixels ("tile") comes from a 4x4 block of input. With the transforms of Lavin &
+//! Gray (2016), `Y = A^T [ sum_c (G g_c G^T) ⊙ (B^T d_c B) ] A`, the 36 multiplications per output pair
+//! (tile, input channel) of a direct 3x3 convolution become 16: the reduction over input channels turns into
+//! 16 independent products `M_xi[tile][co] = sum_c V_xi[tile][c] U_xi[c][co]`, one per position xi of the
+//! 4x4 transform, which run on the direct path's 6 x 16 micro-kernel. The transforms are exact in binary
+//! (they only add, subtract and halve); rounding differs from the direct sum by a few ulps.
+//!
+//! Layout: the input is copied into a zero-padded, channel-last buffer so that the input transform works on
+//! 8 channels per AVX vector; the transformed weights `U` are cached like the direct path's packed weights.
+//! Tiles run in blocks (each block's `V` and `M` stay in L2), blocks in parallel; every output value is the
+//! same sequence of operations whatever the thread count.
+use crate::direct::{self, micro_6x16, MR, NR};
+use crate::OutPtr;
+use jointdiff_core::Tensor;
+use rayon::prelude::*;
+
+/// Tiles per block.
+const TB: usize = 24;
+
+thread_local! {
+    /// A block's transformed input and products, and the identity offsets (taken and put back per block).
+    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<u32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// Whether the Winograd path is on (`JOINTDIFF_CPU_KERNEL=direct` turns it off, for comparisons).
+pub(crate) fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("JOINTDIFF_CPU_KERNEL").map_or(true, |v| v != "direct"))
+}
+
+/// Whether `conv2d` takes this convolution (the caller checks that AVX2 + FMA are there).
+pub(crate) fn eligible(
+    ci: usize,
+    co: usize,
+    kh: usize,
+    kw: usize,
+    padding: usize,
+    dil: usize,
+) -> bool {
+    kh == 3 && kw == 3 && padding == 1 && dil == 1 && ci % 8 == 0 && ci > 0 && co >= 8
+}
+
+/// `U = G g G^T` for every (co, ci), packed as `[16][co16 / 16][ci][16]` (zero columns beyond `co`).
+fn transform_weights(w: &[f32], co: usize, ci: usize) -> Vec<f32> {
+    let co16 = co.next_multiple_of(NR);
+    let mut u = vec![0f32; 16 * co16 * ci];
+    for o in 0..co {
+        for c in 0..ci {
+            let g = &w[(o * ci + c) * 9..(o * ci + c + 1) * 9];
+            // t = G g (4 x 3), G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]
+            let mut t = [[0f32; 3]; 4];
+            for j in 0..3 {
+                let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
+                t[0][j] = g0;
+                t[1][j] = 0.5 * (g0 + g1 + g2);
+                t[2][j] = 0.5 * (g0 - g1 + g2);
+                t[3][j] = g2;
+            }
+            // U = t G^T (4 x 4)
+            for (i, ti) in t.iter().enumerate() {
+                let row = [
+                    ti[0],
+                    0.5 * (ti[0] + ti[1] + ti[2]),
+                    0.5 * (ti[0] - ti[1] + ti[2]),
+                    ti[2],
+                ];
+                for (j, &v) in row.iter().enumerate() {
+                    let xi = i * 4 + j;
+                    u[((xi * (co16 / NR) + o / NR) * ci + c) * NR + o % NR] = v;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// Stride-1, dilation-1, padding-1 3x3 convolution by Winograd F(2x2, 3x3).
+///
+/// # Panics
+/// If AVX2 + FMA are missing or the convolution is not `eligible`.
+pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    let [n, ci, h, wd] = x.shape;
+    let [co, _, kh, kw] = w.shape;
+    assert!(direct::available() && eligible(ci, co, kh, kw, 1, 1));
+    let mut out = Tensor::zeros([n, co, h, wd]);
+    if h * wd == 0 {
+        return out;
+    }
+    let co16 = co.next_multiple_of(NR);
+    let u = direct::cached_packing(&w.data[..co * ci * 9], 2 * co + 1, |w| {
+        transform_weights(w, co, ci)
+    });
+    let mut bias16 = vec![0f32; co16];
+    if let Some(b) = bias {
+        bias16[..co].copy_from_slice(&b.data[..co]);
+    }
+    let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
+    let tiles = th * tw;
+    // channel-last padded input: (2 th + 2) x (2 tw + 2) pixels of ci channels, the image at (1, 1)
+    let (hp, wp) = (2 * th + 2, 2 * tw + 2);
+    let per_image = hp * wp * ci;
+    let mut padded = vec![0f32; n * per_image];
+    for (b, dst) in padded.chunks_exact_mut(per_image).enumerate() {
+        let src = &x.data[b * ci * h * wd..(b + 1) * ci * h * wd];
+        to_channel_last(src, ci, h, wd, wp, dst);
+    }
+    let blocks = tiles.div_ceil(TB);
+    let optr = OutPtr(out.data.as_mut_ptr());
+    let job = |j: usize| {
+        let (b, blk) = (j / blocks, j % blocks);
+        let t0 = blk * TB;
+        let t1 = (t0 + TB).min(tiles);
+        let src = &padded[b * per_image..(b + 1) * per_image];
+        let geo = Geo {
+            ci,
+            co,
+            co16,
+            h,
+            wd,
+            tw,
+            wp,
+        };
+        // SAFETY: AVX2 + FMA are present (asserted); this job writes only the output pixels of its own
+        // tiles of image b, which no other job writes.
+        unsafe {
+            block_avx2(
+                &geo,
+                src,
+                &u.packed,
+                &bias16,
+                t0,
+                t1,
+                optr.at(b * co * h * wd),
+            )
+        };
+    };
+    let jobs = n * blocks;
+    if crate::may_split() && jobs > 1 && co * ci * 9 * h * wd * n >= 1 << 18 {
+        (0..jobs).into_par_iter().for_each(job);
+    } else {
+        (0..jobs).for_each(job);
+    }
+    out
+}
+
+/// The sizes a block needs.
+struct Geo {
+    ci: usize,
+    co: usize,
+    co16: usize,
+    h: usize,
+    wd: usize,
+    /// tiles per row
+    tw: usize,
+    /// padded width in pixels
+    wp: usize,
+}
+
+/// `[ci][h][w]` → channel-last `[y + 1][x + 1][ci]` rows `wp` pixels wide (the borders stay zero).
+fn to_channel_last(src: &[f32], ci: usize, h: usize, w: usize, wp: usize, dst: &mut [f32]) {
+    // 8 channels at a time: read 8 rows side by side, write 8 contiguous floats per pixel
+    for c0 in (0..ci).step_by(8) {
+        for y in 0..h {
+            let rows: [&[f32]; 8] =
+                std::array::from_fn(|i| &src[((c0 + i) * h + y) * w..((c0 + i) * h + y + 1) * w]);
+            let drow = &mut dst[((y + 1) * wp + 1) * ci..((y + 1) * wp + 1 + w) * ci];
+            for (x, px) in drow.chunks_exact_mut(ci).enumerate() {
+                for (i, r) in rows.iter().enumerate() {
+                    px[c0 + i] = r[x];
+                }
+            }
+        }
+    }
+}
+
+/// Tiles `[t0, t1)` of one image: input transform, the 16 products, output transform into `out`
+/// (`[co][h][w]`).
+///
+/// # Safety
+/// Needs AVX2 + FMA; `src` is the image's padded channel-last input, `u` the transformed weights.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_avx2(
+    g: &Geo,
+    src: &[f32],
+    u: &[f32],
+    bias: &[f32],
+    t0: usize,
+    t1: usize,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let nt = t1 - t0;
+    let ci = g.ci;
+    // V: [16][TB][ci], M: [16][TB][co16], and the identity offsets 0..ci, in this thread's scratch (every
+    // element read below is written first, so it is not cleared)
+    let mut guard = SCRATCH.with(|s| s.take());
+    let (v_len, m_len) = (16 * TB * ci, 16 * TB * g.co16);
+    if guard.0.len() < v_len + m_len {
+        guard.0.resize(v_len + m_len, 0.0);
+    }
+    if guard.1.len() < ci {
+        guard.1 = (0..ci as u32).collect();
+    }
+    let (v, m) = guard.0.split_at_mut(v_len);
+    let offs = &guard.1;
+    // input transform, 8 channels per vector: V = B^T d B
+    for t in 0..nt {
+        let (ty, tx) = ((t0 + t) / g.tw, (t0 + t) % g.tw);
+        for c in (0..ci).step_by(8) {
+            let at = |i: usize, j: usize| {
+                _mm256_loadu_ps(
+                    src.as_ptr()
+                        .add(((2 * ty + i) * g.wp + 2 * tx + j) * ci + c),
+                )
+            };
+            let d: [[__m256; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| at(i, j)));
+            // rows: B^T d
+            let r = [
+                std::array::from_fn::<__m256, 4, _>(|j| _mm256_sub_ps(d[0][j], d[2][j])),
+                std::array::from_fn(|j| _mm256_add_ps(d[1][j], d[2][j])),
+                std::array::from_fn(|j| _mm256_sub_ps(d[2][j], d[1][j])),
+                std::array::from_fn(|j| _mm256_sub_ps(d[1][j], d[3][j])),
+            ];
+            for (i, ri) in r.iter().enumerate() {
+                let cols = [
+                    _mm256_sub_ps(ri[0], ri[2]),
+                    _mm256_add_ps(ri[1], ri[2]),
+                    _mm256_sub_ps(ri[2], ri[1]),
+                    _mm256_sub_ps(ri[1], ri[3]),
+                ];
+                for (j, col) in cols.into_iter().enumerate() {
+                    let xi = i * 4 + j;
+                    _mm256_storeu_ps(v.as_mut_ptr().add((xi * TB + t) * ci + c), col);
+                }
+            }
+        }
+    }
+    // the 16 products, 6 tiles x 16 output channels per micro-kernel call
+    let zeros = [0f32; NR];
+    for xi in 0..16 {
+        let vx = v.as_ptr().add(xi * TB * ci);
+        for cb in 0..g.co16 / NR {
+            let w = u.as_ptr().add((xi * (g.co16 / NR) + cb) * ci * NR);
+            let mut t = 0;
+            while t < nt {
+                let rows = (nt - t).min(MR);
+                let ptrs: [*const f32; MR] =
+                    std::array::from_fn(|r| vx.add((t + r.min(rows - 1)) * ci));
+                // straight into M: a short last block writes rows up to t + 6 <= TB (t is a multiple
+                // of 6), which the output transform never reads
+                let dst = m.as_mut_ptr().add((xi * TB + t) * g.co16 + cb * NR);
+                micro_6x16(ci, w, offs.as_ptr(), &ptrs, zeros.as_ptr(), dst, g.co16);
+                t += rows;
+            }
+        }
+    }
+    // output transform, 8 channels per vector: Y = A^T M A + bias, scattered to [co][h][w]
+    let hw = g.h * g.wd;
+    let mut y = [[0f32; 8]; 4];
+    for t in 0..nt {
+        let (ty, tx) = ((t0 + t) / g.tw, (t0 + t) % g.tw);
+        for c in (0..g.co16).step_by(8) {
+            if c >= g.co {
+                break;
+            }
+            let at = |xi: usize| _mm256_loadu_ps(m.as_ptr().add((xi * TB + t) * g.co16 + c));
+            // s = A^T M (2 x 4), A^T = [[1,1,1,0],[0,1,-1,-1]]
+            let s0: [__m256; 4] =
+                std::array::from_fn(|j| _mm256_add_ps(_mm256_add_ps(at(j), at(4 + j)), at(8 + j)));
+            let s1: [__m256; 4] = std::array::from_fn(|j| {
+                _mm256_sub_ps(_mm256_sub_ps(at(4 + j), at(8 + j)), at(12 + j))
+            });
+            let b = _mm256_loadu_ps(bias.as_ptr().add(c));
+            for (dy, s) in [s0, s1].iter().enumerate() {
+                let y0 = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2]);
+                let y1 = _mm256_sub_ps(_mm256_sub_ps(s[1], s[2]), s[3]);
+                _mm256_storeu_ps(y[2 * dy].as_mut_ptr(), _mm256_add_ps(y0, b));
+                _mm256_storeu_ps(y[2 * dy + 1].as_mut_ptr(), _mm256_add_ps(y1, b));
+            }
+            for (k, yk) in y.iter().enumerate() {
+                let (oy, ox) = (2 * ty + k / 2, 2 * tx + k % 2);
+                if oy >= g.h || ox >= g.wd {
+                    continue;
+                }
+                for (i, &val) in yk.iter().enumerate().take(g.co - c) {
+                    *out.add((c + i) * hw + oy * g.wd + ox) = val;
+                }
+            }
+        }
+    }
+    SCRATCH.with(|s| s.set(guard));
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx2(_: &Geo, _: &[f32], _: &[f32], _: &[f32], _: usize, _: usize, _: *mut f32) {
+    unreachable!("Winograd convolution is x86-64 only")
+}
