@@ -284,7 +284,19 @@ struct DenoiseArgs {
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e`, mimalloc 2.x as built by
+/// libmimalloc-sys 0.1).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keep freed memory mapped: by default mimalloc hands it back after 10 ms, and the next step of a sampler
+/// faults the same pages in again (page clearing was about 3% of a 600-step denoise, 6-10% of its time).
+fn keep_freed_memory() {
+    // SAFETY: setting an option is allowed at any time; -1 means "never purge".
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
