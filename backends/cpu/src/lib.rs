@@ -204,7 +204,7 @@ fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Ten
     let [co, ci, kh, kw] = w.shape;
     if direct::available() && ci * kh * kw <= DIRECT_MAX_K {
         if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) && winograd::enabled() {
-            return winograd::conv2d(x, w, bias);
+            return winograd::conv2d(x, w, bias, p.dilation);
         }
         direct::conv2d(x, w, bias, p)
     } else {
@@ -421,14 +421,18 @@ fn elu1(v: f32) -> f32 {
     let x = v.clamp(-87.0, 0.0);
     // exp(x) = 2^k * exp(r), r = x - k ln2 in [-ln2/2, ln2/2]
     // round to nearest by the 1.5 * 2^23 trick (no roundf call, so the loop vectorises on baseline x86-64)
-    let k = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let biased = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let k = biased - 12_582_912.0;
+    // k as an integer from the same bits (k + 1.5 * 2^23 is exact, one unit per ulp): no float-to-int
+    // conversion, whose saturating semantics keep it scalar
+    let ki = biased.to_bits() as i32 - 0x4B40_0000;
     let r = (x - k * 0.693_145_75) - k * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (0.166_666_67
                     + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
-    let e = p * f32::from_bits(((k as i32 + 127) as u32) << 23);
+    let e = p * f32::from_bits(((ki + 127) as u32) << 23);
     if v > 0.0 {
         v
     } else {
@@ -737,6 +741,10 @@ mod tests {
             (8, 16, 3, Conv2dParams::same3(1), 7),
             (16, 37, 3, Conv2dParams::same3(1), 9),
             (32, 8, 3, Conv2dParams::same3(1), 1),
+            // Winograd on dilated convolutions: sub-images of unequal sizes, some smaller than a tile
+            (16, 24, 3, Conv2dParams::same3(2), 7),
+            (8, 16, 3, Conv2dParams::same3(4), 6),
+            (8, 16, 3, Conv2dParams::same3(4), 2),
         ] {
             let x = rand([3, ci, hw, hw + 1], 1);
             let w = rand([co, ci, k, k], 2);
@@ -762,7 +770,7 @@ mod tests {
             v.push(("direct", direct::conv2d(x, w, b, p)));
             let [co, ci, kh, kw] = w.shape;
             if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
-                v.push(("winograd", winograd::conv2d(x, w, b)));
+                v.push(("winograd", winograd::conv2d(x, w, b, p.dilation)));
             }
         } else {
             eprintln!("no AVX2 + FMA here: the direct path is not tested");

@@ -1,5 +1,5 @@
-//! Winograd F(2x2, 3x3) convolution for x86-64 with AVX2 + FMA: 3x3 kernels, stride 1, dilation 1,
-//! padding 1, input channels a multiple of 8. These are most of NCSNv2's arithmetic.
+//! Winograd F(2x2, 3x3) convolution for x86-64 with AVX2 + FMA: 3x3 kernels, stride 1, padding equal to
+//! the dilation ("same"), input channels a multiple of 8. These are most of NCSNv2's arithmetic.
 //!
 //! Each 2x2 block of output pixels ("tile") comes from a 4x4 block of input. With the transforms of Lavin &
 //! Gray (2016), `Y = A^T [ sum_c (G g_c G^T) ⊙ (B^T d_c B) ] A`, the 36 multiplications per output pair
@@ -40,7 +40,7 @@ pub(crate) fn eligible(
     padding: usize,
     dil: usize,
 ) -> bool {
-    kh == 3 && kw == 3 && padding == 1 && dil == 1 && ci % 8 == 0 && ci > 0 && co >= 8
+    kh == 3 && kw == 3 && dil >= 1 && padding == dil && ci % 8 == 0 && ci > 0 && co >= 8
 }
 
 /// `U = G g G^T` for every (co, ci), packed as `[16][co16 / 16][ci][16]` (zero columns beyond `co`).
@@ -77,14 +77,19 @@ fn transform_weights(w: &[f32], co: usize, ci: usize) -> Vec<f32> {
     u
 }
 
-/// Stride-1, dilation-1, padding-1 3x3 convolution by Winograd F(2x2, 3x3).
+/// Stride-1 "same" 3x3 convolution (padding = dilation = `d`) by Winograd F(2x2, 3x3).
+///
+/// With dilation `d` the image splits into `d x d` interleaved sub-images (rows `a, a + d, ...`, columns
+/// `b, b + d, ...`), each an undilated convolution of its own; a tile is 2x2 output pixels `d` apart and
+/// reads 4x4 input pixels `d` apart. Tiles are listed by the padded position of their first input pixel,
+/// which (the padding being `d`) is also the position of their first output pixel in the image.
 ///
 /// # Panics
 /// If AVX2 + FMA are missing or the convolution is not `eligible`.
-pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Tensor {
+pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, d: usize) -> Tensor {
     let [n, ci, h, wd] = x.shape;
     let [co, _, kh, kw] = w.shape;
-    assert!(direct::available() && eligible(ci, co, kh, kw, 1, 1));
+    assert!(direct::available() && eligible(ci, co, kh, kw, d, d));
     let mut out = Tensor::zeros([n, co, h, wd]);
     if h * wd == 0 {
         return out;
@@ -97,15 +102,30 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Tensor {
     if let Some(b) = bias {
         bias16[..co].copy_from_slice(&b.data[..co]);
     }
-    let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
-    let tiles = th * tw;
-    // channel-last padded input: (2 th + 2) x (2 tw + 2) pixels of ci channels, the image at (1, 1)
-    let (hp, wp) = (2 * th + 2, 2 * tw + 2);
+    // tile origins (y, x), sub-image by sub-image
+    let mut origins = Vec::new();
+    for a in 0..d.min(h) {
+        for b in 0..d.min(wd) {
+            let (th, tw) = (
+                (h - a).div_ceil(d).div_ceil(2),
+                (wd - b).div_ceil(d).div_ceil(2),
+            );
+            for ty in 0..th {
+                for tx in 0..tw {
+                    origins.push(((a + 2 * d * ty) as u32, (b + 2 * d * tx) as u32));
+                }
+            }
+        }
+    }
+    let tiles = origins.len();
+    // channel-last padded input, the image at (d, d); a border tile reads up to 3d past its origin, and
+    // origins stay below h + d
+    let (hp, wp) = (h + 4 * d, wd + 4 * d);
     let per_image = hp * wp * ci;
     let mut padded = vec![0f32; n * per_image];
     for (b, dst) in padded.chunks_exact_mut(per_image).enumerate() {
         let src = &x.data[b * ci * h * wd..(b + 1) * ci * h * wd];
-        to_channel_last(src, ci, h, wd, wp, dst);
+        to_channel_last(src, ci, h, wd, wp, d, dst);
     }
     let blocks = tiles.div_ceil(TB);
     let optr = OutPtr(out.data.as_mut_ptr());
@@ -120,22 +140,13 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Tensor {
             co16,
             h,
             wd,
-            tw,
             wp,
+            d,
+            origins: &origins[t0..t1],
         };
         // SAFETY: AVX2 + FMA are present (asserted); this job writes only the output pixels of its own
         // tiles of image b, which no other job writes.
-        unsafe {
-            block_avx2(
-                &geo,
-                src,
-                &u.packed,
-                &bias16,
-                t0,
-                t1,
-                optr.at(b * co * h * wd),
-            )
-        };
+        unsafe { block_avx2(&geo, src, &u.packed, &bias16, optr.at(b * co * h * wd)) };
     };
     let jobs = n * blocks;
     if crate::may_split() && jobs > 1 && co * ci * 9 * h * wd * n >= 1 << 18 {
@@ -146,27 +157,37 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Tensor {
     out
 }
 
-/// The sizes a block needs.
-struct Geo {
+/// The sizes and tiles a block needs.
+struct Geo<'a> {
     ci: usize,
     co: usize,
     co16: usize,
     h: usize,
     wd: usize,
-    /// tiles per row
-    tw: usize,
     /// padded width in pixels
     wp: usize,
+    /// dilation (and padding)
+    d: usize,
+    /// the block's tile origins
+    origins: &'a [(u32, u32)],
 }
 
-/// `[ci][h][w]` → channel-last `[y + 1][x + 1][ci]` rows `wp` pixels wide (the borders stay zero).
-fn to_channel_last(src: &[f32], ci: usize, h: usize, w: usize, wp: usize, dst: &mut [f32]) {
+/// `[ci][h][w]` → channel-last `[y + pad][x + pad][ci]` rows `wp` pixels wide (the borders stay zero).
+fn to_channel_last(
+    src: &[f32],
+    ci: usize,
+    h: usize,
+    w: usize,
+    wp: usize,
+    pad: usize,
+    dst: &mut [f32],
+) {
     // 8 channels at a time: read 8 rows side by side, write 8 contiguous floats per pixel
     for c0 in (0..ci).step_by(8) {
         for y in 0..h {
             let rows: [&[f32]; 8] =
                 std::array::from_fn(|i| &src[((c0 + i) * h + y) * w..((c0 + i) * h + y + 1) * w]);
-            let drow = &mut dst[((y + 1) * wp + 1) * ci..((y + 1) * wp + 1 + w) * ci];
+            let drow = &mut dst[((y + pad) * wp + pad) * ci..((y + pad) * wp + pad + w) * ci];
             for (x, px) in drow.chunks_exact_mut(ci).enumerate() {
                 for (i, r) in rows.iter().enumerate() {
                     px[c0 + i] = r[x];
@@ -176,24 +197,17 @@ fn to_channel_last(src: &[f32], ci: usize, h: usize, w: usize, wp: usize, dst: &
     }
 }
 
-/// Tiles `[t0, t1)` of one image: input transform, the 16 products, output transform into `out`
+/// The tiles `g.origins` of one image: input transform, the 16 products, output transform into `out`
 /// (`[co][h][w]`).
 ///
 /// # Safety
 /// Needs AVX2 + FMA; `src` is the image's padded channel-last input, `u` the transformed weights.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2(
-    g: &Geo,
-    src: &[f32],
-    u: &[f32],
-    bias: &[f32],
-    t0: usize,
-    t1: usize,
-    out: *mut f32,
-) {
+unsafe fn block_avx2(g: &Geo, src: &[f32], u: &[f32], bias: &[f32], out: *mut f32) {
     use std::arch::x86_64::*;
-    let nt = t1 - t0;
+    let nt = g.origins.len();
+    let d = g.d;
     let ci = g.ci;
     // V: [16][TB][ci], M: [16][TB][co16], and the identity offsets 0..ci, in this thread's scratch (every
     // element read below is written first, so it is not cleared)
@@ -208,13 +222,13 @@ unsafe fn block_avx2(
     let (v, m) = guard.0.split_at_mut(v_len);
     let offs = &guard.1;
     // input transform, 8 channels per vector: V = B^T d B
-    for t in 0..nt {
-        let (ty, tx) = ((t0 + t) / g.tw, (t0 + t) % g.tw);
+    for (t, &(y0, x0)) in g.origins.iter().enumerate() {
+        let (y0, x0) = (y0 as usize, x0 as usize);
         for c in (0..ci).step_by(8) {
             let at = |i: usize, j: usize| {
                 _mm256_loadu_ps(
                     src.as_ptr()
-                        .add(((2 * ty + i) * g.wp + 2 * tx + j) * ci + c),
+                        .add(((y0 + d * i) * g.wp + x0 + d * j) * ci + c),
                 )
             };
             let d: [[__m256; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| at(i, j)));
@@ -261,8 +275,8 @@ unsafe fn block_avx2(
     // output transform, 8 channels per vector: Y = A^T M A + bias, scattered to [co][h][w]
     let hw = g.h * g.wd;
     let mut y = [[0f32; 8]; 4];
-    for t in 0..nt {
-        let (ty, tx) = ((t0 + t) / g.tw, (t0 + t) % g.tw);
+    for (t, &(y0, x0)) in g.origins.iter().enumerate() {
+        let (y0, x0) = (y0 as usize, x0 as usize);
         for c in (0..g.co16).step_by(8) {
             if c >= g.co {
                 break;
@@ -282,7 +296,7 @@ unsafe fn block_avx2(
                 _mm256_storeu_ps(y[2 * dy + 1].as_mut_ptr(), _mm256_add_ps(y1, b));
             }
             for (k, yk) in y.iter().enumerate() {
-                let (oy, ox) = (2 * ty + k / 2, 2 * tx + k % 2);
+                let (oy, ox) = (y0 + d * (k / 2), x0 + d * (k % 2));
                 if oy >= g.h || ox >= g.wd {
                     continue;
                 }
@@ -297,6 +311,6 @@ unsafe fn block_avx2(
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_avx2(_: &Geo, _: &[f32], _: &[f32], _: &[f32], _: usize, _: usize, _: *mut f32) {
+unsafe fn block_avx2(_: &Geo, _: &[f32], _: &[f32], _: &[f32], _: *mut f32) {
     unreachable!("Winograd convolution is x86-64 only")
 }
