@@ -21,6 +21,8 @@ use rayon::prelude::*;
 const TB: usize = 24;
 
 thread_local! {
+    /// The padded channel-last input of the convolution this thread runs (taken and put back per call).
+    static PADDED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     /// A block's transformed input and products, and the identity offsets (taken and put back per block).
     static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<u32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
@@ -90,9 +92,8 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, d: usize) ->
     let [n, ci, h, wd] = x.shape;
     let [co, _, kh, kw] = w.shape;
     assert!(direct::available() && eligible(ci, co, kh, kw, d, d));
-    let mut out = Tensor::zeros([n, co, h, wd]);
     if h * wd == 0 {
-        return out;
+        return Tensor::zeros([n, co, h, wd]);
     }
     let co16 = co.next_multiple_of(NR);
     let u = direct::cached_packing(&w.data[..co * ci * 9], 2 * co + 1, |w| {
@@ -122,13 +123,21 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, d: usize) ->
     // origins stay below h + d
     let (hp, wp) = (h + 4 * d, wd + 4 * d);
     let per_image = hp * wp * ci;
-    let mut padded = vec![0f32; n * per_image];
-    for (b, dst) in padded.chunks_exact_mut(per_image).enumerate() {
+    // this thread's buffer if it is free (a nested call, from a stolen job, makes its own)
+    let mut padded = PADDED.with(|p| p.take());
+    padded.resize(n * per_image, 0.0);
+    for (b, dst) in padded[..n * per_image]
+        .chunks_exact_mut(per_image)
+        .enumerate()
+    {
         let src = &x.data[b * ci * h * wd..(b + 1) * ci * h * wd];
         to_channel_last(src, ci, h, wd, wp, d, dst);
     }
+    // every output value is written below (the tiles cover the image, the channels run to co)
+    let len = n * co * h * wd;
+    let mut data: Vec<f32> = Vec::with_capacity(len);
     let blocks = tiles.div_ceil(TB);
-    let optr = OutPtr(out.data.as_mut_ptr());
+    let optr = OutPtr(data.as_mut_ptr());
     let job = |j: usize| {
         let (b, blk) = (j / blocks, j % blocks);
         let t0 = blk * TB;
@@ -154,7 +163,13 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, d: usize) ->
     } else {
         (0..jobs).for_each(job);
     }
-    out
+    PADDED.with(|p| p.set(padded));
+    // SAFETY: the jobs wrote all `len` values (see above).
+    unsafe { data.set_len(len) };
+    Tensor {
+        shape: [n, co, h, wd],
+        data,
+    }
 }
 
 /// The sizes and tiles a block needs.
@@ -172,7 +187,8 @@ struct Geo<'a> {
     origins: &'a [(u32, u32)],
 }
 
-/// `[ci][h][w]` → channel-last `[y + pad][x + pad][ci]` rows `wp` pixels wide (the borders stay zero).
+/// `[ci][h][w]` → channel-last `[y + pad][x + pad][ci]` rows `wp` pixels wide, with zero borders (`dst`
+/// may hold anything before).
 fn to_channel_last(
     src: &[f32],
     ci: usize,
@@ -182,19 +198,87 @@ fn to_channel_last(
     pad: usize,
     dst: &mut [f32],
 ) {
-    // 8 channels at a time: read 8 rows side by side, write 8 contiguous floats per pixel
+    let rows = dst.len() / (wp * ci);
+    // borders: the rows above and below, and the columns left and right of each image row
+    dst[..pad * wp * ci].fill(0.0);
+    dst[(h + pad) * wp * ci..rows * wp * ci].fill(0.0);
+    for y in pad..h + pad {
+        let row = &mut dst[y * wp * ci..(y + 1) * wp * ci];
+        row[..pad * ci].fill(0.0);
+        row[(pad + w) * ci..].fill(0.0);
+    }
     for c0 in (0..ci).step_by(8) {
         for y in 0..h {
             let rows: [&[f32]; 8] =
                 std::array::from_fn(|i| &src[((c0 + i) * h + y) * w..((c0 + i) * h + y + 1) * w]);
             let drow = &mut dst[((y + pad) * wp + pad) * ci..((y + pad) * wp + pad + w) * ci];
-            for (x, px) in drow.chunks_exact_mut(ci).enumerate() {
+            // SAFETY: `direct::available()` (checked by `conv2d`) means AVX2; 8 rows of w floats in,
+            // w pixels of ci floats out, channels c0..c0 + 8 <= ci.
+            let done = unsafe { transpose8_avx2(&rows, w, drow, ci, c0) };
+            for x in done..w {
                 for (i, r) in rows.iter().enumerate() {
-                    px[c0 + i] = r[x];
+                    drow[x * ci + c0 + i] = r[x];
                 }
             }
         }
     }
+}
+
+/// Pixels `[0, w / 8 * 8)` of 8 channel rows into channel-last pixels (`ci` apart, channels at `c0`), by
+/// 8x8 transposes; returns how many pixels it did.
+///
+/// # Safety
+/// Needs AVX2; every row holds `w` floats, `out` `w * ci` floats, `c0 + 8 <= ci`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8_avx2(
+    rows: &[&[f32]; 8],
+    w: usize,
+    out: &mut [f32],
+    ci: usize,
+    c0: usize,
+) -> usize {
+    use std::arch::x86_64::*;
+    let full = w / 8 * 8;
+    let o = out.as_mut_ptr();
+    for x in (0..full).step_by(8) {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].as_ptr().add(x)));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let cols = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (j, col) in cols.into_iter().enumerate() {
+            _mm256_storeu_ps(o.add((x + j) * ci + c0), col);
+        }
+    }
+    full
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn transpose8_avx2(_: &[&[f32]; 8], _: usize, _: &mut [f32], _: usize, _: usize) -> usize {
+    0
 }
 
 /// The tiles `g.origins` of one image: input transform, the 16 products, output transform into `out`
