@@ -16,13 +16,12 @@
 //!
 //! Every output value is the same sequence of FMAs whatever the thread count or tiling, so results are
 //! bit-identical with 1 or many threads.
-use crate::OutPtr;
+use crate::{CpuTensor, OutPtr};
 use jointdiff_core::backend::Conv2dParams;
 use jointdiff_core::reference;
 use jointdiff_core::Tensor;
 use rayon::prelude::*;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// Output pixels per micro-kernel block.
 pub(crate) const MR: usize = 6;
@@ -69,7 +68,7 @@ struct Plan<'a> {
 ///
 /// # Panics
 /// If `available()` is false (callers check it first).
-pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
+pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
     assert!(available(), "direct convolution needs AVX2 + FMA");
     let [n, ci, h, wd] = x.shape;
     let [co, _, kh, kw] = w.shape;
@@ -101,8 +100,11 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dPar
     if let Some(b) = bias {
         bias16[..co].copy_from_slice(&b.data[..co]);
     }
-    // kind: the output channel count (the same weights could be read as another shape)
-    let packed = cached_packing(&w.data[..co * kk], 2 * co, |w| pack_weights(w, co, kk));
+    // packed once per weight tensor (it is immutable), kept with it
+    let packed = w
+        .packs()
+        .direct
+        .get_or_init(|| pack_weights(&w.data[..co * kk], co, kk));
     // zero-padded input, one `ci x hp x wp` block per image
     let per_image = ci * plane;
     let mut padded = vec![0f32; n * per_image];
@@ -122,7 +124,7 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dPar
         kk,
         offs: &offs,
         bases: &bases,
-        packed: &packed.packed,
+        packed,
         bias: &bias16,
     };
     // Jobs: runs of pixel blocks of one image, all output channels each; an image has at least 4 runs when
@@ -162,57 +164,6 @@ pub(crate) fn pack_weights(w: &[f32], co: usize, kk: usize) -> Vec<f32> {
         }
     }
     packed
-}
-
-/// The bytes of a float slice (compared with `memcmp`: bit-exact, and fast).
-fn as_bytes(v: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding bytes and u8 has alignment 1; the length is the slice's size in bytes.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
-}
-
-/// Packed weights with the weights they were packed from.
-pub(crate) struct Packed {
-    src: Vec<f32>,
-    pub(crate) packed: Vec<f32>,
-}
-
-/// Most floats the packed-weight cache holds (sources and packed copies together): 32M floats, 128 MB.
-const CACHE_FLOATS: usize = 1 << 25;
-
-/// The packed form of `w` (`pack(w)`, one packing per `kind`), from a cache when these exact weights (bit
-/// for bit) were packed before.
-///
-/// A sampler runs the same networks hundreds of times, and repacking every weight at every step cost about
-/// 7% of a forward; comparing the weights with the cached copy costs a fraction of that. Entries are keyed
-/// by the weights' address, size and the packing's kind, and always checked against the copy, so weights
-/// changed in place (a training step) are repacked, never served stale.
-pub(crate) fn cached_packing(
-    w: &[f32],
-    kind: usize,
-    pack: impl FnOnce(&[f32]) -> Vec<f32>,
-) -> Arc<Packed> {
-    type Cache = HashMap<(usize, usize, usize), Arc<Packed>>;
-    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    let key = (w.as_ptr() as usize, w.len(), kind);
-    let hit = cache.lock().ok().and_then(|c| c.get(&key).cloned());
-    if let Some(p) = hit {
-        if as_bytes(&p.src) == as_bytes(w) {
-            return p;
-        }
-    }
-    let p = Arc::new(Packed {
-        src: w.to_vec(),
-        packed: pack(w),
-    });
-    if let Ok(mut c) = cache.lock() {
-        let held: usize = c.values().map(|p| p.src.len() + p.packed.len()).sum();
-        if held + p.src.len() + p.packed.len() > CACHE_FLOATS {
-            c.clear();
-        }
-        c.insert(key, p.clone());
-    }
-    p
 }
 
 /// Output pixels `[q0, q1)` of one image, all channels, written to `out` (`[co][hw]`).

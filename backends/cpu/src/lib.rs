@@ -12,6 +12,7 @@ use jointdiff_core::sampler::Join;
 use jointdiff_core::Tensor;
 use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
+use std::sync::{Arc, OnceLock};
 
 mod direct;
 mod winograd;
@@ -200,7 +201,7 @@ fn im2col_tile(
 /// "same" 3x3 convolutions with input channels a multiple of 8, else the direct kernel. Otherwise tiled
 /// im2col + GEMM, whose cache blocking wins on deep layers. `JOINTDIFF_CPU_KERNEL=direct` turns Winograd
 /// off and `JOINTDIFF_CPU_KERNEL=portable` both AVX2 paths (for comparisons).
-fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
+fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
     let [co, ci, kh, kw] = w.shape;
     if direct::available() && ci * kh * kw <= DIRECT_MAX_K {
         if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) && winograd::enabled() {
@@ -501,62 +502,128 @@ fn pmax(a: f32, b: f32) -> f32 {
     }
 }
 
+/// A tensor of the CPU backend: host data, immutable, and (for convolution weights) their repacked forms
+/// for the direct and Winograd kernels, made on first use and kept with the tensor. The tensor cannot be
+/// changed in place, so they never go stale: a sampler that runs the same network hundreds of times packs
+/// each weight once. Clones share the packed forms.
+#[derive(Debug, Clone)]
+pub struct CpuTensor {
+    t: Tensor,
+    packed: Arc<Packs>,
+}
+
+/// The repacked forms of one weight tensor.
+#[derive(Debug, Default)]
+pub(crate) struct Packs {
+    pub(crate) direct: OnceLock<Vec<f32>>,
+    pub(crate) winograd: OnceLock<Vec<f32>>,
+}
+
+impl CpuTensor {
+    /// The host tensor.
+    pub fn host(&self) -> &Tensor {
+        &self.t
+    }
+    /// The host tensor, by value.
+    pub fn into_host(self) -> Tensor {
+        self.t
+    }
+    pub(crate) fn packs(&self) -> &Packs {
+        &self.packed
+    }
+}
+
+impl From<Tensor> for CpuTensor {
+    fn from(t: Tensor) -> Self {
+        CpuTensor {
+            t,
+            packed: Arc::default(),
+        }
+    }
+}
+
+impl std::ops::Deref for CpuTensor {
+    type Target = Tensor;
+    fn deref(&self) -> &Tensor {
+        &self.t
+    }
+}
+
 impl Backend for CpuBackend {
-    type Tensor = Tensor;
+    type Tensor = CpuTensor;
 
     fn name(&self) -> &'static str {
         "cpu"
     }
-    fn upload(&self, t: &Tensor) -> Tensor {
-        t.clone()
+    fn upload(&self, t: &Tensor) -> CpuTensor {
+        t.clone().into()
     }
-    fn download(&self, t: &Tensor) -> Tensor {
-        t.clone()
+    fn download(&self, t: &CpuTensor) -> Tensor {
+        t.t.clone()
     }
-    fn shape(&self, t: &Tensor) -> [usize; 4] {
+    fn shape(&self, t: &CpuTensor) -> [usize; 4] {
         t.shape
     }
-    fn conv2d(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
-        conv2d(x, w, bias, p)
+    fn conv2d(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        bias: Option<&CpuTensor>,
+        p: Conv2dParams,
+    ) -> CpuTensor {
+        conv2d(x, w, bias.map(|b| &b.t), p).into()
     }
-    fn mean_pool2(&self, x: &Tensor) -> Tensor {
-        reference::mean_pool2(x)
+    fn mean_pool2(&self, x: &CpuTensor) -> CpuTensor {
+        reference::mean_pool2(x).into()
     }
-    fn max_pool(&self, x: &Tensor, k: usize, pad: usize) -> Tensor {
-        max_pool(x, k, pad)
+    fn max_pool(&self, x: &CpuTensor, k: usize, pad: usize) -> CpuTensor {
+        max_pool(x, k, pad).into()
     }
-    fn instance_norm_plus(&self, x: &Tensor, a: &Tensor, g: &Tensor, b: &Tensor) -> Tensor {
-        instance_norm_plus_act(x, a, g, b, false)
+    fn instance_norm_plus(
+        &self,
+        x: &CpuTensor,
+        a: &CpuTensor,
+        g: &CpuTensor,
+        b: &CpuTensor,
+    ) -> CpuTensor {
+        instance_norm_plus_act(x, a, g, b, false).into()
     }
-    fn instance_norm_plus_elu(&self, x: &Tensor, a: &Tensor, g: &Tensor, b: &Tensor) -> Tensor {
-        instance_norm_plus_act(x, a, g, b, true)
+    fn instance_norm_plus_elu(
+        &self,
+        x: &CpuTensor,
+        a: &CpuTensor,
+        g: &CpuTensor,
+        b: &CpuTensor,
+    ) -> CpuTensor {
+        instance_norm_plus_act(x, a, g, b, true).into()
     }
-    fn elu(&self, x: &Tensor) -> Tensor {
+    fn elu(&self, x: &CpuTensor) -> CpuTensor {
         let mut out = Tensor::zeros(x.shape);
         wide(|| {
             for (o, &v) in out.data.iter_mut().zip(&x.data) {
                 *o = elu1(v);
             }
         });
-        out
+        out.into()
     }
-    fn resize_bilinear(&self, x: &Tensor, h: usize, w: usize) -> Tensor {
-        reference::resize_bilinear(x, h, w)
+    fn resize_bilinear(&self, x: &CpuTensor, h: usize, w: usize) -> CpuTensor {
+        reference::resize_bilinear(x, h, w).into()
     }
-    fn add(&self, a: &Tensor, b: &Tensor) -> Tensor {
-        reference::add(a, b)
+    fn add(&self, a: &CpuTensor, b: &CpuTensor) -> CpuTensor {
+        reference::add(a, b).into()
     }
-    fn affine(&self, x: &Tensor, scale: f32, shift: f32) -> Tensor {
-        reference::affine(x, scale, shift)
+    fn affine(&self, x: &CpuTensor, scale: f32, shift: f32) -> CpuTensor {
+        reference::affine(x, scale, shift).into()
     }
     fn conv2d_backward(
         &self,
-        x: &Tensor,
-        w: &Tensor,
-        gout: &Tensor,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        gout: &CpuTensor,
         p: Conv2dParams,
-    ) -> (Tensor, Tensor, Tensor) {
-        conv2d_backward(x, w, gout, p)
+    ) -> (CpuTensor, CpuTensor, CpuTensor) {
+        let (gx, gw, gb) = conv2d_backward(x, w, gout, p);
+        (gx.into(), gw.into(), gb.into())
     }
 }
 
@@ -766,6 +833,7 @@ mod tests {
         p: Conv2dParams,
     ) -> Vec<(&'static str, Tensor)> {
         let mut v = vec![("im2col", conv2d_im2col(x, w, b, p))];
+        let w = &CpuTensor::from(w.clone());
         if direct::available() {
             v.push(("direct", direct::conv2d(x, w, b, p)));
             let [co, ci, kh, kw] = w.shape;
@@ -781,7 +849,7 @@ mod tests {
     #[test]
     fn rayon_join_runs_both_sides_serially_and_restores_the_flag() {
         let x = rand([1, 16, 20, 20], 1);
-        let w = rand([16, 16, 3, 3], 2);
+        let w = CpuTensor::from(rand([16, 16, 3, 3], 2));
         let p = Conv2dParams::same3(1);
         let want = conv2d(&x, &w, None, p);
         let (mut a, mut b) = (None, None);
@@ -801,19 +869,17 @@ mod tests {
     }
 
     #[test]
-    fn weights_changed_in_place_are_not_served_from_the_packing_cache() {
-        let x = rand([1, 5, 9, 9], 1);
-        let mut w = rand([18, 5, 3, 3], 2);
-        let p = Conv2dParams::same3(1);
-        for step in 0..3 {
-            // same allocation each time, as a training step updates the weights
-            w.data
-                .iter_mut()
-                .for_each(|v| *v = 0.9 * *v + 0.01 * step as f32);
-            let want = reference::conv2d(&x, &w, None, p);
-            let got = conv2d(&x, &w, None, p);
-            let e = rel_max_err(&got.data, &want.data);
-            assert!(e < 1e-5, "step {step}: {e}");
+    fn packed_forms_stay_with_their_tensor() {
+        // two weight tensors of one shape, used alternately: each convolution must use its own packing
+        let x = rand([1, 16, 9, 9], 1);
+        let (w1, w2) = (rand([18, 16, 3, 3], 2), rand([18, 16, 3, 3], 3));
+        let (c1, c2) = (CpuTensor::from(w1.clone()), CpuTensor::from(w2.clone()));
+        for p in [Conv2dParams::same3(1), Conv2dParams::same3(2)] {
+            for (w, c) in [(&w1, &c1), (&w2, &c2), (&w1, &c1)] {
+                let want = reference::conv2d(&x, w, None, p);
+                let e = rel_max_err(&conv2d(&x, c, None, p).data, &want.data);
+                assert!(e < 1e-5, "{p:?}: {e}");
+            }
         }
     }
 
@@ -855,7 +921,8 @@ mod tests {
             let out = reference::conv2d(&x, &w, None, p);
             let g = rand(out.shape, 3);
             let (rx, rw, rb) = reference::conv2d_backward(&x, &w, &g, p);
-            let (cx, cw, cb) = CpuBackend.conv2d_backward(&x, &w, &g, p);
+            let c = |t: &Tensor| CpuBackend.upload(t);
+            let (cx, cw, cb) = CpuBackend.conv2d_backward(&c(&x), &c(&w), &c(&g), p);
             for (name, a, b) in [("dx", &cx, &rx), ("dw", &cw, &rw), ("db", &cb, &rb)] {
                 assert_eq!(a.shape, b.shape);
                 let e = rel_max_err(&a.data, &b.data);
@@ -889,10 +956,11 @@ mod tests {
                 rand([1, c, 1, 1], 7),
             );
             let want = reference::elu(&reference::instance_norm_plus(&x, &a, &g, &b));
-            let got = CpuBackend.instance_norm_plus_elu(&x, &a, &g, &b);
+            let c = |t: &Tensor| CpuBackend.upload(t);
+            let got = CpuBackend.instance_norm_plus_elu(&c(&x), &c(&a), &c(&g), &c(&b));
             assert!(rel_max_err(&got.data, &want.data) < 1e-5);
             let want = reference::instance_norm_plus(&x, &a, &g, &b);
-            let got = CpuBackend.instance_norm_plus(&x, &a, &g, &b);
+            let got = CpuBackend.instance_norm_plus(&c(&x), &c(&a), &c(&g), &c(&b));
             assert!(rel_max_err(&got.data, &want.data) < 1e-5);
             // a NaN must come through the pooling as in the reference
             x.data[17] = f32::NAN;

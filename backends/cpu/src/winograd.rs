@@ -9,11 +9,11 @@
 //! (they only add, subtract and halve); rounding differs from the direct sum by a few ulps.
 //!
 //! Layout: the input is copied into a zero-padded, channel-last buffer so that the input transform works on
-//! 8 channels per AVX vector; the transformed weights `U` are cached like the direct path's packed weights.
+//! 8 channels per AVX vector; the transformed weights `U` are kept with the weight tensor ([`CpuTensor`]).
 //! Tiles run in blocks (each block's `V` and `M` stay in L2), blocks in parallel; every output value is the
 //! same sequence of operations whatever the thread count.
 use crate::direct::{self, micro_6x16, MR, NR};
-use crate::OutPtr;
+use crate::{CpuTensor, OutPtr};
 use jointdiff_core::Tensor;
 use rayon::prelude::*;
 
@@ -88,7 +88,7 @@ fn transform_weights(w: &[f32], co: usize, ci: usize) -> Vec<f32> {
 ///
 /// # Panics
 /// If AVX2 + FMA are missing or the convolution is not `eligible`.
-pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, d: usize) -> Tensor {
+pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, d: usize) -> Tensor {
     let [n, ci, h, wd] = x.shape;
     let [co, _, kh, kw] = w.shape;
     assert!(direct::available() && eligible(ci, co, kh, kw, d, d));
@@ -96,9 +96,11 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, d: usize) ->
         return Tensor::zeros([n, co, h, wd]);
     }
     let co16 = co.next_multiple_of(NR);
-    let u = direct::cached_packing(&w.data[..co * ci * 9], 2 * co + 1, |w| {
-        transform_weights(w, co, ci)
-    });
+    // transformed once per weight tensor (it is immutable), kept with it
+    let u = w
+        .packs()
+        .winograd
+        .get_or_init(|| transform_weights(&w.data[..co * ci * 9], co, ci));
     let mut bias16 = vec![0f32; co16];
     if let Some(b) = bias {
         bias16[..co].copy_from_slice(&b.data[..co]);
@@ -155,7 +157,7 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, d: usize) ->
         };
         // SAFETY: AVX2 + FMA are present (asserted); this job writes only the output pixels of its own
         // tiles of image b, which no other job writes.
-        unsafe { block_avx2(&geo, src, &u.packed, &bias16, optr.at(b * co * h * wd)) };
+        unsafe { block_avx2(&geo, src, u, &bias16, optr.at(b * co * h * wd)) };
     };
     let jobs = n * blocks;
     if crate::may_split() && jobs > 1 && co * ci * 9 * h * wd * n >= 1 << 18 {
