@@ -12,7 +12,7 @@ use jointdiff_core::sampler::Join;
 use jointdiff_core::Tensor;
 use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 mod direct;
 mod winograd;
@@ -451,11 +451,11 @@ fn max_pool(x: &Tensor, k: usize, pad: usize) -> Tensor {
     if ho * wo == 0 || h * w == 0 {
         return out;
     }
-    let plane = |(d, s): (&mut [f32], &[f32])| {
+    // scratch per thread of the loop: one -inf padded row and the row pass's output (h x wo)
+    let scratch = || (vec![f32::NEG_INFINITY; w + 2 * pad], vec![0f32; h * wo]);
+    type Scratch = (Vec<f32>, Vec<f32>);
+    let plane = |(padded, rows): &mut Scratch, (d, s): (&mut [f32], &[f32])| {
         wide(|| {
-            // row pass into `rows` (h x wo), through one -inf padded row
-            let mut padded = vec![f32::NEG_INFINITY; w + 2 * pad];
-            let mut rows = vec![0f32; h * wo];
             for (sr, rr) in s.chunks_exact(w).zip(rows.chunks_exact_mut(wo)) {
                 padded[pad..pad + w].copy_from_slice(sr);
                 rr.copy_from_slice(&padded[..wo]);
@@ -482,12 +482,13 @@ fn max_pool(x: &Tensor, k: usize, pad: usize) -> Tensor {
         out.data
             .par_chunks_mut(ho * wo)
             .zip(x.data.par_chunks(h * w))
-            .for_each(plane);
+            .for_each_init(scratch, plane);
     } else {
+        let mut sc = scratch();
         out.data
             .chunks_mut(ho * wo)
             .zip(x.data.chunks(h * w))
-            .for_each(plane);
+            .for_each(|item| plane(&mut sc, item));
     }
     out
 }
@@ -505,15 +506,15 @@ fn pmax(a: f32, b: f32) -> f32 {
 /// A tensor of the CPU backend: host data, immutable, and (for convolution weights) their repacked forms
 /// for the direct and Winograd kernels, made on first use and kept with the tensor. The tensor cannot be
 /// changed in place, so they never go stale: a sampler that runs the same network hundreds of times packs
-/// each weight once. Clones share the packed forms.
+/// each weight once. Nothing is allocated for them until a convolution asks.
 #[derive(Debug, Clone)]
 pub struct CpuTensor {
     t: Tensor,
-    packed: Arc<Packs>,
+    packed: Packs,
 }
 
 /// The repacked forms of one weight tensor.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Packs {
     pub(crate) direct: OnceLock<Vec<f32>>,
     pub(crate) winograd: OnceLock<Vec<f32>>,
@@ -537,7 +538,7 @@ impl From<Tensor> for CpuTensor {
     fn from(t: Tensor) -> Self {
         CpuTensor {
             t,
-            packed: Arc::default(),
+            packed: Packs::default(),
         }
     }
 }

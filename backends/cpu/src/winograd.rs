@@ -23,6 +23,9 @@ const TB: usize = 24;
 thread_local! {
     /// The padded channel-last input of the convolution this thread runs (taken and put back per call).
     static PADDED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The bias padded to a multiple of 16 channels and the tile origins of the call this thread runs.
+    #[allow(clippy::type_complexity)]
+    static SMALL: std::cell::Cell<(Vec<f32>, Vec<(u32, u32)>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
     /// A block's transformed input and products, and the identity offsets (taken and put back per block).
     static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<u32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
@@ -101,12 +104,15 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, d: usize)
         .packs()
         .winograd
         .get_or_init(|| transform_weights(&w.data[..co * ci * 9], co, ci));
-    let mut bias16 = vec![0f32; co16];
+    // this thread's small buffers (bias padded to co16, tile origins), taken and put back
+    let (mut bias16, mut origins) = SMALL.with(|s| s.take());
+    bias16.clear();
+    bias16.resize(co16, 0.0);
     if let Some(b) = bias {
         bias16[..co].copy_from_slice(&b.data[..co]);
     }
     // tile origins (y, x), sub-image by sub-image
-    let mut origins = Vec::new();
+    origins.clear();
     for a in 0..d.min(h) {
         for b in 0..d.min(wd) {
             let (th, tw) = (
@@ -166,6 +172,7 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, d: usize)
         (0..jobs).for_each(job);
     }
     PADDED.with(|p| p.set(padded));
+    SMALL.with(|s| s.set((bias16, origins)));
     // SAFETY: the jobs wrote all `len` values (see above).
     unsafe { data.set_len(len) };
     Tensor {
