@@ -512,7 +512,9 @@ impl<B: Backend> Ncsnv2<B> {
                 out = o;
                 recs.extend(rec);
             }
-            res_recs.push(recs);
+            if keep {
+                res_recs.push(recs);
+            }
             layers.push(out.clone());
         }
         let s = |t: &B::Tensor| {
@@ -738,7 +740,9 @@ impl<B: Backend> Ncsnv2<B> {
                 x = self.conv(b, &e, conv);
             }
             x = b.add(&x, &residual);
-            stages.push(recs);
+            if keep {
+                stages.push(recs);
+            }
         }
         (x, RcuRec { stages })
     }

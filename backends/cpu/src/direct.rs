@@ -47,6 +47,19 @@ fn detect() -> bool {
     false
 }
 
+/// A thread's reusable buffers for one call.
+#[derive(Default)]
+struct Scratch {
+    offs: Vec<u32>,
+    bases: Vec<u32>,
+    bias: Vec<f32>,
+    padded: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
+}
+
 /// What every job of one convolution shares.
 struct Plan<'a> {
     co: usize,
@@ -74,7 +87,7 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2d
     let [co, _, kh, kw] = w.shape;
     let ho = reference::conv_out(h, kh, p);
     let wo = reference::conv_out(wd, kw, p);
-    let mut out = Tensor::zeros([n, co, ho, wo]);
+    let mut out = crate::pool::zeros([n, co, ho, wo]);
     let hw = ho * wo;
     if hw == 0 || co == 0 {
         return out;
@@ -83,7 +96,14 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2d
     let (hp, wp) = (h + 2 * pad, wd + 2 * pad);
     let plane = hp * wp;
     let kk = ci * kh * kw;
-    let mut offs = Vec::with_capacity(kk);
+    // this thread's buffers (offsets, pixel bases, bias, padded input), taken and put back
+    let Scratch {
+        mut offs,
+        mut bases,
+        bias: mut bias16,
+        mut padded,
+    } = SCRATCH.with(|s| s.take());
+    offs.clear();
     for c in 0..ci {
         for ky in 0..kh {
             for kx in 0..kw {
@@ -91,12 +111,13 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2d
             }
         }
     }
-    let mut bases = Vec::with_capacity(hw);
+    bases.clear();
     for y in 0..ho {
         bases.extend((y * wp..y * wp + wo).map(|b| b as u32));
     }
     let co16 = co.next_multiple_of(NR);
-    let mut bias16 = vec![0f32; co16];
+    bias16.clear();
+    bias16.resize(co16, 0.0);
     if let Some(b) = bias {
         bias16[..co].copy_from_slice(&b.data[..co]);
     }
@@ -107,7 +128,8 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2d
         .get_or_init(|| pack_weights(&w.data[..co * kk], co, kk));
     // zero-padded input, one `ci x hp x wp` block per image
     let per_image = ci * plane;
-    let mut padded = vec![0f32; n * per_image];
+    padded.clear();
+    padded.resize(n * per_image, 0.0);
     for b in 0..n {
         let src = &x.data[b * ci * h * wd..(b + 1) * ci * h * wd];
         let dst = &mut padded[b * per_image..(b + 1) * per_image];
@@ -149,6 +171,14 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2d
     } else {
         (0..jobs).for_each(job);
     }
+    SCRATCH.with(|s| {
+        s.set(Scratch {
+            offs,
+            bases,
+            bias: bias16,
+            padded,
+        })
+    });
     out
 }
 

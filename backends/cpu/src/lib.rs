@@ -15,6 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::sync::OnceLock;
 
 mod direct;
+mod pool;
 mod winograd;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -226,7 +227,7 @@ fn conv2d_im2col(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams)
     let ho = reference::conv_out(h, kh, p);
     let wo = reference::conv_out(wd, kw, p);
     let hw = ho * wo;
-    let mut out = Tensor::zeros([n, co, ho, wo]);
+    let mut out = pool::zeros([n, co, ho, wo]);
     if hw == 0 {
         return out;
     }
@@ -319,6 +320,14 @@ fn plane_stats(plane: &[f32]) -> (f64, f64) {
     })
 }
 
+thread_local! {
+    /// InstanceNorm++'s per-channel statistics and affine maps of the call this thread runs.
+    #[allow(clippy::type_complexity)]
+    static NORM_SCRATCH: Cell<(Vec<(f64, f64)>, Vec<(f32, f32)>)> = const { Cell::new((Vec::new(), Vec::new())) };
+    /// Max pooling's padded row and row-pass output.
+    static POOL_SCRATCH: Cell<(Vec<f32>, Vec<f32>)> = const { Cell::new((Vec::new(), Vec::new())) };
+}
+
 /// Whether an elementwise operation over `len` floats is worth splitting over the pool.
 fn split_elementwise(len: usize) -> bool {
     may_split() && len >= 1 << 15
@@ -335,19 +344,29 @@ fn instance_norm_plus_act(
 ) -> Tensor {
     let [n, c, h, w] = x.shape;
     let hw = h * w;
-    let mut out = Tensor::zeros(x.shape);
+    let mut out = pool::zeros(x.shape);
     if hw == 0 || c == 0 {
         return out;
     }
     let split = split_elementwise(x.data.len());
     // per (image, channel): mean and variance
-    let stats: Vec<(f64, f64)> = if split {
-        x.data.par_chunks(hw).map(plane_stats).collect()
+    // this thread's buffers for the statistics and the maps (taken and put back)
+    let (mut stats, mut maps) = NORM_SCRATCH.with(|s| s.take());
+    stats.clear();
+    stats.resize(n * c, (0.0, 0.0));
+    if split {
+        stats
+            .par_iter_mut()
+            .zip(x.data.par_chunks(hw))
+            .for_each(|(st, plane)| *st = plane_stats(plane));
     } else {
-        x.data.chunks(hw).map(plane_stats).collect()
-    };
+        stats
+            .iter_mut()
+            .zip(x.data.chunks(hw))
+            .for_each(|(st, plane)| *st = plane_stats(plane));
+    }
     // per (image, channel): the affine map, from the image's statistics of channel means
-    let mut maps = Vec::with_capacity(n * c);
+    maps.clear();
     for img in stats.chunks(c) {
         let m = img.iter().map(|s| s.0).sum::<f64>() / c as f64;
         let v = img.iter().map(|s| (s.0 - m) * (s.0 - m)).sum::<f64>() / (c as f64 - 1.0);
@@ -392,6 +411,7 @@ fn instance_norm_plus_act(
             .zip(&maps)
             .for_each(apply);
     }
+    NORM_SCRATCH.with(|s| s.set((stats, maps)));
     out
 }
 
@@ -447,7 +467,7 @@ fn max_pool(x: &Tensor, k: usize, pad: usize) -> Tensor {
     let [n, c, h, w] = x.shape;
     let ho = (h + 2 * pad + 1).saturating_sub(k);
     let wo = (w + 2 * pad + 1).saturating_sub(k);
-    let mut out = Tensor::zeros([n, c, ho, wo]);
+    let mut out = pool::zeros([n, c, ho, wo]);
     if ho * wo == 0 || h * w == 0 {
         return out;
     }
@@ -484,11 +504,65 @@ fn max_pool(x: &Tensor, k: usize, pad: usize) -> Tensor {
             .zip(x.data.par_chunks(h * w))
             .for_each_init(scratch, plane);
     } else {
-        let mut sc = scratch();
+        let mut sc = POOL_SCRATCH.with(|s| s.take());
+        sc.0.clear();
+        sc.0.resize(w + 2 * pad, f32::NEG_INFINITY);
+        sc.1.clear();
+        sc.1.resize(h * wo, 0.0);
         out.data
             .chunks_mut(ho * wo)
             .zip(x.data.chunks(h * w))
             .for_each(|item| plane(&mut sc, item));
+        POOL_SCRATCH.with(|s| s.set(sc));
+    }
+    out
+}
+
+/// 2x2 mean pooling (the reference's arithmetic, into a pooled buffer).
+fn mean_pool2(x: &Tensor) -> Tensor {
+    let [n, c, h, w] = x.shape;
+    let (ho, wo) = (h / 2, w / 2);
+    let mut out = pool::zeros([n, c, ho, wo]);
+    for (s, d) in x
+        .data
+        .chunks(h * w)
+        .zip(out.data.chunks_mut(ho * wo))
+        .take(n * c)
+    {
+        for y in 0..ho {
+            for xx in 0..wo {
+                let a = s[2 * y * w + 2 * xx];
+                let b = s[(2 * y + 1) * w + 2 * xx];
+                let cc = s[2 * y * w + 2 * xx + 1];
+                let dd = s[(2 * y + 1) * w + 2 * xx + 1];
+                d[y * wo + xx] = (((a + b) + cc) + dd) / 4.0;
+            }
+        }
+    }
+    out
+}
+
+/// Bilinear resize with aligned corners (the reference's arithmetic, into a pooled buffer).
+fn resize_bilinear(x: &Tensor, ho: usize, wo: usize) -> Tensor {
+    let [n, c, h, w] = x.shape;
+    let mut out = pool::zeros([n, c, ho, wo]);
+    if h * w == 0 {
+        return out;
+    }
+    for (s, d) in x
+        .data
+        .chunks(h * w)
+        .zip(out.data.chunks_mut(ho * wo))
+        .take(n * c)
+    {
+        for oy in 0..ho {
+            let (y0, y1, ly0, ly1) = reference::bilinear_coeffs(ho, h, oy);
+            for ox in 0..wo {
+                let (x0, x1, lx0, lx1) = reference::bilinear_coeffs(wo, w, ox);
+                d[oy * wo + ox] = ly0 * (lx0 * s[y0 * w + x0] + lx1 * s[y0 * w + x1])
+                    + ly1 * (lx0 * s[y1 * w + x0] + lx1 * s[y1 * w + x1]);
+            }
+        }
     }
     out
 }
@@ -507,7 +581,7 @@ fn pmax(a: f32, b: f32) -> f32 {
 /// for the direct and Winograd kernels, made on first use and kept with the tensor. The tensor cannot be
 /// changed in place, so they never go stale: a sampler that runs the same network hundreds of times packs
 /// each weight once. Nothing is allocated for them until a convolution asks.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CpuTensor {
     t: Tensor,
     packed: Packs,
@@ -526,8 +600,11 @@ impl CpuTensor {
         &self.t
     }
     /// The host tensor, by value.
-    pub fn into_host(self) -> Tensor {
-        self.t
+    pub fn into_host(mut self) -> Tensor {
+        Tensor {
+            shape: self.t.shape,
+            data: std::mem::take(&mut self.t.data),
+        }
     }
     pub(crate) fn packs(&self) -> &Packs {
         &self.packed
@@ -540,6 +617,23 @@ impl From<Tensor> for CpuTensor {
             t,
             packed: Packs::default(),
         }
+    }
+}
+
+/// A copy in a pooled buffer (packed forms, if any, are copied too).
+impl Clone for CpuTensor {
+    fn clone(&self) -> Self {
+        CpuTensor {
+            t: pool::copy(&self.t),
+            packed: self.packed.clone(),
+        }
+    }
+}
+
+/// The storage goes back to this thread's pool, for the next operation.
+impl Drop for CpuTensor {
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.t.data));
     }
 }
 
@@ -557,7 +651,7 @@ impl Backend for CpuBackend {
         "cpu"
     }
     fn upload(&self, t: &Tensor) -> CpuTensor {
-        t.clone().into()
+        pool::copy(t).into()
     }
     fn download(&self, t: &CpuTensor) -> Tensor {
         t.t.clone()
@@ -575,7 +669,7 @@ impl Backend for CpuBackend {
         conv2d(x, w, bias.map(|b| &b.t), p).into()
     }
     fn mean_pool2(&self, x: &CpuTensor) -> CpuTensor {
-        reference::mean_pool2(x).into()
+        mean_pool2(x).into()
     }
     fn max_pool(&self, x: &CpuTensor, k: usize, pad: usize) -> CpuTensor {
         max_pool(x, k, pad).into()
@@ -599,7 +693,7 @@ impl Backend for CpuBackend {
         instance_norm_plus_act(x, a, g, b, true).into()
     }
     fn elu(&self, x: &CpuTensor) -> CpuTensor {
-        let mut out = Tensor::zeros(x.shape);
+        let mut out = pool::zeros(x.shape);
         wide(|| {
             for (o, &v) in out.data.iter_mut().zip(&x.data) {
                 *o = elu1(v);
@@ -608,13 +702,25 @@ impl Backend for CpuBackend {
         out.into()
     }
     fn resize_bilinear(&self, x: &CpuTensor, h: usize, w: usize) -> CpuTensor {
-        reference::resize_bilinear(x, h, w).into()
+        resize_bilinear(x, h, w).into()
     }
     fn add(&self, a: &CpuTensor, b: &CpuTensor) -> CpuTensor {
-        reference::add(a, b).into()
+        let mut out = pool::zeros(a.shape);
+        wide(|| {
+            for ((o, &u), &v) in out.data.iter_mut().zip(&a.data).zip(&b.data) {
+                *o = u + v;
+            }
+        });
+        out.into()
     }
     fn affine(&self, x: &CpuTensor, scale: f32, shift: f32) -> CpuTensor {
-        reference::affine(x, scale, shift).into()
+        let mut out = pool::zeros(x.shape);
+        wide(|| {
+            for (o, &v) in out.data.iter_mut().zip(&x.data) {
+                *o = scale * v + shift;
+            }
+        });
+        out.into()
     }
     fn conv2d_backward(
         &self,

@@ -143,7 +143,7 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, d: usize)
     }
     // every output value is written below (the tiles cover the image, the channels run to co)
     let len = n * co * h * wd;
-    let mut data: Vec<f32> = Vec::with_capacity(len);
+    let mut data: Vec<f32> = crate::pool::with_capacity(len);
     let blocks = tiles.div_ceil(TB);
     let optr = OutPtr(data.as_mut_ptr());
     let job = |j: usize| {
