@@ -166,7 +166,7 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2d
         unsafe { run_avx2(&plan, src, q0, q1, optr.at(b * co * hw)) };
     };
     let jobs = n * runs;
-    if crate::may_split() && jobs > 1 && co * kk * hw * n >= 1 << 18 {
+    if jobs > 1 && co * kk * hw * n >= 1 << 18 {
         (0..jobs).into_par_iter().for_each(job);
     } else {
         (0..jobs).for_each(job);

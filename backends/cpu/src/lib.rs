@@ -21,38 +21,18 @@ mod winograd;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
 
-/// Runs the signal and the noise networks of the joint sampler at the same time (rayon::join), each on one
-/// thread: inside each side the backend's operations run serially, so two threads share the two networks
-/// without a hand-off per operation (on a 28x28 image one operation is too small to split well).
+/// Runs the signal and the noise networks of the joint sampler at the same time (rayon::join). Each side's
+/// operations still split their work, so a thread whose side finishes first (a Gaussian noise prior, a
+/// smaller network) helps the other. Measured against running each side serially on its own thread
+/// (`denoise`, 300 steps, 2 threads, alternating runs): the same for two networks, 20% faster for one network
+/// and a Gaussian noise prior.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RayonJoin;
 
 impl Join for RayonJoin {
     fn join(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
-        rayon::join(|| serially(a), || serially(b));
+        rayon::join(a, b);
     }
-}
-
-thread_local! {
-    /// Set while this thread runs one side of a `RayonJoin`: operations then do not split their work.
-    static SERIAL: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f` with this thread's operations serial, restoring the flag afterwards (also on a panic).
-fn serially(f: &mut (dyn FnMut() + Send)) {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SERIAL.with(|s| s.set(self.0));
-        }
-    }
-    let _restore = Restore(SERIAL.with(|s| s.replace(true)));
-    f();
-}
-
-/// Whether an operation on this thread may split its work over the pool.
-fn may_split() -> bool {
-    !SERIAL.with(Cell::get)
 }
 
 /// Runs `f` on one of rayon's worker threads (at once if this thread already is one).
@@ -282,7 +262,7 @@ fn conv2d_im2col(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams)
     };
     let jobs = n * tiles;
     // Size gate: parallel only when there is enough work to pay for the threads.
-    if may_split() && jobs > 1 && (co * kk * hw * n) >= 1 << 18 {
+    if jobs > 1 && (co * kk * hw * n) >= 1 << 18 {
         (0..jobs).into_par_iter().for_each(run);
     } else {
         (0..jobs).for_each(run);
@@ -330,7 +310,7 @@ thread_local! {
 
 /// Whether an elementwise operation over `len` floats is worth splitting over the pool.
 fn split_elementwise(len: usize) -> bool {
-    may_split() && len >= 1 << 15
+    len >= 1 << 15
 }
 
 /// InstanceNorm++ (optionally followed by ELU): channel statistics, then one pass that applies
@@ -781,11 +761,8 @@ fn conv2d_backward(
     let [_, _, ho, wo] = gout.shape;
     let hw = ho * wo;
     let kk = ci * kh * kw;
-    // one piece (no split) inside a serial join side
-    let min_len = if may_split() { 1 } else { n.max(1) };
     let per_image: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..n)
         .into_par_iter()
-        .with_min_len(min_len)
         .map(|b| {
             let src = &x.data[b * ci * h * wd..(b + 1) * ci * h * wd];
             let g = &gout.data[b * co * hw..(b + 1) * co * hw];
@@ -954,25 +931,22 @@ mod tests {
     }
 
     #[test]
-    fn rayon_join_runs_both_sides_serially_and_restores_the_flag() {
+    fn rayon_join_runs_both_sides_with_the_same_results() {
         let x = rand([1, 16, 20, 20], 1);
         let w = CpuTensor::from(rand([16, 16, 3, 3], 2));
         let p = Conv2dParams::same3(1);
         let want = conv2d(&x, &w, None, p);
         let (mut a, mut b) = (None, None);
-        RayonJoin.join(
-            &mut || a = Some((may_split(), conv2d(&x, &w, None, p))),
-            &mut || b = Some((may_split(), conv2d(&x, &w, None, p))),
-        );
-        for (split, got) in [a.unwrap(), b.unwrap()] {
-            assert!(!split, "a join side may not split its operations");
+        RayonJoin.join(&mut || a = Some(conv2d(&x, &w, None, p)), &mut || {
+            b = Some(conv2d(&x, &w, None, p))
+        });
+        for got in [a.unwrap(), b.unwrap()] {
             assert!(got
                 .data
                 .iter()
                 .zip(&want.data)
                 .all(|(u, v)| u.to_bits() == v.to_bits()));
         }
-        assert!(may_split(), "the flag outlived the join");
     }
 
     #[test]

@@ -166,7 +166,7 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, d: usize)
         unsafe { block_avx2(&geo, src, u, &bias16, optr.at(b * co * h * wd)) };
     };
     let jobs = n * blocks;
-    if crate::may_split() && jobs > 1 && co * ci * 9 * h * wd * n >= 1 << 18 {
+    if jobs > 1 && co * ci * 9 * h * wd * n >= 1 << 18 {
         (0..jobs).into_par_iter().for_each(job);
     } else {
         (0..jobs).for_each(job);
