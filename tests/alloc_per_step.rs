@@ -2,12 +2,12 @@
 //! (two networks, run side by side) allocates only a few small bookkeeping vectors and the two score
 //! tensors it hands to the sampler, not the hundreds of intermediate tensors of the two forwards. Counted
 //! with a global allocator that counts calls (this test binary only).
-use jointdiff_core::ncsnv2::{Ncsnv2, Ncsnv2Config, ParamSpec};
+use jointdiff_core::ncsnv2::{Ncsnv2, Ncsnv2Config};
 use jointdiff_core::operator::Operator;
 use jointdiff_core::prior::NetworkPrior;
-use jointdiff_core::rng::Rng;
 use jointdiff_core::sampler::{JointSampler, SamplerConfig};
 use jointdiff_cpu::{CpuBackend, RayonJoin};
+use jointdiff_tests::init_by_name;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -37,31 +37,6 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-fn weights(s: &ParamSpec) -> Vec<f32> {
-    let h = s
-        .name
-        .bytes()
-        .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
-    let mut r = Rng::stream(3, 1, h);
-    let n: usize = s.shape.iter().product();
-    let fan_in: usize = if s.shape.len() == 4 {
-        s.shape[1..].iter().product()
-    } else {
-        1
-    };
-    let base = if s.name.ends_with("alpha") || s.name.ends_with("gamma") {
-        1.0
-    } else {
-        0.0
-    };
-    let sc = if s.shape.len() == 4 {
-        1.0 / (fan_in as f64).sqrt()
-    } else {
-        0.1
-    };
-    (0..n).map(|_| (base + sc * r.normal()) as f32).collect()
-}
-
 #[test]
 fn a_sampler_step_allocates_almost_nothing() {
     let cfg = Ncsnv2Config {
@@ -69,7 +44,7 @@ fn a_sampler_step_allocates_almost_nothing() {
         ngf: 16,
         input_map: true,
     };
-    let net = Ncsnv2::from_fn(&CpuBackend, cfg, weights).unwrap();
+    let net = Ncsnv2::from_fn(&CpuBackend, cfg, init_by_name).unwrap();
     let prior = NetworkPrior {
         net: &net,
         backend: &CpuBackend,

@@ -22,3 +22,29 @@ pub const GOLDEN: [(&str, usize, usize, usize); 3] = [
     ("ncsnv2_32x32x3_ngf8", 3, 32, 8),
     ("ncsnv2_64x64x3_ngf4", 3, 64, 4),
 ];
+
+/// Random weights whose values depend only on the parameter's name, so that networks built on different
+/// backends get the same weights.
+pub fn init_by_name(s: &jointdiff_core::ncsnv2::ParamSpec) -> Vec<f32> {
+    let h = s.name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    let mut r = jointdiff_core::rng::Rng::stream(99, 2, h);
+    let n: usize = s.shape.iter().product();
+    let fan_in: usize = if s.shape.len() == 4 {
+        s.shape[1..].iter().product()
+    } else {
+        1
+    };
+    let base = if s.name.ends_with("alpha") || s.name.ends_with("gamma") {
+        1.0
+    } else {
+        0.0
+    };
+    let sc = if s.shape.len() == 4 {
+        1.0 / (fan_in as f64).sqrt()
+    } else {
+        0.2
+    };
+    (0..n).map(|_| (base + sc * r.normal()) as f32).collect()
+}

@@ -108,11 +108,18 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) ->
 /// 2x2 mean pooling, stride 2, summed in the order of ncsnv2's `ConvMeanPool`.
 pub fn mean_pool2(x: &Tensor) -> Tensor {
     let [n, c, h, w] = x.shape;
+    let mut out = Tensor::zeros([n, c, h / 2, w / 2]);
+    mean_pool2_into(x, &mut out.data);
+    out
+}
+
+/// [`mean_pool2`] into `out` (`n * c * (h / 2) * (w / 2)` values), for backends that own their buffers.
+pub fn mean_pool2_into(x: &Tensor, out: &mut [f32]) {
+    let [n, c, h, w] = x.shape;
     let (ho, wo) = (h / 2, w / 2);
-    let mut out = Tensor::zeros([n, c, ho, wo]);
     for p in 0..n * c {
         let s = &x.data[p * h * w..(p + 1) * h * w];
-        let d = &mut out.data[p * ho * wo..(p + 1) * ho * wo];
+        let d = &mut out[p * ho * wo..(p + 1) * ho * wo];
         for y in 0..ho {
             for xx in 0..wo {
                 let a = s[2 * y * w + 2 * xx];
@@ -123,7 +130,6 @@ pub fn mean_pool2(x: &Tensor) -> Tensor {
             }
         }
     }
-    out
 }
 
 /// Stride-1 max pooling over a `k` x `k` window with `pad` cells of padding that never win.
@@ -249,11 +255,18 @@ pub fn bilinear_coeffs(out_len: usize, in_len: usize, i: usize) -> (usize, usize
 
 /// Bilinear resize with `align_corners = True` (`F.interpolate(mode='bilinear', align_corners=True)`).
 pub fn resize_bilinear(x: &Tensor, ho: usize, wo: usize) -> Tensor {
-    let [n, c, h, w] = x.shape;
+    let [n, c, _, _] = x.shape;
     let mut out = Tensor::zeros([n, c, ho, wo]);
+    resize_bilinear_into(x, ho, wo, &mut out.data);
+    out
+}
+
+/// [`resize_bilinear`] into `out` (`n * c * ho * wo` values), for backends that own their buffers.
+pub fn resize_bilinear_into(x: &Tensor, ho: usize, wo: usize, out: &mut [f32]) {
+    let [n, c, h, w] = x.shape;
     for p in 0..n * c {
         let s = &x.data[p * h * w..(p + 1) * h * w];
-        let d = &mut out.data[p * ho * wo..(p + 1) * ho * wo];
+        let d = &mut out[p * ho * wo..(p + 1) * ho * wo];
         for oy in 0..ho {
             let (y0, y1, ly0, ly1) = bilinear_coeffs(ho, h, oy);
             for ox in 0..wo {
@@ -263,7 +276,6 @@ pub fn resize_bilinear(x: &Tensor, ho: usize, wo: usize) -> Tensor {
             }
         }
     }
-    out
 }
 
 pub fn add(a: &Tensor, b: &Tensor) -> Tensor {

@@ -498,52 +498,19 @@ fn max_pool(x: &Tensor, k: usize, pad: usize) -> Tensor {
     out
 }
 
-/// 2x2 mean pooling (the reference's arithmetic, into a pooled buffer).
+/// 2x2 mean pooling into a pooled buffer (the reference's loop).
 fn mean_pool2(x: &Tensor) -> Tensor {
     let [n, c, h, w] = x.shape;
-    let (ho, wo) = (h / 2, w / 2);
-    let mut out = pool::zeros([n, c, ho, wo]);
-    for (s, d) in x
-        .data
-        .chunks(h * w)
-        .zip(out.data.chunks_mut(ho * wo))
-        .take(n * c)
-    {
-        for y in 0..ho {
-            for xx in 0..wo {
-                let a = s[2 * y * w + 2 * xx];
-                let b = s[(2 * y + 1) * w + 2 * xx];
-                let cc = s[2 * y * w + 2 * xx + 1];
-                let dd = s[(2 * y + 1) * w + 2 * xx + 1];
-                d[y * wo + xx] = (((a + b) + cc) + dd) / 4.0;
-            }
-        }
-    }
+    let mut out = pool::zeros([n, c, h / 2, w / 2]);
+    reference::mean_pool2_into(x, &mut out.data);
     out
 }
 
-/// Bilinear resize with aligned corners (the reference's arithmetic, into a pooled buffer).
+/// Bilinear resize with aligned corners into a pooled buffer (the reference's loop).
 fn resize_bilinear(x: &Tensor, ho: usize, wo: usize) -> Tensor {
-    let [n, c, h, w] = x.shape;
+    let [n, c, _, _] = x.shape;
     let mut out = pool::zeros([n, c, ho, wo]);
-    if h * w == 0 {
-        return out;
-    }
-    for (s, d) in x
-        .data
-        .chunks(h * w)
-        .zip(out.data.chunks_mut(ho * wo))
-        .take(n * c)
-    {
-        for oy in 0..ho {
-            let (y0, y1, ly0, ly1) = reference::bilinear_coeffs(ho, h, oy);
-            for ox in 0..wo {
-                let (x0, x1, lx0, lx1) = reference::bilinear_coeffs(wo, w, ox);
-                d[oy * wo + ox] = ly0 * (lx0 * s[y0 * w + x0] + lx1 * s[y0 * w + x1])
-                    + ly1 * (lx0 * s[y1 * w + x0] + lx1 * s[y1 * w + x1]);
-            }
-        }
-    }
+    reference::resize_bilinear_into(x, ho, wo, &mut out.data);
     out
 }
 
