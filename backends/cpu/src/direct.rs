@@ -183,7 +183,7 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2d
 }
 
 /// `[co][kk]` row-major weights → `[co16 / 16][kk][16]`, zero columns beyond `co`.
-pub(crate) fn pack_weights(w: &[f32], co: usize, kk: usize) -> Vec<f32> {
+fn pack_weights(w: &[f32], co: usize, kk: usize) -> Vec<f32> {
     let co16 = co.next_multiple_of(NR);
     let mut packed = vec![0f32; co16 * kk];
     for o in 0..co {
