@@ -101,6 +101,22 @@ pub trait Backend: Send + Sync {
         );
         (self.upload(&gx), self.upload(&gw), self.upload(&gb))
     }
+    /// The input gradient of [`Backend::conv2d`] alone, shaped `in_shape`: what a vector–Jacobian product
+    /// with respect to the network input needs (no weight gradients).
+    fn conv2d_backward_input(
+        &self,
+        w: &Self::Tensor,
+        gout: &Self::Tensor,
+        in_shape: [usize; 4],
+        p: Conv2dParams,
+    ) -> Self::Tensor {
+        self.upload(&crate::reference::conv2d_backward_input(
+            &self.download(w),
+            &self.download(gout),
+            in_shape,
+            p,
+        ))
+    }
     /// Gradient of [`Backend::mean_pool2`] back to `in_shape`.
     fn mean_pool2_backward(&self, gout: &Self::Tensor, in_shape: [usize; 4]) -> Self::Tensor {
         self.upload(&crate::reference::mean_pool2_backward(

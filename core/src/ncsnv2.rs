@@ -564,10 +564,15 @@ impl<B: Backend> Ncsnv2<B> {
 // need): the forward is re-run keeping every intermediate, then each block is differentiated in reverse.
 // ---------------------------------------------------------------------------------------------------
 
-/// Parameter gradients collected during the backward pass.
-struct Grads<T>(Vec<(String, T)>);
+/// Parameter gradients collected during the backward pass; with `params` false (an input VJP) the
+/// convolutions skip their weight gradients.
+struct Grads<T> {
+    list: Vec<(String, T)>,
+    params: bool,
+}
 
-/// Backward of one convolution: records the weight and bias gradients, returns the input gradient.
+/// Backward of one convolution: records the weight and bias gradients (when wanted), returns the input
+/// gradient.
 fn conv_bwd<B: Backend>(
     b: &B,
     input: &B::Tensor,
@@ -575,10 +580,13 @@ fn conv_bwd<B: Backend>(
     g: &B::Tensor,
     gs: &mut Grads<B::Tensor>,
 ) -> B::Tensor {
+    if !gs.params {
+        return b.conv2d_backward_input(&c.w, g, b.shape(input), c.p);
+    }
     let (gx, gw, gb) = b.conv2d_backward(input, &c.w, g, c.p);
-    gs.0.push((format!("{}.weight", c.name), gw));
+    gs.list.push((format!("{}.weight", c.name), gw));
     if c.b.is_some() {
-        gs.0.push((format!("{}.bias", c.name), gb));
+        gs.list.push((format!("{}.bias", c.name), gb));
     }
     gx
 }
@@ -592,9 +600,11 @@ fn norm_bwd<B: Backend>(
     gs: &mut Grads<B::Tensor>,
 ) -> B::Tensor {
     let (gx, ga, gg, gb) = b.instance_norm_plus_backward(input, &n.alpha, &n.gamma, g);
-    gs.0.push((format!("{}.alpha", n.name), ga));
-    gs.0.push((format!("{}.gamma", n.name), gg));
-    gs.0.push((format!("{}.beta", n.name), gb));
+    if gs.params {
+        gs.list.push((format!("{}.alpha", n.name), ga));
+        gs.list.push((format!("{}.gamma", n.name), gg));
+        gs.list.push((format!("{}.beta", n.name), gb));
+    }
     gx
 }
 
@@ -875,12 +885,23 @@ impl<B: Backend> Ncsnv2<B> {
 
     /// `J^T g`: the gradient of `<g, net(x)>` with respect to `x` (the VJP the dps and pigdm rules need).
     pub fn vjp_input(&self, b: &B, x: &Tensor, g: &Tensor) -> Result<Tensor> {
-        Ok(self.vjp(b, x, g)?.0)
+        Ok(self.backward(b, x, g, false)?.0)
     }
 
     /// The gradient of `<g, net(x)>` with respect to `x` and to every parameter, the latter as
     /// `(state_dict name, gradient)` with biases and norm parameters shaped `[1, C, 1, 1]`.
     pub fn vjp(&self, b: &B, x: &Tensor, g: &Tensor) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+        self.backward(b, x, g, true)
+    }
+
+    /// The input gradient, and the parameter gradients where `params` (else an empty list).
+    fn backward(
+        &self,
+        b: &B,
+        x: &Tensor,
+        g: &Tensor,
+        params: bool,
+    ) -> Result<(Tensor, Vec<(String, Tensor)>)> {
         self.config.check_input(x.shape)?;
         if g.shape != x.shape {
             return Err(Error::shape(format!(
@@ -899,7 +920,10 @@ impl<B: Backend> Ncsnv2<B> {
             act,
         } = tape.ok_or_else(|| Error::invalid("the forward pass kept no tape"))?;
         // backward
-        let gs = &mut Grads(Vec::new());
+        let gs = &mut Grads {
+            list: Vec::new(),
+            params,
+        };
         let gd = b.upload(g);
         let g_act = conv_bwd(b, &act, &self.end_conv, &gd, gs);
         let g_normed = b.elu_backward(&normed, &g_act);
@@ -929,7 +953,7 @@ impl<B: Backend> Ncsnv2<B> {
         } else {
             g_h
         };
-        let grads = core::mem::take(&mut gs.0)
+        let grads = core::mem::take(&mut gs.list)
             .into_iter()
             .map(|(k, t)| (k, b.download(&t)))
             .collect();

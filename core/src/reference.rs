@@ -366,6 +366,58 @@ pub fn mean_pool2_backward(gout: &Tensor, in_shape: [usize; 4]) -> Tensor {
     gx
 }
 
+/// The kernel that turns a stride-1 convolution's input gradient into a forward convolution:
+/// `wt[i][o][y][x] = w[o][i][kh-1-y][kw-1-x]` (channels swapped, taps flipped).
+pub fn flip_transpose(w: &Tensor) -> Tensor {
+    let [co, ci, kh, kw] = w.shape;
+    let mut wt = Tensor::zeros([ci, co, kh, kw]);
+    for o in 0..co {
+        for i in 0..ci {
+            for y in 0..kh {
+                for x in 0..kw {
+                    wt.data[((i * co + o) * kh + y) * kw + x] =
+                        w.data[((o * ci + i) * kh + (kh - 1 - y)) * kw + (kw - 1 - x)];
+                }
+            }
+        }
+    }
+    wt
+}
+
+/// The padding under which [`conv2d`] with [`flip_transpose`]`(w)` gives the input gradient of a stride-1
+/// convolution: `dilation (k - 1) - padding`. `None` where that is negative, the kernel is not square or
+/// the forward output was empty.
+pub fn backward_input_params(
+    w_shape: [usize; 4],
+    out_hw: [usize; 2],
+    p: Conv2dParams,
+) -> Option<Conv2dParams> {
+    let [_, _, kh, kw] = w_shape;
+    let reach = p.dilation * kh.checked_sub(1)?;
+    if kh != kw || p.padding > reach || out_hw[0] == 0 || out_hw[1] == 0 {
+        return None;
+    }
+    Some(Conv2dParams {
+        padding: reach - p.padding,
+        dilation: p.dilation,
+    })
+}
+
+/// Input gradient of [`conv2d`] alone: a forward convolution of `gout` with the flipped, transposed kernel
+/// (stride 1), or [`conv2d_backward`] where that does not apply.
+pub fn conv2d_backward_input(
+    w: &Tensor,
+    gout: &Tensor,
+    in_shape: [usize; 4],
+    p: Conv2dParams,
+) -> Tensor {
+    let [_, _, ho, wo] = gout.shape;
+    match backward_input_params(w.shape, [ho, wo], p) {
+        Some(q) => conv2d(gout, &flip_transpose(w), None, q),
+        None => conv2d_backward(&Tensor::zeros(in_shape), w, gout, p).0,
+    }
+}
+
 /// Gradient of stride-1 max pooling: each output's gradient goes to the first maximum of its window (in
 /// the scan order of [`max_pool`]).
 pub fn max_pool_backward(x: &Tensor, gout: &Tensor, k: usize, pad: usize) -> Tensor {
@@ -373,29 +425,48 @@ pub fn max_pool_backward(x: &Tensor, gout: &Tensor, k: usize, pad: usize) -> Ten
     let [_, _, ho, wo] = gout.shape;
     let mut gx = Tensor::zeros(x.shape);
     for p in 0..n * c {
-        let s = &x.data[p * h * w..(p + 1) * h * w];
-        for oy in 0..ho {
-            let y0 = (oy as isize - pad as isize).max(0) as usize;
-            let y1 = (oy + k - pad).min(h);
-            for ox in 0..wo {
-                let x0 = (ox as isize - pad as isize).max(0) as usize;
-                let x1 = (ox + k - pad).min(w);
-                let mut best = (f32::NEG_INFINITY, usize::MAX);
-                for yy in y0..y1 {
-                    for xx in x0..x1 {
-                        let v = s[yy * w + xx];
-                        if v > best.0 || best.1 == usize::MAX {
-                            best = (v, yy * w + xx);
-                        }
+        max_pool_backward_plane(
+            &x.data[p * h * w..(p + 1) * h * w],
+            &gout.data[p * ho * wo..(p + 1) * ho * wo],
+            &mut gx.data[p * h * w..(p + 1) * h * w],
+            [h, w, ho, wo],
+            k,
+            pad,
+        );
+    }
+    gx
+}
+
+/// [`max_pool_backward`] of one `h x w` plane (`gx` zeroed by the caller): each output's gradient goes to
+/// the first maximum of its window.
+pub fn max_pool_backward_plane(
+    s: &[f32],
+    g: &[f32],
+    gx: &mut [f32],
+    [h, w, ho, wo]: [usize; 4],
+    k: usize,
+    pad: usize,
+) {
+    for oy in 0..ho {
+        let y0 = (oy as isize - pad as isize).max(0) as usize;
+        let y1 = (oy + k - pad).min(h);
+        for ox in 0..wo {
+            let x0 = (ox as isize - pad as isize).max(0) as usize;
+            let x1 = (ox + k - pad).min(w);
+            let mut best = (f32::NEG_INFINITY, usize::MAX);
+            for yy in y0..y1 {
+                for xx in x0..x1 {
+                    let v = s[yy * w + xx];
+                    if v > best.0 || best.1 == usize::MAX {
+                        best = (v, yy * w + xx);
                     }
                 }
-                if best.1 != usize::MAX {
-                    gx.data[p * h * w + best.1] += gout.data[p * ho * wo + oy * wo + ox];
-                }
+            }
+            if best.1 != usize::MAX {
+                gx[best.1] += g[oy * wo + ox];
             }
         }
     }
-    gx
 }
 
 /// Gradient of ELU: `g` where `x > 0`, `g * exp(x)` elsewhere.

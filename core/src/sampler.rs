@@ -85,8 +85,10 @@ pub enum Rule {
     /// DPS: `x -= lambda grad_x ||rho||`, `n -= mu grad_n ||rho||` through Tweedie's estimates (one VJP of
     /// each score network per step), `rho = y - (A x0_hat + alpha n0_hat)`, norm per sample.
     Dps,
-    /// PiGDM: `v = (r2 A A^T + r2 alpha^2 I)^-1 rho`, `x += lambda r2 J_x^T A^T v`, `n += mu r2 alpha J_n^T v`,
-    /// `r2 = s^2 / (s^2 + 1)`.
+    /// PiGDM: `v = (r2 A A^T + r2 alpha^2 I)^-1 rho`, `x += lambda a^2 r2 J_x^T A^T v`,
+    /// `n += mu a^2 r2 alpha J_n^T v`, `r2 = s^2 / (s^2 + a^2)`. This is DESIGN's form (written for `a = 1`:
+    /// VE, simple) applied to the equivalent VE variable `z = x / a` (noise level `s / a`), whose Jacobian
+    /// `dx0_hat / dz = a J_x` stays bounded; mapped back to `x`, the step is scaled by `a^2`.
     Pigdm,
 }
 
@@ -461,7 +463,10 @@ impl JointSampler<'_> {
         let mut ux = Tensor::zeros(x.shape);
         let mut un = Tensor::zeros(n.shape);
         let (mut ax, mut rho, mut v) = (vec![0f32; m], vec![0f32; m], vec![0f32; m]);
-        let r2 = (s * s / (s * s + 1.0)) as f32;
+        // pigdm in the VE variable z = x / a (noise level s / a): r2 = (s/a)^2 / ((s/a)^2 + 1), and the step in
+        // z, mapped back to x, gains a^2 (both reduce to DESIGN's form where a = 1)
+        let r2 = (s * s / (s * s + a * a)) as f32;
+        let pigdm_scale = a32 * a32 * r2;
         for i in 0..items {
             self.operator.apply(x0.item(i), &mut ax);
             let yi = &y[i * m..(i + 1) * m];
@@ -482,18 +487,18 @@ impl JointSampler<'_> {
                         .for_each(|(o, q)| *o = alpha * q);
                 }
                 _ => {
-                    // v = (r2 (A A^T + alpha^2 I))^-1 rho; x gets r2 A^T v, n gets r2 alpha v
+                    // v = (r2 (A A^T + alpha^2 I))^-1 rho; x gets a^2 r2 A^T v, n gets a^2 r2 alpha v
                     let gs = gram
                         .as_ref()
                         .ok_or_else(|| Error::invalid("pigdm without a factorised operator"))?;
                     gs.solve(&rho, &mut v);
                     v.iter_mut().for_each(|q| *q /= r2);
                     self.operator.adjoint(&v, ux.item_mut(i));
-                    ux.item_mut(i).iter_mut().for_each(|q| *q *= r2);
+                    ux.item_mut(i).iter_mut().for_each(|q| *q *= pigdm_scale);
                     un.item_mut(i)
                         .iter_mut()
                         .zip(&v)
-                        .for_each(|(o, q)| *o = r2 * alpha * q);
+                        .for_each(|(o, q)| *o = pigdm_scale * alpha * q);
                 }
             }
         }

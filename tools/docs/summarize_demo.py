@@ -29,3 +29,14 @@ for name in order:
     vals = list(rows[name].values())
     (pm, ps), (sm, ss) = ms([v[0] for v in vals]), ms([v[1] for v in vals])
     print(f"| {name} | {len(vals)} | {pm:.2f} ± {ps:.2f} | {sm:.3f} ± {ss:.3f} |")
+
+# the targets: the joint posterior mean against the trivial inverse and the baseline's mean (same K)
+mean = lambda name: sum(v[0] for v in rows[name].values()) / len(rows[name])
+joint = [m for m in order if m.startswith("joint") and "mean of" in m]
+base = [m for m in order if m.startswith("baseline") and "mean of" in m]
+triv = [m for m in order if m.startswith("trivial")]
+if joint and base and triv:
+    j = mean(joint[0])
+    print()
+    print(f"{joint[0]}: {j - mean(triv[0]):+.2f} dB over the trivial inverse (target +4), "
+          f"{j - mean(base[0]):+.2f} dB over {base[0]} (target +3)")

@@ -539,6 +539,8 @@ pub struct CpuTensor {
 pub(crate) struct Packs {
     pub(crate) direct: OnceLock<Vec<f32>>,
     pub(crate) winograd: OnceLock<Vec<f32>>,
+    /// The flipped, transposed kernel whose forward convolution is this one's input gradient.
+    pub(crate) backward: OnceLock<Box<CpuTensor>>,
 }
 
 impl CpuTensor {
@@ -678,6 +680,64 @@ impl Backend for CpuBackend {
     ) -> (CpuTensor, CpuTensor, CpuTensor) {
         let (gx, gw, gb) = conv2d_backward(x, w, gout, p);
         (gx.into(), gw.into(), gb.into())
+    }
+    /// A forward convolution (Winograd or direct where they apply) of `gout` with the flipped, transposed
+    /// kernel, kept with `w` after its first use.
+    fn conv2d_backward_input(
+        &self,
+        w: &CpuTensor,
+        gout: &CpuTensor,
+        in_shape: [usize; 4],
+        p: Conv2dParams,
+    ) -> CpuTensor {
+        let [_, _, ho, wo] = gout.shape;
+        match reference::backward_input_params(w.shape, [ho, wo], p) {
+            Some(q) => {
+                let wt = w
+                    .packs()
+                    .backward
+                    .get_or_init(|| Box::new(reference::flip_transpose(w).into()));
+                conv2d(gout, wt, None, q).into()
+            }
+            None => conv2d_backward(&pool::zeros(in_shape), w, gout, p).0.into(),
+        }
+    }
+    fn max_pool_backward(
+        &self,
+        x: &CpuTensor,
+        gout: &CpuTensor,
+        k: usize,
+        pad: usize,
+    ) -> CpuTensor {
+        let [_, _, h, w] = x.shape;
+        let [_, _, ho, wo] = gout.shape;
+        let mut gx = pool::zeros(x.shape);
+        if h * w > 0 && ho * wo > 0 {
+            let plane = |(d, (s, g)): (&mut [f32], (&[f32], &[f32]))| {
+                reference::max_pool_backward_plane(s, g, d, [h, w, ho, wo], k, pad)
+            };
+            let (d, s, g) = (&mut gx.data, &x.data, &gout.data);
+            if split_elementwise(x.data.len() * k * k) {
+                d.par_chunks_mut(h * w)
+                    .zip(s.par_chunks(h * w).zip(g.par_chunks(ho * wo)))
+                    .for_each(plane);
+            } else {
+                d.chunks_mut(h * w)
+                    .zip(s.chunks(h * w).zip(g.chunks(ho * wo)))
+                    .for_each(plane);
+            }
+        }
+        gx.into()
+    }
+    fn elu_backward(&self, x: &CpuTensor, gout: &CpuTensor) -> CpuTensor {
+        // exp(x) = elu(x) + 1 for x <= 0
+        let mut out = pool::zeros(x.shape);
+        wide(|| {
+            for ((o, &v), &g) in out.data.iter_mut().zip(&x.data).zip(&gout.data) {
+                *o = if v > 0.0 { g } else { g * (elu1(v) + 1.0) };
+            }
+        });
+        out.into()
     }
 }
 
@@ -955,6 +1015,105 @@ mod tests {
                 "{path}: 1 and 2 threads differ"
             );
         }
+    }
+
+    #[test]
+    fn conv_input_gradient_matches_the_full_backward() {
+        // oracle: the reference backward's dx (itself checked against finite differences in core);
+        // cases on the Winograd path (3x3 same, channels a multiple of 8), the direct path and the
+        // fallback (non-square kernel, padding beyond the kernel's reach)
+        let cases = [
+            (16, 8, 3, 3, Conv2dParams::same3(1), 9),
+            (8, 16, 3, 3, Conv2dParams::same3(2), 11),
+            (16, 16, 3, 3, Conv2dParams::same3(4), 7),
+            (1, 8, 3, 3, Conv2dParams::same3(1), 6),
+            (8, 1, 3, 3, Conv2dParams::same3(1), 6),
+            (5, 3, 1, 1, Conv2dParams::pointwise(), 5),
+            (
+                4,
+                6,
+                3,
+                3,
+                Conv2dParams {
+                    padding: 0,
+                    dilation: 1,
+                },
+                8,
+            ),
+            (
+                3,
+                2,
+                1,
+                3,
+                Conv2dParams {
+                    padding: 1,
+                    dilation: 1,
+                },
+                6,
+            ),
+            (
+                3,
+                2,
+                1,
+                1,
+                Conv2dParams {
+                    padding: 1,
+                    dilation: 1,
+                },
+                5,
+            ),
+        ];
+        for (ci, co, kh, kw, p, hw) in cases {
+            let x = rand([2, ci, hw, hw + 1], 4);
+            let w = rand([co, ci, kh, kw], 5);
+            let out = reference::conv2d(&x, &w, None, p);
+            let g = rand(out.shape, 6);
+            let (rx, _, _) = reference::conv2d_backward(&x, &w, &g, p);
+            let r2 = reference::conv2d_backward_input(&w, &g, x.shape, p);
+            let c = |t: &Tensor| CpuBackend.upload(t);
+            let cw = c(&w);
+            // twice: the second call uses the kernel kept with the weight
+            for _ in 0..2 {
+                let cx = CpuBackend.conv2d_backward_input(&cw, &c(&g), x.shape, p);
+                assert_eq!(cx.shape, rx.shape);
+                let e = rel_max_err(&cx.data, &rx.data);
+                assert!(e < 1e-5, "cpu {ci}->{co} {kh}x{kw} {p:?}: {e}");
+            }
+            assert_eq!(r2.shape, rx.shape);
+            let e = rel_max_err(&r2.data, &rx.data);
+            assert!(e < 1e-5, "reference {ci}->{co} {kh}x{kw} {p:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn pooling_and_elu_gradients_match_reference() {
+        // values on a coarse grid so that windows hold ties (the first maximum takes the gradient)
+        for (shape, k, pad) in [
+            ([2, 3, 9, 7], 5, 2),
+            ([1, 70, 16, 16], 5, 2),
+            ([1, 2, 4, 5], 3, 0),
+        ] {
+            let x = rand(shape, 7);
+            let xq = Tensor {
+                shape,
+                data: x.data.iter().map(|v| (v * 2.0).round()).collect(),
+            };
+            let out = reference::max_pool(&xq, k, pad);
+            let g = rand(out.shape, 8);
+            let want = reference::max_pool_backward(&xq, &g, k, pad);
+            let c = |t: &Tensor| CpuBackend.upload(t);
+            let got = CpuBackend.max_pool_backward(&c(&xq), &c(&g), k, pad);
+            assert_eq!(got.data, want.data, "max pool {shape:?} k{k} pad{pad}");
+        }
+        let x = Tensor {
+            shape: [1, 2, 3, 50],
+            data: (0..300).map(|i| (i as f32 - 150.0) / 15.0).collect(),
+        };
+        let g = rand(x.shape, 9);
+        let want = reference::elu_backward(&x, &g);
+        let got = CpuBackend.elu_backward(&CpuBackend.upload(&x), &CpuBackend.upload(&g));
+        let e = rel_max_err(&got.data, &want.data);
+        assert!(e < 1e-6, "elu backward: {e}");
     }
 
     #[test]
