@@ -557,6 +557,32 @@ impl<B: Backend> Ncsnv2<B> {
         let out = self.forward_device(b, &dx)?;
         Ok(b.download(&out))
     }
+
+    /// [`Ncsnv2::forward`] that also keeps what [`Ncsnv2::vjp_from_tape`] needs, so that a score and its
+    /// input VJP at the same point take one forward pass (the dps and pigdm rules).
+    pub fn forward_taped(&self, b: &B, x: &Tensor) -> Result<(Tensor, ForwardTape<B::Tensor>)> {
+        self.config.check_input(x.shape)?;
+        if let Some(i) = x.first_non_finite() {
+            return Err(Error::non_finite(format!(
+                "network input has a non-finite value at index {i}"
+            )));
+        }
+        let (out, tape) = self.run(b, &b.upload(x), true);
+        let tape = tape.ok_or_else(|| Error::invalid("the forward pass kept no tape"))?;
+        Ok((
+            b.download(&out),
+            ForwardTape {
+                tape,
+                shape: x.shape,
+            },
+        ))
+    }
+}
+
+/// What a forward pass keeps for the backward pass ([`Ncsnv2::forward_taped`]).
+pub struct ForwardTape<T> {
+    tape: Tape<T>,
+    shape: [usize; 4],
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -888,6 +914,11 @@ impl<B: Backend> Ncsnv2<B> {
         Ok(self.backward(b, x, g, false)?.0)
     }
 
+    /// `J^T g` at the point `tape` was recorded at ([`Ncsnv2::forward_taped`]), without a second forward.
+    pub fn vjp_from_tape(&self, b: &B, tape: ForwardTape<B::Tensor>, g: &Tensor) -> Result<Tensor> {
+        Ok(self.backward_taped(b, tape, g, false)?.0)
+    }
+
     /// The gradient of `<g, net(x)>` with respect to `x` and to every parameter, the latter as
     /// `(state_dict name, gradient)` with biases and norm parameters shaped `[1, C, 1, 1]`.
     pub fn vjp(&self, b: &B, x: &Tensor, g: &Tensor) -> Result<(Tensor, Vec<(String, Tensor)>)> {
@@ -903,14 +934,26 @@ impl<B: Backend> Ncsnv2<B> {
         params: bool,
     ) -> Result<(Tensor, Vec<(String, Tensor)>)> {
         self.config.check_input(x.shape)?;
-        if g.shape != x.shape {
+        let (_, tape) = self.run(b, &b.upload(x), true);
+        let tape = tape.ok_or_else(|| Error::invalid("the forward pass kept no tape"))?;
+        let shape = x.shape;
+        self.backward_taped(b, ForwardTape { tape, shape }, g, params)
+    }
+
+    /// The backward pass from a recorded tape.
+    fn backward_taped(
+        &self,
+        b: &B,
+        tape: ForwardTape<B::Tensor>,
+        g: &Tensor,
+        params: bool,
+    ) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+        if g.shape != tape.shape {
             return Err(Error::shape(format!(
                 "cotangent shape {:?} differs from the input {:?}",
-                g.shape, x.shape
+                g.shape, tape.shape
             )));
         }
-        let dx = b.upload(x);
-        let (_, tape) = self.run(b, &dx, true);
         let Tape {
             begin_in,
             res: res_recs,
@@ -918,7 +961,7 @@ impl<B: Backend> Ncsnv2<B> {
             head_in: ref4,
             normed,
             act,
-        } = tape.ok_or_else(|| Error::invalid("the forward pass kept no tape"))?;
+        } = tape.tape;
         // backward
         let gs = &mut Grads {
             list: Vec::new(),

@@ -4,8 +4,12 @@ use crate::error::{Error, Result};
 use crate::ncsnv2::Ncsnv2;
 use crate::sde::Sde;
 use crate::tensor::Tensor;
+use alloc::boxed::Box;
 use alloc::format;
 use alloc::vec::Vec;
+
+/// `J^T g` of a score at the point where it was evaluated ([`Prior::score_with_pullback`]).
+pub type Pullback<'a> = Box<dyn FnOnce(&Tensor) -> Result<Tensor> + Send + 'a>;
 
 /// The score `grad log p_t(z)` of the diffused prior at time `t`, for a batch `z`.
 pub trait Prior: Send + Sync {
@@ -16,6 +20,18 @@ pub trait Prior: Send + Sync {
     }
     /// `J^T g` of the score with respect to `z` (the dps and pigdm rules need it).
     fn score_vjp(&self, z: &Tensor, t: f64, sde: &Sde, g: &Tensor) -> Result<Tensor>;
+    /// The score at `z` and a pullback that computes [`Prior::score_vjp`] at the same `z` later. The default
+    /// calls `score_vjp` then; a network keeps its forward pass for it instead of running it again.
+    fn score_with_pullback<'a>(
+        &'a self,
+        z: &Tensor,
+        t: f64,
+        sde: &Sde,
+    ) -> Result<(Tensor, Pullback<'a>)> {
+        let score = self.score(z, t, sde)?;
+        let (z, sde) = (z.clone(), *sde);
+        Ok((score, Box::new(move |g| self.score_vjp(&z, t, &sde, g))))
+    }
 }
 
 /// A score network: `s(z, t) = net(z) / s(t)` (the network predicts `-w` of `z = a x + s w`).
@@ -42,6 +58,22 @@ impl<B: Backend> Prior for NetworkPrior<'_, B> {
         let inv = (1.0 / sde.s(t)) as f32;
         out.data.iter_mut().for_each(|v| *v *= inv);
         Ok(out)
+    }
+    fn score_with_pullback<'b>(
+        &'b self,
+        z: &Tensor,
+        t: f64,
+        sde: &Sde,
+    ) -> Result<(Tensor, Pullback<'b>)> {
+        let (mut out, tape) = self.net.forward_taped(self.backend, z)?;
+        let inv = (1.0 / sde.s(t)) as f32;
+        out.data.iter_mut().for_each(|v| *v *= inv);
+        let pullback = move |g: &Tensor| {
+            let mut jt = self.net.vjp_from_tape(self.backend, tape, g)?;
+            jt.data.iter_mut().for_each(|v| *v *= inv);
+            Ok(jt)
+        };
+        Ok((out, Box::new(pullback)))
     }
 }
 

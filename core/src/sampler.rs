@@ -2,7 +2,7 @@
 //! the structured noise `n`, with a data-consistency step that keeps `y = A x + alpha n`.
 use crate::error::{Error, ErrorKind, Result};
 use crate::operator::Operator;
-use crate::prior::Prior;
+use crate::prior::{Prior, Pullback};
 use crate::rng::{purpose, Rng};
 use crate::sde::{Sde, TimeGrid};
 use crate::tensor::Tensor;
@@ -184,7 +184,7 @@ pub struct JointSampler<'a> {
 /// Progress callback: `(steps done, total)`; return `false` to cancel.
 pub type Progress<'p> = dyn FnMut(usize, usize) -> bool + 'p;
 
-impl JointSampler<'_> {
+impl<'a> JointSampler<'a> {
     /// Samples `p(x, n | y)` once per measurement. `y` holds `N` items of `m` values each.
     /// Item `i` draws all its randomness from stream `i` of `seed`, so results do not depend on batching.
     pub fn sample(&self, y: &[f32], seed: u64, progress: &mut Progress<'_>) -> Result<Posterior> {
@@ -257,22 +257,34 @@ impl JointSampler<'_> {
         let dt = grid.dt;
         let total = grid.ts.len();
         for (k, &t) in grid.ts.iter().enumerate() {
+            // dps / pigdm keep each network's forward pass for the VJP at the same point
+            let taped = cfg.rule != Rule::Projection;
             let (mut sx, mut sn) = (None, None);
             {
                 let (xr, nr) = (&x, &n);
-                self.join.join(
-                    &mut || sx = Some(self.signal.score(xr, t, &sde)),
-                    &mut || sn = Some(self.noise.score(nr, t, &sde)),
-                );
+                let eval = |p: &'a dyn Prior, z: &Tensor| {
+                    if taped {
+                        p.score_with_pullback(z, t, &sde).map(|(s, b)| (s, Some(b)))
+                    } else {
+                        p.score(z, t, &sde).map(|s| (s, None))
+                    }
+                };
+                self.join
+                    .join(&mut || sx = Some(eval(self.signal, xr)), &mut || {
+                        sn = Some(eval(self.noise, nr))
+                    });
             }
             let missing = || Error::invalid("score was not evaluated");
-            let sx = sx.ok_or_else(missing)??;
-            let sn = sn.ok_or_else(missing)??;
+            let (sx, px) = sx.ok_or_else(missing)??;
+            let (sn, pn) = sn.ok_or_else(missing)??;
             let (f, g, a, s) = (sde.drift(t), sde.g(t), sde.a(t), sde.s(t));
             // dps / pigdm: the consistency step is a VJP through Tweedie's estimates at the current x, n
-            let guidance = match cfg.rule {
-                Rule::Projection => None,
-                rule => Some(self.guidance(rule, y, &x, &n, &sx, &sn, t, &gram)?),
+            let guidance = match (cfg.rule, px, pn) {
+                (Rule::Projection, _, _) => None,
+                (rule, Some(px), Some(pn)) => {
+                    Some(self.guidance(rule, y, &x, &n, &sx, &sn, t, &gram, [px, pn])?)
+                }
+                _ => return Err(Error::invalid("score VJP was not prepared")),
             };
             let g2dt = (g * g * dt) as f32;
             let fdt = (f * dt) as f32;
@@ -441,6 +453,7 @@ impl JointSampler<'_> {
         sn: &Tensor,
         t: f64,
         gram: &Option<GramSolver>,
+        [px, pn]: [Pullback<'_>; 2],
     ) -> Result<(Tensor, Tensor)> {
         let sde = self.config.sde;
         let (a, s) = (sde.a(t), sde.s(t));
@@ -507,10 +520,11 @@ impl JointSampler<'_> {
         let (mut jx, mut jn) = (None, None);
         {
             let (uxr, unr) = (&ux, &un);
-            self.join.join(
-                &mut || jx = Some(self.signal.score_vjp(x, t, &sde, uxr)),
-                &mut || jn = Some(self.noise.score_vjp(n, t, &sde, unr)),
-            );
+            let (mut px, mut pn) = (Some(px), Some(pn));
+            self.join
+                .join(&mut || jx = px.take().map(|p| p(uxr)), &mut || {
+                    jn = pn.take().map(|p| p(unr))
+                });
         }
         let missing = || Error::invalid("score VJP was not evaluated");
         let (jx, jn) = (jx.ok_or_else(missing)??, jn.ok_or_else(missing)??);
