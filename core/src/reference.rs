@@ -439,7 +439,7 @@ pub fn max_pool_backward(x: &Tensor, gout: &Tensor, k: usize, pad: usize) -> Ten
 
 /// [`max_pool_backward`] of one `h x w` plane (`gx` zeroed by the caller): each output's gradient goes to
 /// the first maximum of its window.
-pub fn max_pool_backward_plane(
+fn max_pool_backward_plane(
     s: &[f32],
     g: &[f32],
     gx: &mut [f32],
