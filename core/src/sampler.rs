@@ -83,7 +83,8 @@ pub enum Rule {
     /// `r = y_t - (A x + alpha n)`, `x += lambda A^T r`, `n += mu alpha r` (the default; forward passes only).
     Projection,
     /// DPS: `x -= lambda grad_x ||rho||`, `n -= mu grad_n ||rho||` through Tweedie's estimates (one VJP of
-    /// each score network per step), `rho = y - (A x0_hat + alpha n0_hat)`, norm per sample.
+    /// each score network per step), `rho = y - (A x0_hat + alpha n0_hat)`, norm per sample; as pigdm, the
+    /// step is taken in the VE variable `z = x / a`, which scales it by `a^2` (DESIGN's form where `a = 1`).
     Dps,
     /// PiGDM: `v = (r2 A A^T + r2 alpha^2 I)^-1 rho`, `x += lambda a^2 r2 J_x^T A^T v`,
     /// `n += mu a^2 r2 alpha J_n^T v`, `r2 = s^2 / (s^2 + a^2)`. This is DESIGN's form (written for `a = 1`:
@@ -488,10 +489,12 @@ impl JointSampler<'_> {
             }
             match rule {
                 Rule::Dps => {
-                    // grad of ||rho||: -(J^T A^T rho) / ||rho||; the update subtracts lambda * grad
+                    // grad of ||rho||: -(J^T A^T rho) / ||rho||; the update subtracts lambda * grad, taken
+                    // in the VE variable z = x / a as pigdm's (a gradient step in z is a^2 times one in x;
+                    // DESIGN's form where a = 1)
                     let norm =
                         libm::sqrt(rho.iter().map(|&q| q as f64 * q as f64).sum::<f64>()) as f32;
-                    let inv = if norm > 0.0 { 1.0 / norm } else { 0.0 };
+                    let inv = if norm > 0.0 { a32 * a32 / norm } else { 0.0 };
                     v.iter_mut().zip(&rho).for_each(|(o, q)| *o = q * inv);
                     self.operator.adjoint(&v, ux.item_mut(i));
                     un.item_mut(i)
