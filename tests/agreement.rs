@@ -6,7 +6,7 @@ use jointdiff_core::rng::Rng;
 use jointdiff_core::tensor::rel_max_err;
 use jointdiff_core::{RefBackend, Tensor};
 use jointdiff_cpu::CpuBackend;
-use jointdiff_tests::init_by_name;
+use jointdiff_tests::{bit_identical, init_by_name, on_threads};
 
 fn rand(shape: [usize; 4], seed: u64, scale: f32, shift: f32) -> Tensor {
     let mut t = Tensor::zeros(shape);
@@ -108,21 +108,13 @@ fn whole_forward_is_bit_identical_with_one_and_two_threads() {
     };
     let net = Ncsnv2::from_fn(&CpuBackend, cfg, init_by_name).unwrap();
     let x = rand([2, 1, 28, 28], 12, 0.3, 0.5);
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| net.forward(&CpuBackend, &x).unwrap())
-    };
+    let run = |threads| on_threads(threads, || net.forward(&CpuBackend, &x).unwrap());
     let (one, two) = (run(1), run(2));
     assert!(one.data.iter().all(|v| v.is_finite()));
-    let same = one
-        .data
-        .iter()
-        .zip(&two.data)
-        .all(|(a, b)| a.to_bits() == b.to_bits());
-    assert!(same, "the forward differs between 1 and 2 threads");
+    assert!(
+        bit_identical(&one.data, &two.data),
+        "the forward differs between 1 and 2 threads"
+    );
 }
 
 #[test]
@@ -139,21 +131,13 @@ fn whole_input_vjp_agrees_and_is_bit_identical_with_one_and_two_threads() {
     let x = rand([2, 1, 28, 28], 13, 0.3, 0.5);
     let g = rand([2, 1, 28, 28], 14, 1.0, 0.0);
     let (want, _) = net_r.vjp(&RefBackend, &x, &g).unwrap();
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| net_c.vjp_input(&CpuBackend, &x, &g).unwrap())
-    };
+    let run = |threads| on_threads(threads, || net_c.vjp_input(&CpuBackend, &x, &g).unwrap());
     let (one, two) = (run(1), run(2));
     let e = rel_max_err(&two.data, &want.data);
     println!("28x28x1 ngf 32 input VJP: cpu vs reference {e:.2e}");
     assert!(e < 1e-4, "input VJP: {e}");
-    let same = one
-        .data
-        .iter()
-        .zip(&two.data)
-        .all(|(a, b)| a.to_bits() == b.to_bits());
-    assert!(same, "the input VJP differs between 1 and 2 threads");
+    assert!(
+        bit_identical(&one.data, &two.data),
+        "the input VJP differs between 1 and 2 threads"
+    );
 }

@@ -48,3 +48,17 @@ pub fn init_by_name(s: &jointdiff_core::ncsnv2::ParamSpec) -> Vec<f32> {
     };
     (0..n).map(|_| (base + sc * r.normal()) as f32).collect()
 }
+
+/// Runs `f` on a fresh rayon pool of `threads` threads (the thread-count determinism tests).
+pub fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a rayon thread pool")
+        .install(f)
+}
+
+/// Whether two buffers are equal bit for bit.
+pub fn bit_identical(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}

@@ -461,7 +461,6 @@ impl JointSampler<'_> {
         let (a32, s2) = (a as f32, (s * s) as f32);
         let alpha = self.config.alpha as f32;
         let items = x.shape[0];
-        let d = x.item_len();
         let m = n.item_len();
         // Tweedie: z0 = (z + s^2 score) / a
         let tweedie = |z: &Tensor, sc: &Tensor| Tensor {
@@ -518,7 +517,6 @@ impl JointSampler<'_> {
                 }
             }
         }
-        let _ = d;
         // J_z0^T u = (u + s^2 J_score^T u) / a: one VJP of each score network, run through `join`
         let (mut jx, mut jn) = (None, None);
         {
