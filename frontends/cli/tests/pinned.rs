@@ -1,0 +1,169 @@
+//! Pinned outputs: the SHA-256 of `jointdiff denoise` / `sample` outputs for a fixed set of configurations
+//! (every rule, K = 1 and K = 3, every operator kind, network, Gaussian and sine priors), recorded with the
+//! host-memory sampler of commit a1c32fc before the sampler moved onto backend tensors. The refactor must
+//! write the same bytes on the CPU backend; where an arithmetic change moved them on purpose, the case says
+//! which change and the note of that commit gives the PSNR check (docs/design-choices.md, "pinned outputs").
+//!
+//! This is a regression guard, not an oracle: the oracles are tests/sampler_oracle.rs (closed forms) and the
+//! agreement tests. Small on purpose: 2 measurements, a few steps.
+use jointdiff_core::npy::NpyArray;
+use jointdiff_core::rng::Rng;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+fn fx(rel: &str) -> String {
+    root().join("fixtures").join(rel).display().to_string()
+}
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("jointdiff-pinned-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+fn read(p: &str) -> NpyArray {
+    NpyArray::parse(&std::fs::read(p).unwrap()).unwrap()
+}
+fn write(name: &str, shape: &[usize], data: &[f32]) -> String {
+    let p = tmp(name);
+    std::fs::write(&p, NpyArray::to_bytes(shape, data)).unwrap();
+    p.display().to_string()
+}
+
+/// The inputs every case reads: two blended pairs, two stripe-noise images, a mask and a 196 x 784 matrix
+/// measurement.
+struct Inputs {
+    blend: String,
+    sine: String,
+    mask: String,
+    matrix: String,
+    y_matrix: String,
+}
+
+fn inputs() -> Inputs {
+    let d = 784;
+    let x = read(&fx("data/fashion_t10k_16.npy"));
+    let n = read(&fx("data/digits_heldout_16.npy"));
+    let blend: Vec<f32> = x.data[..2 * d]
+        .iter()
+        .zip(&n.data[..2 * d])
+        .map(|(p, q)| 0.5 * p + 0.5 * q)
+        .collect();
+    let sine = read(&fx("data/fashion_t10k_16_sine02.npy"));
+    let mut r = Rng::stream(11, 0, 0);
+    let mask: Vec<f32> = (0..d).map(|_| (r.uniform() < 0.7) as u8 as f32).collect();
+    let m = 196;
+    let mut a = vec![0f32; m * d];
+    r.fill_normal(&mut a);
+    let sc = 1.0 / (m as f32).sqrt();
+    a.iter_mut().for_each(|v| *v *= sc);
+    let mut y = vec![0f32; 2 * m];
+    for i in 0..2 {
+        for o in 0..m {
+            let mut acc = 0f64;
+            for k in 0..d {
+                acc += a[o * d + k] as f64 * x.data[i * d + k] as f64;
+            }
+            y[i * m + o] = acc as f32 + 0.1 * r.normal() as f32;
+        }
+    }
+    Inputs {
+        blend: write("blend.npy", &[2, 1, 28, 28], &blend),
+        sine: write("sine.npy", &[2, 1, 28, 28], &sine.data[..2 * d]),
+        mask: write("mask.npy", &[28, 28], &mask),
+        matrix: write("matrix.npy", &[m, d], &a),
+        y_matrix: write("y_matrix.npy", &[2, m], &y),
+    }
+}
+
+/// Runs `jointdiff` with `args` plus `--out` (and `--noise-out`, `--std-out` for denoise with K > 1) and
+/// returns the SHA-256 of the outputs, concatenated.
+fn digest(name: &str, args: &[&str], denoise: bool, k: usize) -> String {
+    let out = tmp(&format!("{name}_x.npy"));
+    let nout = tmp(&format!("{name}_n.npy"));
+    let sout = tmp(&format!("{name}_s.npy"));
+    let mut c = Command::new(env!("CARGO_BIN_EXE_jointdiff"));
+    c.args(args).arg("--out").arg(&out).arg("--quiet");
+    if denoise {
+        c.arg("--noise-out").arg(&nout);
+        if k > 1 {
+            c.arg("--std-out").arg(&sout);
+        }
+    }
+    let o = c.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut h = Sha256::new();
+    let mut files: Vec<&Path> = vec![&out];
+    if denoise {
+        files.push(&nout);
+        if k > 1 {
+            files.push(&sout);
+        }
+    }
+    for f in files {
+        h.update(std::fs::read(f).unwrap());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn cpu_outputs_are_pinned() {
+    let i = inputs();
+    let stats = fx("data/fashion_train_stats.npy");
+    let mask = format!("mask:{}", i.mask);
+    let matrix = format!("matrix:{}", i.matrix);
+    // (name, rule, K, extra arguments, sha-256)
+    let blend = ["--operator", "scale:0.5", "--alpha", "0.5"];
+    #[rustfmt::skip]
+    let cases: Vec<(&str, &str, usize, Vec<&str>, &str)> = vec![
+        ("proj_nets", "projection", 1, [&blend[..], &["--measurement", &i.blend, "--steps", "4"]].concat(), "fb46714c9f8b569bb10c9bca1cd18d3577f7f6178579e38d541aa8741a1a842d"),
+        ("dps_nets_k3", "dps", 3, [&blend[..], &["--measurement", &i.blend, "--steps", "3"]].concat(), "e4a481e16f8d23c77ab3c5030e523e14971c19841116823b77c3ef0f832b63a4"),
+        ("pigdm_nets", "pigdm", 1, [&blend[..], &["--measurement", &i.blend, "--steps", "4"]].concat(), "54c0093360ed6be8a1a4f08fb92949ac749170c234cfc3a37a6917cd5bd98738"),
+        ("pigdm_nets_identity_k3", "pigdm", 3, vec!["--measurement", &i.blend, "--steps", "3"], "308c9c7328d26afcfa72f6f0cb35c88d4cdd2790912ccd46fa1eb5540d3307f7"),
+        ("proj_sine_k3", "projection", 3, vec!["--measurement", &i.sine, "--noise", "sine:0.2", "--steps", "5"], "e340bdf3e10abc36251e6b7050843fe5d2ffcdb3610646107468e0b7332cb5fe"),
+        ("dps_mask_gauss", "dps", 1, vec!["--measurement", &i.sine, "--operator", &mask, "--noise", "gaussian:0.2", "--steps", "4"], "b7cf642c5f7c74c4fb5de85a35ef11e34b74fc93080e6983f851894fb8eb8a48"),
+        ("pigdm_stats_sine_k3", "pigdm", 3, vec!["--measurement", &i.sine, "--signal-stats", &stats, "--noise", "sine:0.2", "--steps", "20"], "e21ac748fe6baa98dcf6fad4747344d6f96dc65c7376c3b85de9ad79905d67bb"),
+        ("proj_matrix", "projection", 1, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--noise", "gaussian:0.1", "--steps", "4"], "55f38d12276616f8eac4a20ef3e253eb46f0ba8ad44b36f6e855866badd7b84e"),
+        ("dps_matrix_k3", "dps", 3, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--noise", "gaussian:0.1", "--steps", "3"], "b655e00ca552714c8fb939037fe5fe981fbdaeb5c21fc48516d2cb73b7217ec5"),
+        ("pigdm_matrix", "pigdm", 1, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--noise", "gaussian:0.1", "--steps", "4"], "b710f2284f865c6de1b4d33a89860e2534acd967b99e256aa7b086bb0257abbc"),
+        ("pigdm_stats_matrix", "pigdm", 1, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--signal-stats", &stats, "--noise", "gaussian:0.1", "--steps", "20"], "ca9dc5dd9453711c59e396a65a51cf126f0be677b5b30a6c647a6cf57b23fed9"),
+    ];
+    let mut bad = Vec::new();
+    for (name, rule, k, extra, want) in &cases {
+        let ks = k.to_string();
+        let mut args = vec!["denoise", "--rule", rule, "--samples", &ks, "--seed", "5"];
+        args.extend(extra.iter().copied());
+        let got = digest(name, &args, true, *k);
+        eprintln!("{name}: {got}");
+        if got != *want {
+            bad.push(format!("{name}: {got}"));
+        }
+    }
+    let got = digest(
+        "sample",
+        &[
+            "sample",
+            "--model",
+            "builtin:digits",
+            "--count",
+            "2",
+            "--steps",
+            "4",
+            "--seed",
+            "3",
+        ],
+        false,
+        1,
+    );
+    eprintln!("sample: {got}");
+    if got != "299aae470b15fd393096db1474e67630b9ddc634c7acb5fd65b4cfae2c2a92ba" {
+        bad.push(format!("sample: {got}"));
+    }
+    assert!(bad.is_empty(), "outputs moved:\n{}", bad.join("\n"));
+}
