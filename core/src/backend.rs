@@ -39,7 +39,8 @@ pub trait Backend: Send + Sync {
 
     fn name(&self) -> &'static str;
     fn upload(&self, t: &Tensor) -> Self::Tensor;
-    fn download(&self, t: &Self::Tensor) -> Tensor;
+    /// The tensor in host memory (a GPU backend reads it back; that can fail).
+    fn download(&self, t: &Self::Tensor) -> crate::error::Result<Tensor>;
     fn shape(&self, t: &Self::Tensor) -> [usize; 4];
 
     /// Stride-1 convolution, weight `[O, I, KH, KW]`, optional bias `[1, O, 1, 1]`.
@@ -82,8 +83,8 @@ pub trait Backend: Send + Sync {
     /// `scale * x + shift`, elementwise.
     fn affine(&self, x: &Self::Tensor, scale: f32, shift: f32) -> Self::Tensor;
 
-    // Backward (vector–Jacobian products). The defaults run the reference loops on host copies, so every
-    // backend has a correct backward; fast backends override them.
+    // Backward (vector–Jacobian products). Every backend implements them on its own tensors: there is no
+    // default that goes through host memory.
 
     /// Gradients of [`Backend::conv2d`]: `(d x, d w, d bias)`.
     fn conv2d_backward(
@@ -92,15 +93,7 @@ pub trait Backend: Send + Sync {
         w: &Self::Tensor,
         gout: &Self::Tensor,
         p: Conv2dParams,
-    ) -> (Self::Tensor, Self::Tensor, Self::Tensor) {
-        let (gx, gw, gb) = crate::reference::conv2d_backward(
-            &self.download(x),
-            &self.download(w),
-            &self.download(gout),
-            p,
-        );
-        (self.upload(&gx), self.upload(&gw), self.upload(&gb))
-    }
+    ) -> (Self::Tensor, Self::Tensor, Self::Tensor);
     /// The input gradient of [`Backend::conv2d`] alone, shaped `in_shape`: what a vector–Jacobian product
     /// with respect to the network input needs (no weight gradients).
     fn conv2d_backward_input(
@@ -109,21 +102,9 @@ pub trait Backend: Send + Sync {
         gout: &Self::Tensor,
         in_shape: [usize; 4],
         p: Conv2dParams,
-    ) -> Self::Tensor {
-        self.upload(&crate::reference::conv2d_backward_input(
-            &self.download(w),
-            &self.download(gout),
-            in_shape,
-            p,
-        ))
-    }
+    ) -> Self::Tensor;
     /// Gradient of [`Backend::mean_pool2`] back to `in_shape`.
-    fn mean_pool2_backward(&self, gout: &Self::Tensor, in_shape: [usize; 4]) -> Self::Tensor {
-        self.upload(&crate::reference::mean_pool2_backward(
-            &self.download(gout),
-            in_shape,
-        ))
-    }
+    fn mean_pool2_backward(&self, gout: &Self::Tensor, in_shape: [usize; 4]) -> Self::Tensor;
     /// Gradient of [`Backend::max_pool`].
     fn max_pool_backward(
         &self,
@@ -131,28 +112,11 @@ pub trait Backend: Send + Sync {
         gout: &Self::Tensor,
         k: usize,
         pad: usize,
-    ) -> Self::Tensor {
-        self.upload(&crate::reference::max_pool_backward(
-            &self.download(x),
-            &self.download(gout),
-            k,
-            pad,
-        ))
-    }
+    ) -> Self::Tensor;
     /// Gradient of [`Backend::elu`] at input `x`.
-    fn elu_backward(&self, x: &Self::Tensor, gout: &Self::Tensor) -> Self::Tensor {
-        self.upload(&crate::reference::elu_backward(
-            &self.download(x),
-            &self.download(gout),
-        ))
-    }
+    fn elu_backward(&self, x: &Self::Tensor, gout: &Self::Tensor) -> Self::Tensor;
     /// Gradient of [`Backend::resize_bilinear`] back to `in_shape`.
-    fn resize_bilinear_backward(&self, gout: &Self::Tensor, in_shape: [usize; 4]) -> Self::Tensor {
-        self.upload(&crate::reference::resize_bilinear_backward(
-            &self.download(gout),
-            in_shape,
-        ))
-    }
+    fn resize_bilinear_backward(&self, gout: &Self::Tensor, in_shape: [usize; 4]) -> Self::Tensor;
     /// Gradients of [`Backend::instance_norm_plus`]: `(d x, d alpha, d gamma, d beta)`.
     fn instance_norm_plus_backward(
         &self,
@@ -160,18 +124,57 @@ pub trait Backend: Send + Sync {
         alpha: &Self::Tensor,
         gamma: &Self::Tensor,
         gout: &Self::Tensor,
-    ) -> (Self::Tensor, Self::Tensor, Self::Tensor, Self::Tensor) {
-        let (a, b, c, d) = crate::reference::instance_norm_plus_backward(
-            &self.download(x),
-            &self.download(alpha),
-            &self.download(gamma),
-            &self.download(gout),
-        );
-        (
-            self.upload(&a),
-            self.upload(&b),
-            self.upload(&c),
-            self.upload(&d),
-        )
+    ) -> (Self::Tensor, Self::Tensor, Self::Tensor, Self::Tensor);
+
+    // The sampler's arithmetic (DESIGN §5: its state stays in backend tensors for the whole loop). Each op
+    // states its formula with the order of its f32 operations; host backends follow it exactly, so the CPU
+    // and reference backends write the same bits (a GPU backend may contract to FMA: within tolerance).
+    // "Broadcast" below: `y` has the shape of `x` or of one item of it (`[1, C, H, W]`), used for every item.
+
+    /// `a * x + b * y`, elementwise, same shapes.
+    fn axpby(&self, a: f32, x: &Self::Tensor, b: f32, y: &Self::Tensor) -> Self::Tensor;
+    /// `x * y`, elementwise, `y` broadcast.
+    fn mul(&self, x: &Self::Tensor, y: &Self::Tensor) -> Self::Tensor;
+    /// `x / y`, elementwise, `y` broadcast.
+    fn div(&self, x: &Self::Tensor, y: &Self::Tensor) -> Self::Tensor;
+    /// `c * x`.
+    fn mul_scalar(&self, x: &Self::Tensor, c: f32) -> Self::Tensor;
+    /// `x / c`.
+    fn div_scalar(&self, x: &Self::Tensor, c: f32) -> Self::Tensor;
+    /// `x` clamped to `[lo, hi]` (`f32::clamp`; NaN stays NaN).
+    fn clamp(&self, x: &Self::Tensor, lo: f32, hi: f32) -> Self::Tensor;
+    /// Per item `i`: `x_i * (c / ||x_i||)`, zero where the norm is zero; the sum of squares in f64 on host
+    /// backends (a GPU backend sums in f32), `||x_i||` rounded to f32 before the division.
+    fn scale_by_inverse_norm(&self, x: &Self::Tensor, c: f32) -> Self::Tensor;
+    /// Per item `i` (flattened): `A x_i` (`transpose` false) or `A^T x_i`, with `a` the row-major matrix
+    /// `[1, 1, m, d]`; the result has `out_shape` (`[N, ...]` with the product of the item equal to `m`,
+    /// or `d`). Each output is a sequential f32 dot product over the row (`A x`), or accumulated over the
+    /// rows in order (`A^T x`).
+    fn matmul(
+        &self,
+        x: &Self::Tensor,
+        a: &Self::Tensor,
+        transpose: bool,
+        out_shape: [usize; 4],
+    ) -> Self::Tensor;
+    /// Score of an independent Gaussian `N(mean, var)` diffused to `N(a mean, a^2 var + s^2)`:
+    /// `-(z - a mean) / (a^2 var + s^2)` (`mean` 0 when `None`; `mean`, `var` broadcast), in f64 on host
+    /// backends. With `mean` `None` it is also the score's vector–Jacobian product `-g / (a^2 var + s^2)`.
+    fn gaussian_score(
+        &self,
+        z: &Self::Tensor,
+        mean: Option<&Self::Tensor>,
+        var: &Self::Tensor,
+        a: f64,
+        s: f64,
+    ) -> Self::Tensor;
+    /// Whether every value of every tensor is finite: the one value a sampler step reads back.
+    fn all_finite(&self, ts: &[&Self::Tensor]) -> crate::error::Result<bool>;
+
+    /// Runs two closures, possibly at the same time: the sampler evaluates the signal and the noise score
+    /// through it. Sequential by default; a backend with a thread pool may run them side by side.
+    fn join(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
+        a();
+        b();
     }
 }

@@ -17,6 +17,8 @@ pub enum ErrorKind {
     NonFinite,
     /// The caller asked to stop (progress callback).
     Cancelled,
+    /// A feature this build or machine does not have (a backend not compiled in, no GPU adapter).
+    Unavailable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +45,9 @@ impl Error {
     }
     pub fn non_finite(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::NonFinite, message)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
     }
 }
 

@@ -19,6 +19,7 @@ pub mod ncsnv2;
 pub mod noise;
 pub mod npy;
 pub mod operator;
+pub mod plan;
 pub mod prior;
 pub mod reference;
 pub mod rng;

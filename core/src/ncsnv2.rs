@@ -555,27 +555,21 @@ impl<B: Backend> Ncsnv2<B> {
         }
         let dx = b.upload(x);
         let out = self.forward_device(b, &dx)?;
-        Ok(b.download(&out))
+        b.download(&out)
     }
 
-    /// [`Ncsnv2::forward`] that also keeps what [`Ncsnv2::vjp_from_tape`] needs, so that a score and its
-    /// input VJP at the same point take one forward pass (the dps and pigdm rules).
-    pub fn forward_taped(&self, b: &B, x: &Tensor) -> Result<(Tensor, ForwardTape<B::Tensor>)> {
-        self.config.check_input(x.shape)?;
-        if let Some(i) = x.first_non_finite() {
-            return Err(Error::non_finite(format!(
-                "network input has a non-finite value at index {i}"
-            )));
-        }
-        let (out, tape) = self.run(b, &b.upload(x), true);
+    /// [`Ncsnv2::forward_device`] that also keeps what [`Ncsnv2::vjp_from_tape`] needs, so that a score and
+    /// its input VJP at the same point take one forward pass (the dps and pigdm rules).
+    pub fn forward_taped(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+    ) -> Result<(B::Tensor, ForwardTape<B::Tensor>)> {
+        let shape = b.shape(x);
+        self.config.check_input(shape)?;
+        let (out, tape) = self.run(b, x, true);
         let tape = tape.ok_or_else(|| Error::invalid("the forward pass kept no tape"))?;
-        Ok((
-            b.download(&out),
-            ForwardTape {
-                tape,
-                shape: x.shape,
-            },
-        ))
+        Ok((out, ForwardTape { tape, shape }))
     }
 }
 
@@ -909,13 +903,20 @@ impl<B: Backend> Ncsnv2<B> {
         out
     }
 
-    /// `J^T g`: the gradient of `<g, net(x)>` with respect to `x` (the VJP the dps and pigdm rules need).
+    /// `J^T g` on host tensors: the gradient of `<g, net(x)>` with respect to `x` (one forward, one
+    /// backward).
     pub fn vjp_input(&self, b: &B, x: &Tensor, g: &Tensor) -> Result<Tensor> {
         Ok(self.backward(b, x, g, false)?.0)
     }
 
-    /// `J^T g` at the point `tape` was recorded at ([`Ncsnv2::forward_taped`]), without a second forward.
-    pub fn vjp_from_tape(&self, b: &B, tape: ForwardTape<B::Tensor>, g: &Tensor) -> Result<Tensor> {
+    /// `J^T g` at the point `tape` was recorded at ([`Ncsnv2::forward_taped`]), without a second forward;
+    /// on backend tensors.
+    pub fn vjp_from_tape(
+        &self,
+        b: &B,
+        tape: ForwardTape<B::Tensor>,
+        g: &B::Tensor,
+    ) -> Result<B::Tensor> {
         Ok(self.backward_taped(b, tape, g, false)?.0)
     }
 
@@ -925,7 +926,7 @@ impl<B: Backend> Ncsnv2<B> {
         self.backward(b, x, g, true)
     }
 
-    /// The input gradient, and the parameter gradients where `params` (else an empty list).
+    /// The input gradient, and the parameter gradients where `params` (else an empty list), on the host.
     fn backward(
         &self,
         b: &B,
@@ -934,10 +935,21 @@ impl<B: Backend> Ncsnv2<B> {
         params: bool,
     ) -> Result<(Tensor, Vec<(String, Tensor)>)> {
         self.config.check_input(x.shape)?;
+        if g.shape != x.shape {
+            return Err(Error::shape(format!(
+                "cotangent shape {:?} differs from the input {:?}",
+                g.shape, x.shape
+            )));
+        }
         let (_, tape) = self.run(b, &b.upload(x), true);
         let tape = tape.ok_or_else(|| Error::invalid("the forward pass kept no tape"))?;
         let shape = x.shape;
-        self.backward_taped(b, ForwardTape { tape, shape }, g, params)
+        let (gx, grads) = self.backward_taped(b, ForwardTape { tape, shape }, &b.upload(g), params)?;
+        let grads = grads
+            .into_iter()
+            .map(|(k, t)| b.download(&t).map(|t| (k, t)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((b.download(&gx)?, grads))
     }
 
     /// The backward pass from a recorded tape.
@@ -945,13 +957,14 @@ impl<B: Backend> Ncsnv2<B> {
         &self,
         b: &B,
         tape: ForwardTape<B::Tensor>,
-        g: &Tensor,
+        gd: &B::Tensor,
         params: bool,
-    ) -> Result<(Tensor, Vec<(String, Tensor)>)> {
-        if g.shape != tape.shape {
+    ) -> Result<(B::Tensor, Vec<(String, B::Tensor)>)> {
+        if b.shape(gd) != tape.shape {
             return Err(Error::shape(format!(
                 "cotangent shape {:?} differs from the input {:?}",
-                g.shape, tape.shape
+                b.shape(gd),
+                tape.shape
             )));
         }
         let Tape {
@@ -967,8 +980,7 @@ impl<B: Backend> Ncsnv2<B> {
             list: Vec::new(),
             params,
         };
-        let gd = b.upload(g);
-        let g_act = conv_bwd(b, &act, &self.end_conv, &gd, gs);
+        let g_act = conv_bwd(b, &act, &self.end_conv, gd, gs);
         let g_normed = b.elu_backward(&normed, &g_act);
         let g_ref4 = norm_bwd(b, &ref4, &self.normalizer, &g_normed, gs);
         let g4 = self.refine_bwd(b, &g_ref4, &self.refine[3], &r4, gs); // [layer1, ref3]
@@ -996,11 +1008,7 @@ impl<B: Backend> Ncsnv2<B> {
         } else {
             g_h
         };
-        let grads = core::mem::take(&mut gs.list)
-            .into_iter()
-            .map(|(k, t)| (k, b.download(&t)))
-            .collect();
-        Ok((b.download(&g_x), grads))
+        Ok((g_x, core::mem::take(&mut gs.list)))
     }
 }
 

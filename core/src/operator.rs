@@ -1,5 +1,7 @@
 //! Linear measurement operators `A` with their adjoints, applied per batch item on flattened values.
+use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::tensor::Tensor;
 use alloc::format;
 use alloc::vec::Vec;
 
@@ -103,6 +105,53 @@ impl Operator {
                     }
                 }
             }
+        }
+    }
+}
+
+/// An [`Operator`] with its data on a backend: identity, scale and mask act elementwise, a dense matrix
+/// is a product per item ([`Backend::matmul`]).
+pub enum BackendOperator<B: Backend> {
+    Identity,
+    Scale(f32),
+    /// The mask as one signal item `[1, C, H, W]`.
+    Mask(B::Tensor),
+    /// `[1, 1, m, d]`.
+    Matrix(B::Tensor),
+}
+
+impl Operator {
+    /// Checks the operator against signal items of shape `item` and uploads its data to `b`.
+    pub fn on<B: Backend>(&self, b: &B, item: [usize; 3]) -> Result<BackendOperator<B>> {
+        let d: usize = item.iter().product();
+        self.out_len(d)?;
+        let [c, h, w] = item;
+        Ok(match self {
+            Operator::Identity => BackendOperator::Identity,
+            Operator::Scale(f) => BackendOperator::Scale(*f),
+            Operator::Mask(mk) => BackendOperator::Mask(b.upload(&Tensor::from_vec([1, c, h, w], mk.clone())?)),
+            Operator::Matrix { m, d, a } => {
+                BackendOperator::Matrix(b.upload(&Tensor::from_vec([1, 1, *m, *d], a.clone())?))
+            }
+        })
+    }
+}
+
+impl<B: Backend> BackendOperator<B> {
+    /// `A x_i` for every item of `x`; `out` is the shape of the result (that of `x` but for a matrix).
+    pub fn apply(&self, b: &B, x: &B::Tensor, out: [usize; 4]) -> B::Tensor {
+        match self {
+            BackendOperator::Identity => x.clone(),
+            BackendOperator::Scale(f) => b.mul_scalar(x, *f),
+            BackendOperator::Mask(mk) => b.mul(x, mk),
+            BackendOperator::Matrix(a) => b.matmul(x, a, false, out),
+        }
+    }
+    /// `A^T r_i` for every item of `r`, shaped `out`.
+    pub fn adjoint(&self, b: &B, r: &B::Tensor, out: [usize; 4]) -> B::Tensor {
+        match self {
+            BackendOperator::Matrix(a) => b.matmul(r, a, true, out),
+            _ => self.apply(b, r, out),
         }
     }
 }

@@ -9,71 +9,77 @@ use alloc::format;
 use alloc::vec::Vec;
 
 /// `J^T g` of a score at the point where it was evaluated ([`Prior::score_with_pullback`]).
-pub type Pullback<'a> = Box<dyn FnOnce(&Tensor) -> Result<Tensor> + Send + 'a>;
+pub type Pullback<'a, T> = Box<dyn FnOnce(&T) -> Result<T> + Send + 'a>;
 
-/// The score `grad log p_t(z)` of the diffused prior at time `t`, for a batch `z`.
-pub trait Prior: Send + Sync {
-    fn score(&self, z: &Tensor, t: f64, sde: &Sde) -> Result<Tensor>;
+/// The score `grad log p_t(z)` of the diffused prior at time `t`, for a batch `z` on backend `B`. Input and
+/// output stay on the backend: a sampler step moves no data between host and device.
+pub trait Prior<B: Backend>: Send + Sync {
+    fn score(&self, b: &B, z: &B::Tensor, t: f64, sde: &Sde) -> Result<B::Tensor>;
     /// Per-item shape `[C, H, W]` this prior needs, if it is fixed (a network trained at one size).
     fn item_shape(&self) -> Option<[usize; 3]> {
         None
     }
     /// `J^T g` of the score with respect to `z` (the dps and pigdm rules need it).
-    fn score_vjp(&self, z: &Tensor, t: f64, sde: &Sde, g: &Tensor) -> Result<Tensor>;
+    fn score_vjp(&self, b: &B, z: &B::Tensor, t: f64, sde: &Sde, g: &B::Tensor)
+        -> Result<B::Tensor>;
     /// The score at `z` and a pullback that computes [`Prior::score_vjp`] at the same `z` later. The default
     /// calls `score_vjp` then; a network keeps its forward pass for it instead of running it again.
     fn score_with_pullback<'a>(
         &'a self,
-        z: &Tensor,
+        b: &'a B,
+        z: &B::Tensor,
         t: f64,
         sde: &Sde,
-    ) -> Result<(Tensor, Pullback<'a>)> {
-        let score = self.score(z, t, sde)?;
+    ) -> Result<(B::Tensor, Pullback<'a, B::Tensor>)> {
+        let score = self.score(b, z, t, sde)?;
         let (z, sde) = (z.clone(), *sde);
-        Ok((score, Box::new(move |g| self.score_vjp(&z, t, &sde, g))))
+        Ok((score, Box::new(move |g| self.score_vjp(b, &z, t, &sde, g))))
     }
 }
 
-/// A score network: `s(z, t) = net(z) / s(t)` (the network predicts `-w` of `z = a x + s w`).
+/// A score network: `s(z, t) = net(z) / s(t)` (the network predicts `-w` of `z = a x + s w`), computed as
+/// `net(z) * (1 / s(t))` with the reciprocal rounded to f32.
 pub struct NetworkPrior<'a, B: Backend> {
     pub net: &'a Ncsnv2<B>,
-    pub backend: &'a B,
     /// `[H, W]` the network was trained at, if known.
     pub image_size: Option<[usize; 2]>,
 }
 
-impl<B: Backend> Prior for NetworkPrior<'_, B> {
-    fn score(&self, z: &Tensor, t: f64, sde: &Sde) -> Result<Tensor> {
-        let mut out = self.net.forward(self.backend, z)?;
-        let inv = (1.0 / sde.s(t)) as f32;
-        out.data.iter_mut().for_each(|v| *v *= inv);
-        Ok(out)
+impl<B: Backend> Prior<B> for NetworkPrior<'_, B> {
+    fn score(&self, b: &B, z: &B::Tensor, t: f64, sde: &Sde) -> Result<B::Tensor> {
+        let out = self.net.forward_device(b, z)?;
+        Ok(b.mul_scalar(&out, (1.0 / sde.s(t)) as f32))
     }
     fn item_shape(&self) -> Option<[usize; 3]> {
         self.image_size
             .map(|[h, w]| [self.net.config.channels, h, w])
     }
-    fn score_vjp(&self, z: &Tensor, t: f64, sde: &Sde, g: &Tensor) -> Result<Tensor> {
-        let mut out = self.net.vjp_input(self.backend, z, g)?;
-        let inv = (1.0 / sde.s(t)) as f32;
-        out.data.iter_mut().for_each(|v| *v *= inv);
-        Ok(out)
+    fn score_vjp(
+        &self,
+        b: &B,
+        z: &B::Tensor,
+        t: f64,
+        sde: &Sde,
+        g: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        let (_, tape) = self.net.forward_taped(b, z)?;
+        let out = self.net.vjp_from_tape(b, tape, g)?;
+        Ok(b.mul_scalar(&out, (1.0 / sde.s(t)) as f32))
     }
     fn score_with_pullback<'b>(
         &'b self,
-        z: &Tensor,
+        b: &'b B,
+        z: &B::Tensor,
         t: f64,
         sde: &Sde,
-    ) -> Result<(Tensor, Pullback<'b>)> {
-        let (mut out, tape) = self.net.forward_taped(self.backend, z)?;
+    ) -> Result<(B::Tensor, Pullback<'b, B::Tensor>)> {
+        let (out, tape) = self.net.forward_taped(b, z)?;
         let inv = (1.0 / sde.s(t)) as f32;
-        out.data.iter_mut().for_each(|v| *v *= inv);
-        let pullback = move |g: &Tensor| {
-            let mut jt = self.net.vjp_from_tape(self.backend, tape, g)?;
-            jt.data.iter_mut().for_each(|v| *v *= inv);
-            Ok(jt)
+        let pullback = move |g: &B::Tensor| {
+            let jt = self.net.vjp_from_tape(b, tape, g)?;
+            Ok(b.mul_scalar(&jt, inv))
         };
-        Ok((out, Box::new(pullback)))
+        Ok((b.mul_scalar(&out, inv), Box::new(pullback)))
     }
 }
 
@@ -122,10 +128,13 @@ impl GaussianPrior {
     }
 }
 
-impl Prior for GaussianPrior {
-    fn score(&self, z: &Tensor, t: f64, sde: &Sde) -> Result<Tensor> {
-        let l = z.item_len();
-        for v in [&self.mean, &self.var] {
+impl GaussianPrior {
+    /// Checks the prior against items of shape `item` and uploads its mean and variance, one item each, to
+    /// backend `b`: the prior the sampler runs with.
+    pub fn on<B: Backend>(&self, b: &B, item: [usize; 3]) -> Result<BackendGaussian<B>> {
+        let l: usize = item.iter().product();
+        let [c, h, w] = item;
+        let full = |v: &[f32]| -> Result<Tensor> {
             if v.len() != 1 && v.len() != l {
                 return Err(Error::shape(format!(
                     "Gaussian prior has {} values but an item has {}",
@@ -133,26 +142,35 @@ impl Prior for GaussianPrior {
                     l
                 )));
             }
-        }
-        let (a, s) = (sde.a(t), sde.s(t));
-        let mut out = Tensor::zeros(z.shape);
-        for (k, (o, &zv)) in out.data.iter_mut().zip(&z.data).enumerate() {
-            let i = k % l;
-            let m = Self::at(&self.mean, i) as f64;
-            let v = Self::at(&self.var, i) as f64;
-            *o = (-(zv as f64 - a * m) / (a * a * v + s * s)) as f32;
-        }
-        Ok(out)
+            Tensor::from_vec([1, c, h, w], (0..l).map(|i| Self::at(v, i)).collect())
+        };
+        Ok(BackendGaussian {
+            mean: b.upload(&full(&self.mean)?),
+            var: b.upload(&full(&self.var)?),
+        })
     }
-    fn score_vjp(&self, z: &Tensor, t: f64, sde: &Sde, g: &Tensor) -> Result<Tensor> {
+}
+
+/// A [`GaussianPrior`] on a backend: its score is the backend's closed form
+/// ([`Backend::gaussian_score`]), computed where the state is.
+pub struct BackendGaussian<B: Backend> {
+    mean: B::Tensor,
+    var: B::Tensor,
+}
+
+impl<B: Backend> Prior<B> for BackendGaussian<B> {
+    fn score(&self, b: &B, z: &B::Tensor, t: f64, sde: &Sde) -> Result<B::Tensor> {
+        Ok(b.gaussian_score(z, Some(&self.mean), &self.var, sde.a(t), sde.s(t)))
+    }
+    fn score_vjp(
+        &self,
+        b: &B,
+        _z: &B::Tensor,
+        t: f64,
+        sde: &Sde,
+        g: &B::Tensor,
+    ) -> Result<B::Tensor> {
         // the score is affine in z with diagonal Jacobian -1 / (a^2 v + s^2)
-        let l = z.item_len();
-        let (a, s) = (sde.a(t), sde.s(t));
-        let mut out = Tensor::zeros(g.shape);
-        for (k, (o, &gv)) in out.data.iter_mut().zip(&g.data).enumerate() {
-            let v = Self::at(&self.var, k % l) as f64;
-            *o = (-(gv as f64) / (a * a * v + s * s)) as f32;
-        }
-        Ok(out)
+        Ok(b.gaussian_score(g, None, &self.var, sde.a(t), sde.s(t)))
     }
 }

@@ -21,8 +21,8 @@ impl Backend for RefBackend {
     fn upload(&self, t: &Tensor) -> Tensor {
         t.clone()
     }
-    fn download(&self, t: &Tensor) -> Tensor {
-        t.clone()
+    fn download(&self, t: &Tensor) -> crate::error::Result<Tensor> {
+        Ok(t.clone())
     }
     fn shape(&self, t: &Tensor) -> [usize; 4] {
         t.shape
@@ -50,6 +50,185 @@ impl Backend for RefBackend {
     }
     fn affine(&self, x: &Tensor, scale: f32, shift: f32) -> Tensor {
         affine(x, scale, shift)
+    }
+    fn conv2d_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        gout: &Tensor,
+        p: Conv2dParams,
+    ) -> (Tensor, Tensor, Tensor) {
+        conv2d_backward(x, w, gout, p)
+    }
+    fn conv2d_backward_input(
+        &self,
+        w: &Tensor,
+        gout: &Tensor,
+        in_shape: [usize; 4],
+        p: Conv2dParams,
+    ) -> Tensor {
+        conv2d_backward_input(w, gout, in_shape, p)
+    }
+    fn mean_pool2_backward(&self, gout: &Tensor, in_shape: [usize; 4]) -> Tensor {
+        mean_pool2_backward(gout, in_shape)
+    }
+    fn max_pool_backward(&self, x: &Tensor, gout: &Tensor, k: usize, pad: usize) -> Tensor {
+        max_pool_backward(x, gout, k, pad)
+    }
+    fn elu_backward(&self, x: &Tensor, gout: &Tensor) -> Tensor {
+        elu_backward(x, gout)
+    }
+    fn resize_bilinear_backward(&self, gout: &Tensor, in_shape: [usize; 4]) -> Tensor {
+        resize_bilinear_backward(gout, in_shape)
+    }
+    fn instance_norm_plus_backward(
+        &self,
+        x: &Tensor,
+        alpha: &Tensor,
+        gamma: &Tensor,
+        gout: &Tensor,
+    ) -> (Tensor, Tensor, Tensor, Tensor) {
+        instance_norm_plus_backward(x, alpha, gamma, gout)
+    }
+    fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Tensor {
+        with_out(x.shape, |o| ops::axpby(a, &x.data, b, &y.data, o))
+    }
+    fn mul(&self, x: &Tensor, y: &Tensor) -> Tensor {
+        with_out(x.shape, |o| ops::broadcast(&x.data, &y.data, o, |p, q| p * q))
+    }
+    fn div(&self, x: &Tensor, y: &Tensor) -> Tensor {
+        with_out(x.shape, |o| ops::broadcast(&x.data, &y.data, o, |p, q| p / q))
+    }
+    fn mul_scalar(&self, x: &Tensor, c: f32) -> Tensor {
+        with_out(x.shape, |o| ops::map(&x.data, o, |v| c * v))
+    }
+    fn div_scalar(&self, x: &Tensor, c: f32) -> Tensor {
+        with_out(x.shape, |o| ops::map(&x.data, o, |v| v / c))
+    }
+    fn clamp(&self, x: &Tensor, lo: f32, hi: f32) -> Tensor {
+        with_out(x.shape, |o| ops::map(&x.data, o, |v| v.clamp(lo, hi)))
+    }
+    fn scale_by_inverse_norm(&self, x: &Tensor, c: f32) -> Tensor {
+        with_out(x.shape, |o| ops::scale_by_inverse_norm(x, c, o))
+    }
+    fn matmul(&self, x: &Tensor, a: &Tensor, transpose: bool, out_shape: [usize; 4]) -> Tensor {
+        with_out(out_shape, |o| ops::matmul(x, a, transpose, o))
+    }
+    fn gaussian_score(
+        &self,
+        z: &Tensor,
+        mean: Option<&Tensor>,
+        var: &Tensor,
+        a: f64,
+        s: f64,
+    ) -> Tensor {
+        with_out(z.shape, |o| {
+            ops::gaussian_score(&z.data, mean.map(|m| &m.data[..]), &var.data, a, s, o)
+        })
+    }
+    fn all_finite(&self, ts: &[&Tensor]) -> crate::error::Result<bool> {
+        Ok(ts.iter().all(|t| t.data.iter().all(|v| v.is_finite())))
+    }
+}
+
+fn with_out(shape: [usize; 4], f: impl FnOnce(&mut [f32])) -> Tensor {
+    let mut t = Tensor::zeros(shape);
+    f(&mut t.data);
+    t
+}
+
+/// The sampler's elementwise arithmetic on host slices, written once: the reference backend and the CPU
+/// backend both call these, so they write the same bits (see the formulas on [`Backend`]'s methods).
+pub mod ops {
+    use crate::tensor::Tensor;
+
+    /// `out = a x + b y`.
+    pub fn axpby(a: f32, x: &[f32], b: f32, y: &[f32], out: &mut [f32]) {
+        for ((o, &p), &q) in out.iter_mut().zip(x).zip(y) {
+            *o = a * p + b * q;
+        }
+    }
+
+    /// `out = f(x, y)` with `y` the length of `x` or of one item of it (repeated).
+    pub fn broadcast(x: &[f32], y: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+        if y.is_empty() {
+            return;
+        }
+        for (oc, xc) in out.chunks_mut(y.len()).zip(x.chunks(y.len())) {
+            for ((o, &p), &q) in oc.iter_mut().zip(xc).zip(y) {
+                *o = f(p, q);
+            }
+        }
+    }
+
+    /// `out = f(x)`.
+    pub fn map(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = f(v);
+        }
+    }
+
+    /// Per item: `x_i * (c / ||x_i||)`, zero where the norm is zero (sum of squares in f64).
+    pub fn scale_by_inverse_norm(x: &Tensor, c: f32, out: &mut [f32]) {
+        let l = x.item_len();
+        if l == 0 {
+            return;
+        }
+        for (oc, xc) in out.chunks_mut(l).zip(x.data.chunks(l)) {
+            let norm = libm::sqrt(xc.iter().map(|&q| q as f64 * q as f64).sum::<f64>()) as f32;
+            let inv = if norm > 0.0 { c / norm } else { 0.0 };
+            for (o, &q) in oc.iter_mut().zip(xc) {
+                *o = q * inv;
+            }
+        }
+    }
+
+    /// Per item: `A x_i` or `A^T x_i` with `a` the row-major `m x d` matrix in `a.data`
+    /// (`a.shape = [1, 1, m, d]`).
+    pub fn matmul(x: &Tensor, a: &Tensor, transpose: bool, out: &mut [f32]) {
+        let (m, d) = (a.shape[2], a.shape[3]);
+        let (li, lo) = if transpose { (m, d) } else { (d, m) };
+        if li == 0 || lo == 0 {
+            return;
+        }
+        for (oc, xc) in out.chunks_mut(lo).zip(x.data.chunks(li)) {
+            if transpose {
+                oc.iter_mut().for_each(|v| *v = 0.0);
+                for (rv, row) in xc.iter().zip(a.data.chunks_exact(d)) {
+                    for (o, p) in oc.iter_mut().zip(row) {
+                        *o += rv * p;
+                    }
+                }
+            } else {
+                for (o, row) in oc.iter_mut().zip(a.data.chunks_exact(d)) {
+                    *o = row.iter().zip(xc).map(|(p, q)| p * q).sum();
+                }
+            }
+        }
+    }
+
+    /// `-(z - a mean) / (a^2 var + s^2)` in f64, `mean` (0 if `None`) and `var` repeated per item.
+    pub fn gaussian_score(
+        z: &[f32],
+        mean: Option<&[f32]>,
+        var: &[f32],
+        a: f64,
+        s: f64,
+        out: &mut [f32],
+    ) {
+        let l = var.len();
+        if l == 0 {
+            return;
+        }
+        for (k, (o, &zv)) in out.iter_mut().zip(z).enumerate() {
+            let i = k % l;
+            let v = var[i] as f64;
+            let num = match mean {
+                Some(mn) => zv as f64 - a * mn[i] as f64,
+                None => zv as f64,
+            };
+            *o = (-num / (a * a * v + s * s)) as f32;
+        }
     }
 }
 

@@ -1,7 +1,13 @@
 //! The joint posterior sampler of DESIGN §1: one reverse-time Euler–Maruyama loop over the signal `x` and
 //! the structured noise `n`, with a data-consistency step that keeps `y = A x + alpha n`.
+//!
+//! The loop runs on a [`Backend`]: `x`, `n`, their means, the measurement and the operator live in backend
+//! tensors from the first step to the last. Per step the host draws the Gaussian noise from the ChaCha
+//! streams (so a seed means the same on every backend) and uploads it; the one value read back is the
+//! non-finite flag. `x` and `n` come down once, at the end.
+use crate::backend::Backend;
 use crate::error::{Error, ErrorKind, Result};
-use crate::operator::Operator;
+use crate::operator::{BackendOperator, Operator};
 use crate::prior::{Prior, Pullback};
 use crate::rng::{purpose, Rng};
 use crate::sde::{Sde, TimeGrid};
@@ -9,23 +15,6 @@ use crate::tensor::Tensor;
 use alloc::format;
 use alloc::vec;
 use alloc::vec::Vec;
-
-/// Runs two closures, possibly at the same time: the sampler evaluates the signal and the noise score
-/// through it. Core has no threads; backends provide parallel implementations (e.g. rayon::join).
-pub trait Join: Sync {
-    fn join(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send));
-}
-
-/// Runs `a` then `b`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Sequential;
-
-impl Join for Sequential {
-    fn join(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
-        a();
-        b();
-    }
-}
 
 /// Per-step coefficients of the Euler–Maruyama predictor: `f dt`, `g^2 dt`, `g sqrt(dt)`.
 #[derive(Clone, Copy)]
@@ -35,14 +24,53 @@ struct EmCoef {
     gsq: f32,
 }
 
-/// Reverse-time Euler–Maruyama predictor on one item: `z̄ = z - [f z - g^2 s] dt` (kept in `zbar`),
-/// `z = z̄ + g sqrt(dt) w`.
-fn em_predict(z: &mut [f32], zbar: &mut [f32], score: &[f32], w: &[f32], c: EmCoef) {
-    for (((zv, zb), &sv), &wv) in z.iter_mut().zip(zbar.iter_mut()).zip(score).zip(w) {
-        let mean = *zv - (c.fdt * *zv - c.g2dt * sv);
-        *zb = mean;
-        *zv = mean + c.gsq * wv;
+impl EmCoef {
+    fn at(sde: &Sde, t: f64, dt: f64) -> Self {
+        let (f, g) = (sde.drift(t), sde.g(t));
+        EmCoef {
+            fdt: (f * dt) as f32,
+            g2dt: (g * g * dt) as f32,
+            gsq: (g * libm::sqrt(dt)) as f32,
+        }
     }
+}
+
+/// Reverse-time Euler–Maruyama predictor on the backend: `z̄ = z - (f dt z - g^2 dt s)` (returned first),
+/// `z = z̄ + g sqrt(dt) w`.
+fn em_predict<B: Backend>(
+    b: &B,
+    z: &B::Tensor,
+    score: &B::Tensor,
+    w: &B::Tensor,
+    c: EmCoef,
+) -> (B::Tensor, B::Tensor) {
+    let drift = b.axpby(c.fdt, z, -c.g2dt, score);
+    let mean = b.axpby(1.0, z, -1.0, &drift);
+    let next = b.axpby(1.0, &mean, c.gsq, w);
+    (mean, next)
+}
+
+/// `items` host draws of `item` values each, item `i` from `rngs[i]` (in the order the caller asks).
+fn draw(rngs: &mut [Rng], item: [usize; 3]) -> Tensor {
+    let [c, h, w] = item;
+    let mut t = Tensor::zeros([rngs.len(), c, h, w]);
+    for (i, rng) in rngs.iter_mut().enumerate() {
+        rng.fill_normal(t.item_mut(i));
+    }
+    t
+}
+
+/// The non-finite check after a step: reads back one flag; on failure, the state to name the bad index.
+fn check_finite<B: Backend>(b: &B, ts: &[&B::Tensor]) -> Result<Option<usize>> {
+    if b.all_finite(ts)? {
+        return Ok(None);
+    }
+    for t in ts {
+        if let Some(i) = b.download(t)?.first_non_finite() {
+            return Ok(Some(i));
+        }
+    }
+    Ok(None)
 }
 
 /// After step `k` (0-based) of `total`: an error if the predictor mean went non-finite (at index `bad`),
@@ -71,9 +99,10 @@ fn end_of_step(
 }
 
 /// Clips an estimate to the data range, if one is set.
-fn clip(t: &mut Tensor, range: Option<[f32; 2]>) {
-    if let Some([lo, hi]) = range {
-        t.data.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
+fn clip<B: Backend>(b: &B, t: B::Tensor, range: Option<[f32; 2]>) -> B::Tensor {
+    match range {
+        Some([lo, hi]) => b.clamp(&t, lo, hi),
+        None => t,
     }
 }
 
@@ -168,41 +197,221 @@ pub struct Posterior {
     pub noise: Tensor,
 }
 
-/// Joint posterior sampler over a signal prior and a noise prior (generic over [`Prior`]).
-pub struct JointSampler<'a> {
-    pub config: SamplerConfig,
-    pub operator: &'a Operator,
-    pub signal: &'a dyn Prior,
-    pub noise: &'a dyn Prior,
-    /// Per-item shape of the signal `[C, H, W]`.
-    pub signal_shape: [usize; 3],
-    /// Per-item shape of the noise; its size is the operator's `m`.
-    pub noise_shape: [usize; 3],
-    /// How the two score evaluations of a step run (sequentially, or in parallel; results are the same).
-    pub join: &'a dyn Join,
+/// Solves `(A A^T + alpha^2 I) v = rho` per item: a division by the diagonal for identity, scale and mask
+/// operators, a product with the inverse (from a Cholesky factorisation in f64, made once) for a dense
+/// matrix. Host form, made once per plan; [`GramInverse::on`] puts it on a backend.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GramInverse {
+    /// The diagonal of `A A^T + alpha^2 I`, one noise item.
+    Diagonal(Vec<f32>),
+    /// `(A A^T + alpha^2 I)^-1`, row-major `m x m`.
+    Inverse { m: usize, a: Vec<f32> },
+}
+
+impl GramInverse {
+    pub fn new(op: &Operator, d: usize, alpha2: f64) -> Result<Self> {
+        let m = op.out_len(d)?;
+        let diag = |v: Vec<f64>| -> Result<Self> {
+            if v.iter().any(|&q| q <= 0.0) {
+                return Err(Error::invalid(
+                    "A A^T + alpha^2 I is singular (alpha = 0 and a zero in A?)",
+                ));
+            }
+            Ok(GramInverse::Diagonal(v.iter().map(|&q| q as f32).collect()))
+        };
+        match op {
+            Operator::Identity => diag(vec![1.0 + alpha2; m]),
+            Operator::Scale(b) => diag(vec![(*b as f64) * (*b as f64) + alpha2; m]),
+            Operator::Mask(mk) => diag(mk.iter().map(|&v| (v as f64) * (v as f64) + alpha2).collect()),
+            Operator::Matrix { m, d, a } => {
+                let l = cholesky(*m, *d, a, alpha2)?;
+                Ok(GramInverse::Inverse {
+                    m: *m,
+                    a: inverse_from_cholesky(*m, &l),
+                })
+            }
+        }
+    }
+
+    /// Uploads the solve to `b` for noise items of shape `item`.
+    pub fn on<B: Backend>(&self, b: &B, item: [usize; 3]) -> Result<BackendGram<B>> {
+        let [c, h, w] = item;
+        Ok(match self {
+            GramInverse::Diagonal(q) => BackendGram::Diagonal(b.upload(&Tensor::from_vec([1, c, h, w], q.clone())?)),
+            GramInverse::Inverse { m, a } => {
+                BackendGram::Inverse(b.upload(&Tensor::from_vec([1, 1, *m, *m], a.clone())?))
+            }
+        })
+    }
+}
+
+/// The lower Cholesky factor of `A A^T + alpha2 I` (`m x m`, f64).
+fn cholesky(m: usize, d: usize, a: &[f32], alpha2: f64) -> Result<Vec<f64>> {
+    let mut g = vec![0f64; m * m];
+    for i in 0..m {
+        for j in 0..=i {
+            let mut acc = 0f64;
+            for k in 0..d {
+                acc += a[i * d + k] as f64 * a[j * d + k] as f64;
+            }
+            g[i * m + j] = acc;
+        }
+        g[i * m + i] += alpha2;
+    }
+    for j in 0..m {
+        let mut dsum = g[j * m + j];
+        for k in 0..j {
+            dsum -= g[j * m + k] * g[j * m + k];
+        }
+        if dsum <= 0.0 {
+            return Err(Error::invalid(
+                "A A^T + alpha^2 I is not positive definite (alpha = 0 with rank-deficient A?)",
+            ));
+        }
+        let l = libm::sqrt(dsum);
+        g[j * m + j] = l;
+        for i in j + 1..m {
+            let mut acc = g[i * m + j];
+            for k in 0..j {
+                acc -= g[i * m + k] * g[j * m + k];
+            }
+            g[i * m + j] = acc / l;
+        }
+    }
+    Ok(g)
+}
+
+/// `(L L^T)^-1` from the lower factor `l`, column by column (forward then back substitution on `e_j`),
+/// rounded to f32.
+fn inverse_from_cholesky(m: usize, l: &[f64]) -> Vec<f32> {
+    let mut inv = vec![0f32; m * m];
+    let mut z = vec![0f64; m];
+    for j in 0..m {
+        for i in 0..m {
+            let mut acc = if i == j { 1.0 } else { 0.0 };
+            for k in 0..i {
+                acc -= l[i * m + k] * z[k];
+            }
+            z[i] = acc / l[i * m + i];
+        }
+        for i in (0..m).rev() {
+            let mut acc = z[i];
+            for k in i + 1..m {
+                acc -= l[k * m + i] * z[k];
+            }
+            z[i] = acc / l[i * m + i];
+        }
+        for i in 0..m {
+            inv[i * m + j] = z[i] as f32;
+        }
+    }
+    inv
+}
+
+/// [`GramInverse`] on a backend.
+pub enum BackendGram<B: Backend> {
+    Diagonal(B::Tensor),
+    Inverse(B::Tensor),
+}
+
+impl<B: Backend> BackendGram<B> {
+    /// `(A A^T + alpha^2 I)^-1 rho` for every item of `rho`.
+    pub fn solve(&self, b: &B, rho: &B::Tensor) -> B::Tensor {
+        match self {
+            BackendGram::Diagonal(q) => b.div(rho, q),
+            BackendGram::Inverse(a) => b.matmul(rho, a, false, b.shape(rho)),
+        }
+    }
 }
 
 /// Progress callback: `(steps done, total)`; return `false` to cancel.
 pub type Progress<'p> = dyn FnMut(usize, usize) -> bool + 'p;
 
-impl<'a> JointSampler<'a> {
-    /// Samples `p(x, n | y)` once per measurement. `y` holds `N` items of `m` values each.
-    /// Item `i` draws all its randomness from stream `i` of `seed`, so results do not depend on batching.
-    pub fn sample(&self, y: &[f32], seed: u64, progress: &mut Progress<'_>) -> Result<Posterior> {
-        let cfg = &self.config;
-        cfg.validate()?;
-        let d: usize = self.signal_shape.iter().product();
-        let m = self.operator.out_len(d)?;
-        let mn: usize = self.noise_shape.iter().product();
+/// Joint posterior sampler over a signal prior and a noise prior on backend `B`, with the operator (and
+/// pigdm's solve) already on the backend. Made by [`JointSampler::new`], which checks every shape.
+pub struct JointSampler<'a, B: Backend> {
+    backend: &'a B,
+    config: SamplerConfig,
+    operator: BackendOperator<B>,
+    gram: Option<BackendGram<B>>,
+    signal: &'a dyn Prior<B>,
+    noise: &'a dyn Prior<B>,
+    signal_shape: [usize; 3],
+    noise_shape: [usize; 3],
+    /// Values per measurement (`m`).
+    m: usize,
+}
+
+impl<'a, B: Backend> JointSampler<'a, B> {
+    /// Checks the configuration and the shapes (the noise item must have the operator's `m` values; a prior
+    /// with a fixed item shape must match its side) and puts the operator, and for pigdm the solve with
+    /// `A A^T + alpha^2 I` (factorised here, or given by a plan that made it once), on the backend.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        backend: &'a B,
+        config: SamplerConfig,
+        operator: &Operator,
+        gram: Option<&GramInverse>,
+        signal: &'a dyn Prior<B>,
+        noise: &'a dyn Prior<B>,
+        signal_shape: [usize; 3],
+        noise_shape: [usize; 3],
+    ) -> Result<Self> {
+        config.validate()?;
+        let d: usize = signal_shape.iter().product();
+        let m = operator.out_len(d)?;
+        let mn: usize = noise_shape.iter().product();
         if mn != m {
             return Err(Error::shape(format!(
-                "noise shape {:?} has {mn} values but the operator gives {m} measurements",
-                self.noise_shape
+                "noise shape {noise_shape:?} has {mn} values but the operator gives {m} measurements"
             )));
         }
         if d == 0 || m == 0 {
             return Err(Error::shape("empty signal or measurement"));
         }
+        for (what, p, shape) in [("signal", signal, signal_shape), ("noise", noise, noise_shape)] {
+            if let Some(s) = p.item_shape() {
+                if s != shape {
+                    return Err(Error::shape(format!(
+                        "the {what} model expects items of shape {s:?} (C, H, W) but the data has {shape:?}"
+                    )));
+                }
+            }
+        }
+        let gram = match (config.rule, gram) {
+            (Rule::Pigdm, Some(g)) => Some(g.on(backend, noise_shape)?),
+            (Rule::Pigdm, None) => Some(
+                GramInverse::new(operator, d, config.alpha * config.alpha)?.on(backend, noise_shape)?,
+            ),
+            _ => None,
+        };
+        Ok(JointSampler {
+            backend,
+            config,
+            operator: operator.on(backend, signal_shape)?,
+            gram,
+            signal,
+            noise,
+            signal_shape,
+            noise_shape,
+            m,
+        })
+    }
+
+    pub fn config(&self) -> &SamplerConfig {
+        &self.config
+    }
+
+    fn shape_of(&self, items: usize, item: [usize; 3]) -> [usize; 4] {
+        [items, item[0], item[1], item[2]]
+    }
+
+    /// Samples `p(x, n | y)` once per measurement. `y` holds `N` items of `m` values each.
+    /// Item `i` draws all its randomness from stream `i` of `seed`, so results do not depend on batching.
+    pub fn sample(&self, y: &[f32], seed: u64, progress: &mut Progress<'_>) -> Result<Posterior> {
+        let cfg = &self.config;
+        let b = self.backend;
+        let m = self.m;
         if y.is_empty() || y.len() % m != 0 {
             return Err(Error::shape(format!(
                 "measurement has {} values, not a multiple of the {m} values per item",
@@ -214,338 +423,168 @@ impl<'a> JointSampler<'a> {
                 "measurement has a non-finite value at index {i}"
             )));
         }
-        for (what, p, shape) in [
-            ("signal", self.signal, self.signal_shape),
-            ("noise", self.noise, self.noise_shape),
-        ] {
-            if let Some(s) = p.item_shape() {
-                if s != shape {
-                    return Err(Error::shape(format!(
-                        "the {what} model expects items of shape {s:?} (C, H, W) but the data has {shape:?}"
-                    )));
-                }
-            }
-        }
         let items = y.len() / m;
         let grid = TimeGrid::new(cfg.steps, cfg.eps)?;
         let sde = cfg.sde;
-        let [c, h, w] = self.signal_shape;
-        let [nc, nh, nw] = self.noise_shape;
-        let mut x = Tensor::zeros([items, c, h, w]);
-        let mut n = Tensor::zeros([items, nc, nh, nw]);
-        let mut xbar = x.clone();
-        let mut nbar = n.clone();
+        let (xs, ns) = (
+            self.shape_of(items, self.signal_shape),
+            self.shape_of(items, self.noise_shape),
+        );
         let mut rngs: Vec<Rng> = (0..items)
             .map(|i| Rng::stream(seed, purpose::SAMPLER, i as u64))
             .collect();
+        // the initial state, drawn per item (x then n) and scaled by the prior's std, goes up once
         let ps = sde.prior_std() as f32;
+        let mut x0 = Tensor::zeros(xs);
+        let mut n0 = Tensor::zeros(ns);
         for (i, rng) in rngs.iter_mut().enumerate() {
-            rng.fill_normal(x.item_mut(i));
-            rng.fill_normal(n.item_mut(i));
+            rng.fill_normal(x0.item_mut(i));
+            rng.fill_normal(n0.item_mut(i));
         }
-        x.data
-            .iter_mut()
-            .chain(n.data.iter_mut())
-            .for_each(|v| *v *= ps);
-
-        let (mut wx, mut wn, mut xi) = (vec![0f32; d], vec![0f32; m], vec![0f32; m]);
-        let (mut ax, mut atr, mut r) = (vec![0f32; m], vec![0f32; d], vec![0f32; m]);
-        // pigdm solves with A A^T + alpha^2 I every step: factor it once
-        let gram = match cfg.rule {
-            Rule::Pigdm => Some(GramSolver::new(self.operator, d, cfg.alpha * cfg.alpha)?),
-            _ => None,
-        };
+        x0.data.iter_mut().chain(n0.data.iter_mut()).for_each(|v| *v *= ps);
+        let (mut x, mut n) = (b.upload(&x0), b.upload(&n0));
+        let yd = b.upload(&Tensor::from_vec(ns, y.to_vec())?);
+        let (mut xbar, mut nbar) = (None, None);
         let dt = grid.dt;
         let total = grid.ts.len();
+        let taped = cfg.rule != Rule::Projection;
+        let (lam, mu, alpha) = (cfg.lambda as f32, cfg.mu as f32, cfg.alpha as f32);
         for (k, &t) in grid.ts.iter().enumerate() {
             // dps / pigdm keep each network's forward pass for the VJP at the same point
-            let taped = cfg.rule != Rule::Projection;
             let (mut sx, mut sn) = (None, None);
             {
                 let (xr, nr) = (&x, &n);
-                let eval = |p: &'a dyn Prior, z: &Tensor| {
+                let eval = |p: &'a dyn Prior<B>, z: &B::Tensor| {
                     if taped {
-                        p.score_with_pullback(z, t, &sde).map(|(s, b)| (s, Some(b)))
+                        p.score_with_pullback(b, z, t, &sde).map(|(s, pb)| (s, Some(pb)))
                     } else {
-                        p.score(z, t, &sde).map(|s| (s, None))
+                        p.score(b, z, t, &sde).map(|s| (s, None))
                     }
                 };
-                self.join
-                    .join(&mut || sx = Some(eval(self.signal, xr)), &mut || {
-                        sn = Some(eval(self.noise, nr))
-                    });
+                b.join(&mut || sx = Some(eval(self.signal, xr)), &mut || {
+                    sn = Some(eval(self.noise, nr))
+                });
             }
             let missing = || Error::invalid("score was not evaluated");
             let (sx, px) = sx.ok_or_else(missing)??;
             let (sn, pn) = sn.ok_or_else(missing)??;
-            let (f, g, a, s) = (sde.drift(t), sde.g(t), sde.a(t), sde.s(t));
             // dps / pigdm: the consistency step is a VJP through Tweedie's estimates at the current x, n
-            let guidance = match (cfg.rule, px, pn) {
-                (Rule::Projection, _, _) => None,
-                (rule, Some(px), Some(pn)) => {
-                    Some(self.guidance(rule, y, &x, &n, &sx, &sn, t, &gram, [px, pn])?)
-                }
+            let guidance = match (taped, px, pn) {
+                (false, _, _) => None,
+                (true, Some(px), Some(pn)) => Some(self.guidance(&yd, &x, &n, &sx, &sn, t, [px, pn])?),
                 _ => return Err(Error::invalid("score VJP was not prepared")),
             };
-            let g2dt = (g * g * dt) as f32;
-            let fdt = (f * dt) as f32;
-            let gsq = (g * libm::sqrt(dt)) as f32;
-            let (a32, s32) = (a as f32, s as f32);
-            let (lam, mu, alpha) = (cfg.lambda as f32, cfg.mu as f32, cfg.alpha as f32);
+            // the step's noise, drawn per item in a fixed order (w_x, w_n, xi), goes up
+            let (mut wx, mut wn, mut xi) = (Tensor::zeros(xs), Tensor::zeros(ns), Tensor::zeros(ns));
             for (i, rng) in rngs.iter_mut().enumerate() {
-                rng.fill_normal(&mut wx);
-                rng.fill_normal(&mut wn);
-                rng.fill_normal(&mut xi);
-                let coef = EmCoef { fdt, g2dt, gsq };
-                em_predict(x.item_mut(i), xbar.item_mut(i), sx.item(i), &wx, coef);
-                em_predict(n.item_mut(i), nbar.item_mut(i), sn.item(i), &wn, coef);
-                // data consistency
-                match cfg.rule {
-                    Rule::Projection => {
-                        let yi = &y[i * m..(i + 1) * m];
-                        self.operator.apply(x.item(i), &mut ax);
-                        let ns = n.item(i);
-                        for j in 0..m {
-                            r[j] = (a32 * yi[j] + s32 * xi[j]) - (ax[j] + alpha * ns[j]);
-                        }
-                        self.operator.adjoint(&r, &mut atr);
-                        x.item_mut(i)
-                            .iter_mut()
-                            .zip(&atr)
-                            .for_each(|(v, q)| *v += lam * q);
-                        n.item_mut(i)
-                            .iter_mut()
-                            .zip(&r)
-                            .for_each(|(v, q)| *v += mu * alpha * q);
-                    }
-                    Rule::Dps | Rule::Pigdm => {
-                        if let Some((gx, gn)) = &guidance {
-                            x.item_mut(i)
-                                .iter_mut()
-                                .zip(gx.item(i))
-                                .for_each(|(v, q)| *v += lam * q);
-                            n.item_mut(i)
-                                .iter_mut()
-                                .zip(gn.item(i))
-                                .for_each(|(v, q)| *v += mu * q);
-                        }
-                    }
+                rng.fill_normal(wx.item_mut(i));
+                rng.fill_normal(wn.item_mut(i));
+                rng.fill_normal(xi.item_mut(i));
+            }
+            let coef = EmCoef::at(&sde, t, dt);
+            let (xm, xn) = em_predict(b, &x, &sx, &b.upload(&wx), coef);
+            let (nm, nn) = em_predict(b, &n, &sn, &b.upload(&wn), coef);
+            // data consistency
+            match guidance {
+                None => {
+                    let (a32, s32) = (sde.a(t) as f32, sde.s(t) as f32);
+                    // r = (a y + s xi) - (A x + alpha n); x += lambda A^T r; n += mu alpha r
+                    let y_t = b.axpby(a32, &yd, s32, &b.upload(&xi));
+                    let pred = b.axpby(1.0, &self.operator.apply(b, &xn, ns), alpha, &nn);
+                    let r = b.axpby(1.0, &y_t, -1.0, &pred);
+                    x = b.axpby(1.0, &xn, lam, &self.operator.adjoint(b, &r, xs));
+                    n = b.axpby(1.0, &nn, mu * alpha, &r);
+                }
+                Some((gx, gn)) => {
+                    x = b.axpby(1.0, &xn, lam, &gx);
+                    n = b.axpby(1.0, &nn, mu, &gn);
                 }
             }
             // the state after the consistency step feeds the next network call: check it too
-            let bad = [&xbar, &nbar, &x, &n]
-                .iter()
-                .find_map(|v| v.first_non_finite());
+            let bad = check_finite(b, &[&xm, &nm, &x, &n])?;
+            xbar = Some(xm);
+            nbar = Some(nm);
             end_of_step(k, total, t, bad, progress)?;
         }
-        clip(&mut xbar, cfg.clip);
+        let none = || Error::invalid("no sampler step ran");
+        let xbar = clip(b, xbar.ok_or_else(none)?, cfg.clip);
         Ok(Posterior {
-            signal: xbar,
-            noise: nbar,
-        })
-    }
-}
-
-/// Solves `(A A^T + alpha^2 I) v = rho`: elementwise for identity, scale and mask operators, by a Cholesky
-/// factorisation (computed once) for a dense matrix.
-pub struct GramSolver {
-    /// Diagonal of `A A^T + alpha^2 I` (diagonal operators) or its lower Cholesky factor (`m x m`).
-    diag: Option<Vec<f64>>,
-    chol: Option<(usize, Vec<f64>)>,
-}
-
-impl GramSolver {
-    pub fn new(op: &Operator, d: usize, alpha2: f64) -> Result<Self> {
-        let m = op.out_len(d)?;
-        match op {
-            Operator::Identity => Ok(GramSolver { diag: Some(vec![1.0 + alpha2; m]), chol: None }),
-            Operator::Scale(b) => Ok(GramSolver { diag: Some(vec![(*b as f64) * (*b as f64) + alpha2; m]), chol: None }),
-            Operator::Mask(mk) => Ok(GramSolver {
-                diag: Some(mk.iter().map(|&v| (v as f64) * (v as f64) + alpha2).collect()),
-                chol: None,
-            }),
-            Operator::Matrix { m, d, a } => {
-                let (m, d) = (*m, *d);
-                let mut g = vec![0f64; m * m];
-                for i in 0..m {
-                    for j in 0..=i {
-                        let mut acc = 0f64;
-                        for k in 0..d {
-                            acc += a[i * d + k] as f64 * a[j * d + k] as f64;
-                        }
-                        g[i * m + j] = acc;
-                    }
-                    g[i * m + i] += alpha2;
-                }
-                // in-place Cholesky, lower triangle
-                for j in 0..m {
-                    let mut dsum = g[j * m + j];
-                    for k in 0..j {
-                        dsum -= g[j * m + k] * g[j * m + k];
-                    }
-                    if dsum <= 0.0 {
-                        return Err(Error::invalid(
-                            "A A^T + alpha^2 I is not positive definite (alpha = 0 with rank-deficient A?)",
-                        ));
-                    }
-                    let l = libm::sqrt(dsum);
-                    g[j * m + j] = l;
-                    for i in j + 1..m {
-                        let mut acc = g[i * m + j];
-                        for k in 0..j {
-                            acc -= g[i * m + k] * g[j * m + k];
-                        }
-                        g[i * m + j] = acc / l;
-                    }
-                }
-                Ok(GramSolver { diag: None, chol: Some((m, g)) })
-            }
-        }
-        .and_then(|gs: GramSolver| {
-            if let Some(dg) = &gs.diag {
-                if dg.iter().any(|&v| v <= 0.0) {
-                    return Err(Error::invalid("A A^T + alpha^2 I is singular (alpha = 0 and a zero in A?)"));
-                }
-            }
-            Ok(gs)
+            signal: b.download(&xbar)?,
+            noise: b.download(&nbar.ok_or_else(none)?)?,
         })
     }
 
-    pub fn solve(&self, rho: &[f32], out: &mut [f32]) {
-        if let Some(dg) = &self.diag {
-            for ((o, r), q) in out.iter_mut().zip(rho).zip(dg) {
-                *o = (*r as f64 / q) as f32;
-            }
-        } else if let Some((m, l)) = &self.chol {
-            let m = *m;
-            let mut z = vec![0f64; m];
-            for i in 0..m {
-                let mut acc = rho[i] as f64;
-                for k in 0..i {
-                    acc -= l[i * m + k] * z[k];
-                }
-                z[i] = acc / l[i * m + i];
-            }
-            for i in (0..m).rev() {
-                let mut acc = z[i];
-                for k in i + 1..m {
-                    acc -= l[k * m + i] * z[k];
-                }
-                z[i] = acc / l[i * m + i];
-            }
-            for (o, v) in out.iter_mut().zip(&z) {
-                *o = *v as f32;
-            }
-        }
-    }
-}
-
-impl JointSampler<'_> {
     /// The dps / pigdm consistency terms for every item: `(dx, dn)` to be added as `x += lambda dx`,
     /// `n += mu dn` after the predictor. Computed at the current `x`, `n` (where the scores `sx`, `sn` are).
     #[allow(clippy::too_many_arguments)]
     fn guidance(
         &self,
-        rule: Rule,
-        y: &[f32],
-        x: &Tensor,
-        n: &Tensor,
-        sx: &Tensor,
-        sn: &Tensor,
+        y: &B::Tensor,
+        x: &B::Tensor,
+        n: &B::Tensor,
+        sx: &B::Tensor,
+        sn: &B::Tensor,
         t: f64,
-        gram: &Option<GramSolver>,
-        [px, pn]: [Pullback<'_>; 2],
-    ) -> Result<(Tensor, Tensor)> {
+        [px, pn]: [Pullback<'_, B::Tensor>; 2],
+    ) -> Result<(B::Tensor, B::Tensor)> {
+        let b = self.backend;
         let sde = self.config.sde;
         let (a, s) = (sde.a(t), sde.s(t));
         let (a32, s2) = (a as f32, (s * s) as f32);
         let alpha = self.config.alpha as f32;
-        let items = x.shape[0];
-        let m = n.item_len();
+        let (xs, ns) = (b.shape(x), b.shape(n));
         // Tweedie: z0 = (z + s^2 score) / a
-        let tweedie = |z: &Tensor, sc: &Tensor| Tensor {
-            shape: z.shape,
-            data: z
-                .data
-                .iter()
-                .zip(&sc.data)
-                .map(|(v, q)| (v + s2 * q) / a32)
-                .collect(),
-        };
+        let tweedie = |z: &B::Tensor, sc: &B::Tensor| b.div_scalar(&b.axpby(1.0, z, s2, sc), a32);
         let (x0, n0) = (tweedie(x, sx), tweedie(n, sn));
-        let mut ux = Tensor::zeros(x.shape);
-        let mut un = Tensor::zeros(n.shape);
-        let (mut ax, mut rho, mut v) = (vec![0f32; m], vec![0f32; m], vec![0f32; m]);
-        // pigdm in the VE variable z = x / a (noise level s / a): r2 = (s/a)^2 / ((s/a)^2 + 1), and the step in
-        // z, mapped back to x, gains a^2 (both reduce to DESIGN's form where a = 1)
-        let r2 = (s * s / (s * s + a * a)) as f32;
-        let pigdm_scale = a32 * a32 * r2;
-        for i in 0..items {
-            self.operator.apply(x0.item(i), &mut ax);
-            let yi = &y[i * m..(i + 1) * m];
-            for j in 0..m {
-                rho[j] = yi[j] - (ax[j] + alpha * n0.item(i)[j]);
+        // rho = y - (A x0 + alpha n0)
+        let pred = b.axpby(1.0, &self.operator.apply(b, &x0, ns), alpha, &n0);
+        let rho = b.axpby(1.0, y, -1.0, &pred);
+        let (ux, un) = match self.config.rule {
+            Rule::Dps => {
+                // grad of ||rho||: -(J^T A^T rho) / ||rho||; the update subtracts lambda * grad, taken in the
+                // VE variable z = x / a as pigdm's (a gradient step in z is a^2 times one in x; DESIGN's
+                // form where a = 1)
+                let v = b.scale_by_inverse_norm(&rho, a32 * a32);
+                (self.operator.adjoint(b, &v, xs), b.mul_scalar(&v, alpha))
             }
-            match rule {
-                Rule::Dps => {
-                    // grad of ||rho||: -(J^T A^T rho) / ||rho||; the update subtracts lambda * grad, taken
-                    // in the VE variable z = x / a as pigdm's (a gradient step in z is a^2 times one in x;
-                    // DESIGN's form where a = 1)
-                    let norm =
-                        libm::sqrt(rho.iter().map(|&q| q as f64 * q as f64).sum::<f64>()) as f32;
-                    let inv = if norm > 0.0 { a32 * a32 / norm } else { 0.0 };
-                    v.iter_mut().zip(&rho).for_each(|(o, q)| *o = q * inv);
-                    self.operator.adjoint(&v, ux.item_mut(i));
-                    un.item_mut(i)
-                        .iter_mut()
-                        .zip(&v)
-                        .for_each(|(o, q)| *o = alpha * q);
-                }
-                _ => {
-                    // v = (r2 (A A^T + alpha^2 I))^-1 rho; x gets a^2 r2 A^T v, n gets a^2 r2 alpha v
-                    let gs = gram
-                        .as_ref()
-                        .ok_or_else(|| Error::invalid("pigdm without a factorised operator"))?;
-                    gs.solve(&rho, &mut v);
-                    v.iter_mut().for_each(|q| *q /= r2);
-                    self.operator.adjoint(&v, ux.item_mut(i));
-                    ux.item_mut(i).iter_mut().for_each(|q| *q *= pigdm_scale);
-                    un.item_mut(i)
-                        .iter_mut()
-                        .zip(&v)
-                        .for_each(|(o, q)| *o = pigdm_scale * alpha * q);
-                }
+            _ => {
+                // pigdm in the VE variable z = x / a (noise level s / a): r2 = (s/a)^2 / ((s/a)^2 + 1), and
+                // the step in z, mapped back to x, gains a^2 (both reduce to DESIGN's form where a = 1).
+                // v = (r2 (A A^T + alpha^2 I))^-1 rho; x gets a^2 r2 A^T v, n gets a^2 r2 alpha v
+                let r2 = (s * s / (s * s + a * a)) as f32;
+                let pigdm_scale = a32 * a32 * r2;
+                let gram = self
+                    .gram
+                    .as_ref()
+                    .ok_or_else(|| Error::invalid("pigdm without a factorised operator"))?;
+                let v = b.div_scalar(&gram.solve(b, &rho), r2);
+                (
+                    b.mul_scalar(&self.operator.adjoint(b, &v, xs), pigdm_scale),
+                    b.mul_scalar(&v, pigdm_scale * alpha),
+                )
             }
-        }
-        // J_z0^T u = (u + s^2 J_score^T u) / a: one VJP of each score network, run through `join`
+        };
+        // J_z0^T u = (u + s^2 J_score^T u) / a: one VJP of each score network, run through the backend's join
         let (mut jx, mut jn) = (None, None);
         {
             let (uxr, unr) = (&ux, &un);
             let (mut px, mut pn) = (Some(px), Some(pn));
-            self.join
-                .join(&mut || jx = px.take().map(|p| p(uxr)), &mut || {
-                    jn = pn.take().map(|p| p(unr))
-                });
+            b.join(&mut || jx = px.take().map(|p| p(uxr)), &mut || {
+                jn = pn.take().map(|p| p(unr))
+            });
         }
         let missing = || Error::invalid("score VJP was not evaluated");
         let (jx, jn) = (jx.ok_or_else(missing)??, jn.ok_or_else(missing)??);
-        let combine = |u: &Tensor, j: &Tensor| Tensor {
-            shape: u.shape,
-            data: u
-                .data
-                .iter()
-                .zip(&j.data)
-                .map(|(p, q)| (p + s2 * q) / a32)
-                .collect(),
-        };
+        let combine = |u: &B::Tensor, j: &B::Tensor| b.div_scalar(&b.axpby(1.0, u, s2, j), a32);
         Ok((combine(&ux, &jx), combine(&un, &jn)))
     }
 }
 
-/// Unconditional samples of one prior: the reverse-time Euler–Maruyama loop without data consistency.
-/// Returns the predictor mean of the last step, `items` samples of shape `item` (`[C, H, W]`).
-pub fn sample_prior(
-    prior: &dyn Prior,
+/// Unconditional samples of one prior on backend `b`: the reverse-time Euler–Maruyama loop without data
+/// consistency. Returns the predictor mean of the last step, `items` samples of shape `item` (`[C, H, W]`).
+pub fn sample_prior<B: Backend>(
+    b: &B,
+    prior: &dyn Prior<B>,
     item: [usize; 3],
     items: usize,
     config: &SamplerConfig,
@@ -565,35 +604,26 @@ pub fn sample_prior(
     }
     let grid = TimeGrid::new(config.steps, config.eps)?;
     let sde = config.sde;
-    let [c, h, w] = item;
-    let mut x = Tensor::zeros([items, c, h, w]);
-    let mut xbar = x.clone();
     let mut rngs: Vec<Rng> = (0..items)
         .map(|i| Rng::stream(seed, purpose::SAMPLER, i as u64))
         .collect();
     let ps = sde.prior_std() as f32;
-    for (i, rng) in rngs.iter_mut().enumerate() {
-        rng.fill_normal(x.item_mut(i));
-    }
-    x.data.iter_mut().for_each(|v| *v *= ps);
-    let d = c * h * w;
-    let mut wx = vec![0f32; d];
+    let mut x0 = draw(&mut rngs, item);
+    x0.data.iter_mut().for_each(|v| *v *= ps);
+    let mut x = b.upload(&x0);
+    let mut xbar = None;
     let total = grid.ts.len();
     for (k, &t) in grid.ts.iter().enumerate() {
-        let sx = prior.score(&x, t, &sde)?;
-        let (f, g) = (sde.drift(t), sde.g(t));
-        let g2dt = (g * g * grid.dt) as f32;
-        let fdt = (f * grid.dt) as f32;
-        let gsq = (g * libm::sqrt(grid.dt)) as f32;
-        for (i, rng) in rngs.iter_mut().enumerate() {
-            rng.fill_normal(&mut wx);
-            let coef = EmCoef { fdt, g2dt, gsq };
-            em_predict(x.item_mut(i), xbar.item_mut(i), sx.item(i), &wx, coef);
-        }
-        end_of_step(k, total, t, xbar.first_non_finite(), progress)?;
+        let sx = prior.score(b, &x, t, &sde)?;
+        let w = b.upload(&draw(&mut rngs, item));
+        let (mean, next) = em_predict(b, &x, &sx, &w, EmCoef::at(&sde, t, grid.dt));
+        let bad = check_finite(b, &[&mean])?;
+        x = next;
+        xbar = Some(mean);
+        end_of_step(k, total, t, bad, progress)?;
     }
-    clip(&mut xbar, config.clip);
-    Ok(xbar)
+    let xbar = xbar.ok_or_else(|| Error::invalid("no sampler step ran"))?;
+    b.download(&clip(b, xbar, config.clip))
 }
 
 /// The result of [`JointSampler::sample_k`]: the estimates and, for `k > 1`, the per-value standard deviation
@@ -608,7 +638,7 @@ pub struct PosteriorStats {
     pub first_signal: Tensor,
 }
 
-impl JointSampler<'_> {
+impl<B: Backend> JointSampler<'_, B> {
     /// `k` posterior samples per measurement. Measurement `i`'s sample `j` is batch item `i*k + j` and so
     /// uses RNG stream `i*k + j`; for `k == 1` this is exactly [`JointSampler::sample`].
     pub fn sample_k(
@@ -629,9 +659,8 @@ impl JointSampler<'_> {
                 signal_std: None,
             });
         }
-        let d: usize = self.signal_shape.iter().product();
-        let m = self.operator.out_len(d)?;
-        if m == 0 || y.len() % m != 0 {
+        let m = self.m;
+        if y.len() % m != 0 {
             return Err(Error::shape(format!(
                 "measurement has {} values, not a multiple of the {m} values per item",
                 y.len()

@@ -7,8 +7,7 @@
 //! whatever the thread count, so results are bit-identical with 1 or many threads. 1x1 convolutions are a
 //! plain GEMM. InstanceNorm++ is fused with the ELU that always follows it; max pooling is separable.
 use jointdiff_core::backend::{Backend, Conv2dParams};
-use jointdiff_core::reference;
-use jointdiff_core::sampler::Join;
+use jointdiff_core::reference::{self, ops};
 use jointdiff_core::Tensor;
 use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
@@ -21,18 +20,12 @@ mod winograd;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
 
-/// Runs the signal and the noise networks of the joint sampler at the same time (rayon::join). Each side's
-/// operations still split their work, so a thread whose side finishes first (a Gaussian noise prior, a
-/// smaller network) helps the other. Measured against running each side serially on its own thread
-/// (`denoise`, 300 steps, 2 threads, alternating runs): the same for two networks, 20% faster for one network
-/// and a Gaussian noise prior.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RayonJoin;
-
-impl Join for RayonJoin {
-    fn join(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
-        rayon::join(a, b);
-    }
+/// A tensor of `shape` in a pooled buffer, filled by `f` (the sampler's small elementwise ops: one
+/// sequential pass, the same code as the reference backend's).
+fn pooled(shape: [usize; 4], f: impl FnOnce(&mut [f32])) -> CpuTensor {
+    let mut out = pool::zeros(shape);
+    f(&mut out.data);
+    out.into()
 }
 
 /// Runs `f` on one of rayon's worker threads (at once if this thread already is one).
@@ -647,8 +640,8 @@ impl Backend for CpuBackend {
     fn upload(&self, t: &Tensor) -> CpuTensor {
         pool::copy(t).into()
     }
-    fn download(&self, t: &CpuTensor) -> Tensor {
-        t.t.clone()
+    fn download(&self, t: &CpuTensor) -> jointdiff_core::Result<Tensor> {
+        Ok(t.t.clone())
     }
     fn shape(&self, t: &CpuTensor) -> [usize; 4] {
         t.shape
@@ -776,6 +769,75 @@ impl Backend for CpuBackend {
             }
         }
         gx.into()
+    }
+    fn mean_pool2_backward(&self, gout: &CpuTensor, in_shape: [usize; 4]) -> CpuTensor {
+        reference::mean_pool2_backward(gout, in_shape).into()
+    }
+    fn resize_bilinear_backward(&self, gout: &CpuTensor, in_shape: [usize; 4]) -> CpuTensor {
+        reference::resize_bilinear_backward(gout, in_shape).into()
+    }
+    fn instance_norm_plus_backward(
+        &self,
+        x: &CpuTensor,
+        alpha: &CpuTensor,
+        gamma: &CpuTensor,
+        gout: &CpuTensor,
+    ) -> (CpuTensor, CpuTensor, CpuTensor, CpuTensor) {
+        let (a, b, c, d) = reference::instance_norm_plus_backward(x, alpha, gamma, gout);
+        (a.into(), b.into(), c.into(), d.into())
+    }
+    fn axpby(&self, a: f32, x: &CpuTensor, b: f32, y: &CpuTensor) -> CpuTensor {
+        pooled(x.shape, |o| ops::axpby(a, &x.data, b, &y.data, o))
+    }
+    fn mul(&self, x: &CpuTensor, y: &CpuTensor) -> CpuTensor {
+        pooled(x.shape, |o| ops::broadcast(&x.data, &y.data, o, |p, q| p * q))
+    }
+    fn div(&self, x: &CpuTensor, y: &CpuTensor) -> CpuTensor {
+        pooled(x.shape, |o| ops::broadcast(&x.data, &y.data, o, |p, q| p / q))
+    }
+    fn mul_scalar(&self, x: &CpuTensor, c: f32) -> CpuTensor {
+        pooled(x.shape, |o| ops::map(&x.data, o, |v| c * v))
+    }
+    fn div_scalar(&self, x: &CpuTensor, c: f32) -> CpuTensor {
+        pooled(x.shape, |o| ops::map(&x.data, o, |v| v / c))
+    }
+    fn clamp(&self, x: &CpuTensor, lo: f32, hi: f32) -> CpuTensor {
+        pooled(x.shape, |o| ops::map(&x.data, o, |v| v.clamp(lo, hi)))
+    }
+    fn scale_by_inverse_norm(&self, x: &CpuTensor, c: f32) -> CpuTensor {
+        pooled(x.shape, |o| ops::scale_by_inverse_norm(x, c, o))
+    }
+    fn matmul(
+        &self,
+        x: &CpuTensor,
+        a: &CpuTensor,
+        transpose: bool,
+        out_shape: [usize; 4],
+    ) -> CpuTensor {
+        pooled(out_shape, |o| ops::matmul(x, a, transpose, o))
+    }
+    fn gaussian_score(
+        &self,
+        z: &CpuTensor,
+        mean: Option<&CpuTensor>,
+        var: &CpuTensor,
+        a: f64,
+        s: f64,
+    ) -> CpuTensor {
+        pooled(z.shape, |o| {
+            ops::gaussian_score(&z.data, mean.map(|m| &m.data[..]), &var.data, a, s, o)
+        })
+    }
+    fn all_finite(&self, ts: &[&CpuTensor]) -> jointdiff_core::Result<bool> {
+        Ok(ts.iter().all(|t| t.data.iter().all(|v| v.is_finite())))
+    }
+    /// The signal and the noise networks side by side (rayon::join). Each side's operations still split
+    /// their work, so a thread whose side finishes first (a Gaussian noise prior, a smaller network) helps
+    /// the other. Measured against running each side serially on its own thread (`denoise`, 300 steps,
+    /// 2 threads, alternating runs): the same for two networks, 20% faster for one network and a Gaussian
+    /// noise prior.
+    fn join(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
+        rayon::join(a, b);
     }
     fn elu_backward(&self, x: &CpuTensor, gout: &CpuTensor) -> CpuTensor {
         // exp(x) = elu(x) + 1 for x <= 0
@@ -1012,7 +1074,7 @@ mod tests {
         let p = Conv2dParams::same3(1);
         let want = conv2d(&x, &w, None, p);
         let (mut a, mut b) = (None, None);
-        RayonJoin.join(&mut || a = Some(conv2d(&x, &w, None, p)), &mut || {
+        CpuBackend.join(&mut || a = Some(conv2d(&x, &w, None, p)), &mut || {
             b = Some(conv2d(&x, &w, None, p))
         });
         for got in [a.unwrap(), b.unwrap()] {

@@ -1,0 +1,236 @@
+//! jointdiff-runtime: the one backend dispatch (see README.md). Frontends pick a backend by
+//! [`BackendKind`]; this crate is the only place that matches on it.
+use jointdiff_core::error::{Error, Result};
+use jointdiff_core::model::ModelFile;
+use jointdiff_core::plan::{DenoisePlan, NetworkModel, PlanNets};
+use jointdiff_core::prior::NetworkPrior;
+use jointdiff_core::sampler::{sample_prior, PosteriorStats, Progress, SamplerConfig};
+use jointdiff_core::{Backend, Ncsnv2, RefBackend, Tensor};
+use jointdiff_cpu::CpuBackend;
+use std::any::Any;
+use std::sync::{Arc, Mutex, Weak};
+
+/// A backend by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// Plain loops on host memory: the oracle (slow).
+    Reference,
+    /// The fast CPU backend (the default).
+    Cpu,
+    /// The GPU backend on wgpu (not part of this build yet).
+    Wgpu,
+}
+
+impl BackendKind {
+    pub const ALL: [BackendKind; 3] = [BackendKind::Reference, BackendKind::Cpu, BackendKind::Wgpu];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Reference => "reference",
+            BackendKind::Cpu => "cpu",
+            BackendKind::Wgpu => "wgpu",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown backend '{s}' (expected reference, cpu or wgpu)"
+                ))
+            })
+    }
+
+    /// Whether this build has the backend.
+    pub fn compiled(self) -> bool {
+        !matches!(self, BackendKind::Wgpu)
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Generic code to run on whichever backend the runtime holds ([`Runtime::visit`]).
+pub trait BackendVisitor {
+    type Output;
+    fn visit<B: Backend + 'static>(self, b: &B) -> Self::Output;
+}
+
+/// A chosen, available backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Runtime {
+    kind: BackendKind,
+}
+
+/// The one dispatch: `$body` with `$b` bound to the runtime's backend.
+macro_rules! dispatch {
+    ($rt:expr, |$b:ident| $body:expr) => {
+        match $rt.kind {
+            BackendKind::Reference => {
+                let $b = &RefBackend;
+                $body
+            }
+            BackendKind::Cpu => {
+                let $b = &CpuBackend;
+                $body
+            }
+            BackendKind::Wgpu => unreachable!("Runtime::new refuses backends that are not compiled"),
+        }
+    };
+}
+
+impl Runtime {
+    /// The backend `kind`, or an [`jointdiff_core::error::ErrorKind::Unavailable`] error when this build or
+    /// machine does not have it (never a silent fallback).
+    pub fn new(kind: BackendKind) -> Result<Self> {
+        if !kind.compiled() {
+            return Err(Error::unavailable(format!(
+                "the {kind} backend is not part of this build (available: {})",
+                Self::available()
+                    .iter()
+                    .map(|k| k.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(Runtime { kind })
+    }
+
+    /// The backends this build has.
+    pub fn available() -> Vec<BackendKind> {
+        BackendKind::ALL
+            .into_iter()
+            .filter(|k| k.compiled())
+            .collect()
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    /// Runs `f` where the backend starts work fastest: on a rayon worker for the CPU backend (every
+    /// parallel loop started from outside the pool otherwise costs a hand-off), at once otherwise.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match self.kind {
+            BackendKind::Cpu => jointdiff_cpu::on_worker(f),
+            _ => f(),
+        }
+    }
+
+    /// `v.visit(&backend)`.
+    pub fn visit<V: BackendVisitor>(&self, v: V) -> V::Output {
+        dispatch!(self, |b| v.visit(b))
+    }
+
+    /// Builds `model`'s network on this backend now (and keeps it): checks every tensor at load time.
+    pub fn prepare(&self, model: &NetworkModel) -> Result<()> {
+        dispatch!(self, |b| net(b, self.kind, model).map(drop))
+    }
+
+    /// Runs a denoise plan on this backend: the networks come from the cache (built on first use).
+    pub fn denoise(
+        &self,
+        plan: &DenoisePlan,
+        y: &[f32],
+        seed: u64,
+        progress: &mut Progress<'_>,
+    ) -> Result<PosteriorStats> {
+        dispatch!(self, |b| {
+            let [s, n] = plan.networks();
+            let s = s.map(|m| net(b, self.kind, m)).transpose()?;
+            let n = n.map(|m| net(b, self.kind, m)).transpose()?;
+            let nets = PlanNets {
+                signal: s.as_deref(),
+                noise: n.as_deref(),
+            };
+            plan.run(b, nets, y, seed, progress)
+        })
+    }
+
+    /// `net(x)` of `model` for a host batch `x`.
+    pub fn forward(&self, model: &NetworkModel, x: &Tensor) -> Result<Tensor> {
+        dispatch!(self, |b| net(b, self.kind, model)?.forward(b, x))
+    }
+
+    /// Unconditional samples of `model` (items of shape `item`).
+    pub fn sample(
+        &self,
+        model: &NetworkModel,
+        item: [usize; 3],
+        count: usize,
+        config: &SamplerConfig,
+        seed: u64,
+        progress: &mut Progress<'_>,
+    ) -> Result<Tensor> {
+        dispatch!(self, |b| {
+            let n = net(b, self.kind, model)?;
+            let prior = NetworkPrior {
+                net: &*n,
+                image_size: None,
+            };
+            sample_prior(b, &prior, item, count, config, seed, progress)
+        })
+    }
+}
+
+/// A network built on a backend, kept while its model file lives.
+struct Entry {
+    file: Weak<ModelFile>,
+    kind: BackendKind,
+    net: Arc<dyn Any + Send + Sync>,
+}
+
+/// Networks built per (model file, backend), shared by every caller in the process (a prepared network is
+/// immutable and `Sync`). Entries whose model file was dropped go at the next lookup.
+static NETS: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+
+fn net<B: Backend + 'static>(
+    b: &B,
+    kind: BackendKind,
+    model: &NetworkModel,
+) -> Result<Arc<Ncsnv2<B>>> {
+    let mut nets = NETS.lock().unwrap_or_else(|p| p.into_inner());
+    nets.retain(|e| e.file.strong_count() > 0);
+    let found = nets.iter().find(|e| {
+        e.kind == kind && std::ptr::eq(e.file.as_ptr(), Arc::as_ptr(&model.file))
+    });
+    if let Some(e) = found {
+        if let Ok(n) = e.net.clone().downcast::<Ncsnv2<B>>() {
+            return Ok(n);
+        }
+    }
+    let built = Arc::new(
+        model
+            .file
+            .build(b)
+            .map_err(|e| Error::new(e.kind, format!("{}: {}", model.name, e.message)))?,
+    );
+    nets.push(Entry {
+        file: Arc::downgrade(&model.file),
+        kind,
+        net: built.clone(),
+    });
+    Ok(built)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_not_compiled_is_an_error_not_a_fallback() {
+        let e = Runtime::new(BackendKind::Wgpu).unwrap_err();
+        assert_eq!(e.kind, jointdiff_core::error::ErrorKind::Unavailable);
+        assert!(e.message.contains("wgpu"), "{}", e.message);
+        assert!(BackendKind::parse("cuda").is_err());
+        for k in Runtime::available() {
+            assert_eq!(Runtime::new(k).unwrap().kind(), k);
+            assert_eq!(BackendKind::parse(k.name()).unwrap(), k);
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! The denoise job, planned once for every frontend (DESIGN §5): what the user asked for is a
+//! [`DenoiseSpec`]; [`DenoiseSpec::plan`] makes every check and choice for a measurement shape (item shapes,
+//! operator size, model fit, noise shape, SDE, rule weights, priors, pigdm's factorisation) and returns a
+//! [`DenoisePlan`], which runs on any [`Backend`]. The CLI, the C API and the evaluation build the same spec;
+//! none of them repeats a check, so the same options give the same answer and the same error text.
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::ModelFile;
+use crate::ncsnv2::Ncsnv2;
+use crate::noise;
+use crate::operator::Operator;
+use crate::prior::{GaussianPrior, NetworkPrior, Prior};
+use crate::sampler::{GramInverse, JointSampler, PosteriorStats, Progress, Rule, SamplerConfig};
+use crate::sde::Sde;
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+/// A score model and the name errors call it by (a path, `builtin:fashion`, "signal model").
+#[derive(Debug, Clone)]
+pub struct NetworkModel {
+    pub file: Arc<ModelFile>,
+    pub name: String,
+}
+
+/// Per-value Gaussian statistics of the signal (e.g. of its training data).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GaussianStats {
+    /// `[C, H, W]` of one item.
+    pub item: [usize; 3],
+    /// One item of means, one of variances.
+    pub mean: Vec<f32>,
+    pub var: Vec<f32>,
+}
+
+/// The prior of the signal.
+#[derive(Debug, Clone)]
+pub enum SignalPrior {
+    Network(NetworkModel),
+    Gaussian(GaussianStats),
+}
+
+/// The prior of the structured noise.
+#[derive(Debug, Clone)]
+pub enum NoisePrior {
+    /// A noise score model: the joint method.
+    Network(NetworkModel),
+    /// White Gaussian `N(mean, std^2)`: the non-joint baseline.
+    Gaussian { std: f64, mean: f64 },
+    /// Gaussian with the method's sinusoidal per-row standard deviation, RMS `std`.
+    Sine { std: f64 },
+}
+
+/// Everything a denoise job is asked to do; [`DenoiseSpec::new`] gives `jointdiff denoise`'s defaults.
+#[derive(Debug, Clone)]
+pub struct DenoiseSpec {
+    pub signal: SignalPrior,
+    pub noise: NoisePrior,
+    pub operator: Operator,
+    pub alpha: f64,
+    pub rule: Rule,
+    /// Consistency weights; `None`: the rule's tuned value ([`Rule::default_weights`]).
+    pub lambda: Option<f64>,
+    pub mu: Option<f64>,
+    /// `None`: the models' SDE (they must agree), VP without a model.
+    pub sde: Option<Sde>,
+    pub steps: usize,
+    pub eps: f64,
+    /// Posterior samples per measurement (their mean is the estimate).
+    pub samples: usize,
+    /// Clip the signal estimate to the signal model's data range (`[0, 1]` without one).
+    pub clip: bool,
+    /// `[C, H, W]` of a signal item where the measurement does not tell it (a matrix operator).
+    pub signal_shape: Option<[usize; 3]>,
+}
+
+impl DenoiseSpec {
+    /// The defaults: identity operator, alpha 1, projection with its tuned weights, the models' SDE,
+    /// 600 steps, eps 1e-3, one sample, clipped output.
+    pub fn new(signal: SignalPrior, noise: NoisePrior) -> Self {
+        DenoiseSpec {
+            signal,
+            noise,
+            operator: Operator::Identity,
+            alpha: 1.0,
+            rule: Rule::Projection,
+            lambda: None,
+            mu: None,
+            sde: None,
+            steps: 600,
+            eps: 1e-3,
+            samples: 1,
+            clip: true,
+            signal_shape: None,
+        }
+    }
+
+    fn signal_model(&self) -> Option<&NetworkModel> {
+        match &self.signal {
+            SignalPrior::Network(m) => Some(m),
+            SignalPrior::Gaussian(_) => None,
+        }
+    }
+    fn noise_model(&self) -> Option<&NetworkModel> {
+        match &self.noise {
+            NoisePrior::Network(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Plans the job for measurements of shape `[N, C, H, W]`. For identity, scale and mask operators the
+    /// signal items have the measurement's `C, H, W`; for a matrix operator the measurement is read as
+    /// consecutive items of `m` values (any layout whose size is a multiple of `m`) and the signal item
+    /// shape comes from [`DenoiseSpec::signal_shape`], the signal model or the signal statistics.
+    pub fn plan(&self, measurement: [usize; 4]) -> Result<DenoisePlan> {
+        if self.samples == 0 {
+            return Err(Error::invalid("samples must be at least 1"));
+        }
+        let total = crate::tensor::checked_numel(&measurement)?;
+        if total == 0 {
+            return Err(Error::shape(format!(
+                "the measurement is empty (shape {measurement:?})"
+            )));
+        }
+        let [n, c, h, w] = measurement;
+        let is_matrix = matches!(self.operator, Operator::Matrix { .. });
+        let signal_item = if !is_matrix {
+            if let Some(s) = self.signal_shape {
+                if s != [c, h, w] {
+                    return Err(Error::shape(format!(
+                        "signal shape {s:?} differs from the measurement items {:?}; with a {} operator \
+                         the signal has the measurement's shape",
+                        [c, h, w],
+                        self.operator.name()
+                    )));
+                }
+            }
+            [c, h, w]
+        } else if let Some(s) = self.signal_shape {
+            s
+        } else if let Some(nm) = self.signal_model() {
+            let [mh, mw] = nm.file.meta.image_size;
+            if mh == 0 {
+                return Err(Error::shape(format!(
+                    "the signal model {} does not record its image size; give the signal shape C,H,W",
+                    nm.name
+                )));
+            }
+            [nm.file.meta.channels, mh, mw]
+        } else if let SignalPrior::Gaussian(st) = &self.signal {
+            st.item
+        } else {
+            return Err(Error::shape(
+                "a matrix operator needs the signal shape C,H,W",
+            ));
+        };
+        if signal_item.contains(&0) {
+            return Err(Error::shape(format!(
+                "signal shape {signal_item:?} is empty"
+            )));
+        }
+        let d: usize = signal_item.iter().product();
+        let m = self
+            .operator
+            .out_len(d)
+            .map_err(|e| Error::new(e.kind, format!("operator: {}", e.message)))?;
+        let items = if !is_matrix {
+            n
+        } else if total % m != 0 {
+            return Err(Error::shape(format!(
+                "measurement has {total} values, not a multiple of the {m} per item the operator gives"
+            )));
+        } else {
+            total / m
+        };
+        if let Some(nm) = self.signal_model() {
+            check_fit(nm, items, signal_item, "signal")?;
+        }
+        let noise_item = match self.noise_model() {
+            Some(nm) => {
+                let shape = if !is_matrix {
+                    signal_item
+                } else {
+                    let [th, tw] = nm.file.meta.image_size;
+                    if th == 0 {
+                        return Err(Error::shape(format!(
+                            "the noise model {} does not record its image size",
+                            nm.name
+                        )));
+                    }
+                    [nm.file.meta.channels, th, tw]
+                };
+                if shape.iter().product::<usize>() != m {
+                    return Err(Error::shape(format!(
+                        "the noise model {} has items {shape:?}, not the {m} values of a measurement",
+                        nm.name
+                    )));
+                }
+                check_fit(nm, items, shape, "noise")?;
+                shape
+            }
+            None if is_matrix => [1, 1, m],
+            None => signal_item,
+        };
+        let sde = match (self.sde, self.signal_model(), self.noise_model()) {
+            (Some(s), _, _) => s,
+            (None, Some(s), Some(n)) if s.file.meta.sde != n.file.meta.sde => {
+                return Err(Error::invalid(format!(
+                    "the signal and noise models use different SDEs ({:?} vs {:?}); choose one",
+                    s.file.meta.sde, n.file.meta.sde
+                )))
+            }
+            (None, Some(s), _) => s.file.meta.sde,
+            (None, None, Some(n)) => n.file.meta.sde,
+            (None, None, None) => Sde::vp_default(),
+        };
+        let (l0, m0) = self.rule.default_weights();
+        let data_range = self
+            .signal_model()
+            .map(|m| m.file.meta.data_range)
+            .unwrap_or([0.0, 1.0]);
+        let config = SamplerConfig {
+            sde,
+            steps: self.steps,
+            eps: self.eps,
+            rule: self.rule,
+            lambda: self.lambda.unwrap_or(l0),
+            mu: self.mu.unwrap_or(m0),
+            alpha: self.alpha,
+            clip: self.clip.then_some(data_range),
+        };
+        config.validate()?;
+        let signal = match &self.signal {
+            SignalPrior::Network(nm) => Planned::Network(nm.clone()),
+            SignalPrior::Gaussian(st) => {
+                if st.item != signal_item || st.mean.len() != d || st.var.len() != d {
+                    return Err(Error::shape(format!(
+                        "signal statistics are for items {:?} ({} means, {} variances) but a signal item \
+                         is {signal_item:?}",
+                        st.item,
+                        st.mean.len(),
+                        st.var.len()
+                    )));
+                }
+                Planned::Gaussian(GaussianPrior::new(st.mean.clone(), st.var.clone())?)
+            }
+        };
+        let noise = match &self.noise {
+            NoisePrior::Network(nm) => Planned::Network(nm.clone()),
+            NoisePrior::Gaussian { std, mean } => {
+                if !mean.is_finite() {
+                    return Err(Error::invalid(format!(
+                        "Gaussian noise mean must be finite, got {mean}"
+                    )));
+                }
+                Planned::Gaussian(GaussianPrior::isotropic(*mean as f32, *std as f32)?)
+            }
+            NoisePrior::Sine { std } => {
+                let sd = noise::sine_std(noise_item, *std)?;
+                Planned::Gaussian(GaussianPrior::new(
+                    alloc::vec![0.0],
+                    sd.iter().map(|v| v * v).collect(),
+                )?)
+            }
+        };
+        let gram = match self.rule {
+            Rule::Pigdm => Some(GramInverse::new(
+                &self.operator,
+                d,
+                self.alpha * self.alpha,
+            )?),
+            _ => None,
+        };
+        Ok(DenoisePlan {
+            items,
+            signal_item,
+            noise_item,
+            config,
+            samples: self.samples,
+            operator: self.operator.clone(),
+            signal,
+            noise,
+            gram,
+        })
+    }
+}
+
+/// Whether a network model can take items of `shape`: channels, the size it was trained at, even sizes.
+fn check_fit(nm: &NetworkModel, items: usize, shape: [usize; 3], what: &str) -> Result<()> {
+    let meta = &nm.file.meta;
+    let [c, h, w] = shape;
+    if c != meta.channels {
+        return Err(Error::shape(format!(
+            "{what} items have {c} channel(s) but the model {} expects {}",
+            nm.name, meta.channels
+        )));
+    }
+    let [mh, mw] = meta.image_size;
+    if mh > 0 && (mh, mw) != (h, w) {
+        return Err(Error::shape(format!(
+            "{what} items are {h}x{w} but the model {} was trained at {mh}x{mw}",
+            nm.name
+        )));
+    }
+    meta.net_config()
+        .check_input([items, c, h, w])
+        .map_err(|e| Error::new(e.kind, format!("{what} items: {}", e.message)))
+}
+
+/// One side's prior, planned.
+#[derive(Debug, Clone)]
+enum Planned {
+    Network(NetworkModel),
+    Gaussian(GaussianPrior),
+}
+
+/// A planned denoise job: every check made. Runs on any backend ([`DenoisePlan::run`]).
+#[derive(Debug, Clone)]
+pub struct DenoisePlan {
+    /// Measurements in the job.
+    pub items: usize,
+    pub signal_item: [usize; 3],
+    pub noise_item: [usize; 3],
+    pub config: SamplerConfig,
+    pub samples: usize,
+    operator: Operator,
+    signal: Planned,
+    noise: Planned,
+    gram: Option<GramInverse>,
+}
+
+/// The networks a plan runs with, prepared on backend `B` (a caller may keep them between runs).
+pub struct PlanNets<'n, B: Backend> {
+    pub signal: Option<&'n Ncsnv2<B>>,
+    pub noise: Option<&'n Ncsnv2<B>>,
+}
+
+impl DenoisePlan {
+    /// Values of the signal estimate (`items * C * H * W`).
+    pub fn signal_len(&self) -> usize {
+        self.items * self.signal_item.iter().product::<usize>()
+    }
+    /// Values of the measurement and of the noise estimate (`items * m`).
+    pub fn noise_len(&self) -> usize {
+        self.items * self.noise_item.iter().product::<usize>()
+    }
+    pub fn signal_shape(&self) -> [usize; 4] {
+        let [c, h, w] = self.signal_item;
+        [self.items, c, h, w]
+    }
+    pub fn noise_shape(&self) -> [usize; 4] {
+        let [c, h, w] = self.noise_item;
+        [self.items, c, h, w]
+    }
+    pub fn is_matrix(&self) -> bool {
+        matches!(self.operator, Operator::Matrix { .. })
+    }
+    /// The signal and the noise score models the plan needs on a backend (`None` for an analytic prior).
+    pub fn networks(&self) -> [Option<&NetworkModel>; 2] {
+        fn net(p: &Planned) -> Option<&NetworkModel> {
+            match p {
+                Planned::Network(m) => Some(m),
+                Planned::Gaussian(_) => None,
+            }
+        }
+        [net(&self.signal), net(&self.noise)]
+    }
+
+    /// Builds the plan's networks on `b` (callers that run once; the runtime keeps them between runs).
+    pub fn build_networks<B: Backend>(&self, b: &B) -> Result<[Option<Ncsnv2<B>>; 2]> {
+        let [s, n] = self.networks();
+        let build = |m: Option<&NetworkModel>| {
+            m.map(|m| {
+                m.file
+                    .build(b)
+                    .map_err(|e| Error::new(e.kind, format!("{}: {}", m.name, e.message)))
+            })
+            .transpose()
+        };
+        Ok([build(s)?, build(n)?])
+    }
+
+    /// Runs the job on backend `b` with the networks `nets` (built on `b`) for the measurements `y`
+    /// (`items * m` values), drawing from `seed`: the posterior mean of `samples` samples per measurement,
+    /// its per-value standard deviation (K > 1) and the first sample.
+    pub fn run<B: Backend>(
+        &self,
+        b: &B,
+        nets: PlanNets<'_, B>,
+        y: &[f32],
+        seed: u64,
+        progress: &mut Progress<'_>,
+    ) -> Result<PosteriorStats> {
+        if y.len() != self.noise_len() {
+            return Err(Error::shape(format!(
+                "measurement has {} values, the plan is for {}",
+                y.len(),
+                self.noise_len()
+            )));
+        }
+        if let Some(i) = y.iter().position(|v| !v.is_finite()) {
+            return Err(Error::non_finite(format!(
+                "measurement value {} at index {i} is not finite (NaN or Inf)",
+                y[i]
+            )));
+        }
+        let sp = side(b, &self.signal, nets.signal, self.signal_item, "signal")?;
+        let np = side(b, &self.noise, nets.noise, self.noise_item, "noise")?;
+        let sampler = JointSampler::new(
+            b,
+            self.config,
+            &self.operator,
+            self.gram.as_ref(),
+            sp.as_ref(),
+            np.as_ref(),
+            self.signal_item,
+            self.noise_item,
+        )?;
+        sampler.sample_k(y, self.samples, seed, progress)
+    }
+}
+
+/// One side's prior on backend `b`.
+fn side<'a, B: Backend>(
+    b: &B,
+    p: &Planned,
+    net: Option<&'a Ncsnv2<B>>,
+    item: [usize; 3],
+    what: &str,
+) -> Result<Box<dyn Prior<B> + 'a>> {
+    match p {
+        Planned::Network(_) => {
+            let net =
+                net.ok_or_else(|| Error::invalid(format!("the {what} network was not prepared")))?;
+            Ok(Box::new(NetworkPrior {
+                net,
+                image_size: None,
+            }))
+        }
+        Planned::Gaussian(g) => Ok(Box::new(g.on(b, item)?)),
+    }
+}
