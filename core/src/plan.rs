@@ -279,6 +279,7 @@ impl DenoiseSpec {
             noise_item,
             config,
             samples: self.samples,
+            data_range,
             operator: self.operator.clone(),
             signal,
             noise,
@@ -325,6 +326,8 @@ pub struct DenoisePlan {
     pub noise_item: [usize; 3],
     pub config: SamplerConfig,
     pub samples: usize,
+    /// The signal's data range (the signal model's, `[0, 1]` without one): what the estimate is clipped to.
+    pub data_range: [f32; 2],
     operator: Operator,
     signal: Planned,
     noise: Planned,

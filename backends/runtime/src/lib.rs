@@ -234,3 +234,8 @@ mod tests {
         }
     }
 }
+
+/// The CPU backend's GEMM, for `jointdiff bench gemm` (a kernel benchmark, not a backend choice).
+pub mod cpu {
+    pub use jointdiff_cpu::{gemm, GEMM_KERNEL};
+}

@@ -2,22 +2,22 @@
 //! held-out handwritten digits, `y = 0.5 x + 0.5 n`, denoised by the joint method (signal and noise score
 //! models) and by the non-joint baseline (noise treated as Gaussian with the mean and std of the digit
 //! training data); a PSNR/SSIM table and demo.png.
-use crate::{check_backend, io, progress_bar, BackendKind, RuleKind};
+use crate::args::{self, progress_bar, BackendArgs, RuleArgs, RuleKind};
+use crate::io;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use jointdiff_core::metrics::{psnr, ssim};
-use jointdiff_core::model::ModelFile;
 use jointdiff_core::npy::NpyArray;
 use jointdiff_core::operator::Operator;
-use jointdiff_core::prior::{GaussianPrior, NetworkPrior, Prior};
-use jointdiff_core::sampler::{JointSampler, SamplerConfig};
-use jointdiff_core::{Backend, RefBackend, Tensor};
-use jointdiff_cpu::{CpuBackend, RayonJoin};
+use jointdiff_core::plan::{DenoiseSpec, NetworkModel, NoisePrior, SignalPrior};
+use jointdiff_core::sampler::PosteriorStats;
+use jointdiff_core::Tensor;
+use jointdiff_runtime::Runtime;
 use std::path::PathBuf;
 
 /// Held-out data embedded in the binary (fixtures/data, see fixtures/README.md).
-const FASHION: &[u8] = include_bytes!("../../../fixtures/data/fashion_t10k_200.npy");
-const DIGITS: &[u8] = include_bytes!("../../../fixtures/data/digits_heldout_200.npy");
+const FASHION: &[u8] = include_bytes!("../../../../fixtures/data/fashion_t10k_200.npy");
+const DIGITS: &[u8] = include_bytes!("../../../../fixtures/data/digits_heldout_200.npy");
 /// Pairs available: item i blends Fashion-MNIST test image i with held-out digit i.
 const PAIRS: usize = 200;
 /// The demo's projection weight lambda = mu (the `denoise` default stays the method's 0.5).
@@ -50,21 +50,15 @@ pub struct DemoArgs {
     /// give better estimates, see docs/results.md).
     #[arg(long, default_value_t = 100)]
     steps: usize,
-    /// Data-consistency rule (dps and pigdm take a VJP through each network per step: about 3x slower).
-    #[arg(long, value_enum, default_value = "projection")]
-    rule: RuleKind,
-    /// Consistency weight of the signal (default: projection 1.0 here, dps 12.7, pigdm 0.93).
-    #[arg(long)]
-    lambda: Option<f64>,
-    /// Consistency weight of the noise (default: projection 1.0 here, dps 16.7, pigdm 0.88).
-    #[arg(long)]
-    mu: Option<f64>,
+    /// The rule (default weights here: projection 1.0 / 1.0, tuned for this blend; dps and pigdm their own).
+    #[command(flatten)]
+    rule: RuleArgs,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, default_value = "demo.png")]
     out: PathBuf,
-    #[arg(long, value_enum, default_value = "cpu")]
-    backend: BackendKind,
+    #[command(flatten)]
+    backend: BackendArgs,
 }
 
 fn embedded(bytes: &[u8], what: &str) -> Result<Tensor> {
@@ -84,23 +78,20 @@ fn stats(v: &[f64]) -> (f64, f64) {
 }
 
 pub fn run(a: DemoArgs, quiet: bool) -> Result<()> {
-    check_backend(a.backend)?;
-    let smf = io::load_model(&io::or_builtin(a.signal_model.as_deref(), "fashion"))?;
-    let nmf = io::load_model(&io::or_builtin(a.noise_model.as_deref(), "digits"))?;
+    let rt = a.backend.runtime()?;
+    let smodel = args::network(&io::or_builtin(a.signal_model.as_deref(), "fashion"))?;
+    let nmodel = args::network(&io::or_builtin(a.noise_model.as_deref(), "digits"))?;
     if a.count == 0 || a.start + a.count > PAIRS || a.samples == 0 {
         bail!("--start + --count must be at most {PAIRS}, --count and --samples at least 1");
     }
-    match a.backend {
-        BackendKind::Reference => run_on(&RefBackend, &a, &smf, &nmf, quiet),
-        _ => run_on(&CpuBackend, &a, &smf, &nmf, quiet),
-    }
+    rt.run(|| run_on(&rt, &a, smodel, nmodel, quiet))
 }
 
-fn run_on<B: Backend>(
-    b: &B,
+fn run_on(
+    rt: &Runtime,
     a: &DemoArgs,
-    smf: &ModelFile,
-    nmf: &ModelFile,
+    smodel: NetworkModel,
+    nmodel: NetworkModel,
     quiet: bool,
 ) -> Result<()> {
     let all_x = embedded(FASHION, "Fashion-MNIST images")?;
@@ -112,22 +103,6 @@ fn run_on<B: Backend>(
         .map_err(|e| anyhow!("{e}"))?;
     let n =
         Tensor::from_vec([k, 1, 28, 28], all_n.data[range].to_vec()).map_err(|e| anyhow!("{e}"))?;
-    for (mf, p) in [(smf, &a.signal_model), (nmf, &a.noise_model)] {
-        let path = p
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        if mf.meta.channels != 1 {
-            bail!(
-                "{path}: the demo needs 1-channel 28x28 models, this one has {} channels",
-                mf.meta.channels
-            );
-        }
-        let [h, w] = mf.meta.image_size;
-        if h > 0 && (h, w) != (28, 28) {
-            bail!("{path}: the demo needs 28x28 models, this one was trained at {h}x{w}");
-        }
-    }
     // y = 0.5 x + 0.5 n, item i blends image i with digit i
     let y: Vec<f32> = x
         .data
@@ -137,46 +112,30 @@ fn run_on<B: Backend>(
         .collect();
     // Projection weights tuned for this blend and these models (docs/results.md): lambda = mu = 1
     // (the method's 0.5 needs about 600 steps; 1.5 and above diverge at 100 steps).
-    let tuned = (a.rule == RuleKind::Projection).then_some(DEMO_PROJECTION_WEIGHT);
-    let (rule, lambda, mu) = a.rule.with_weights(a.lambda.or(tuned), a.mu.or(tuned));
-    let config = SamplerConfig {
-        sde: smf.meta.sde,
-        steps: a.steps,
-        rule,
-        lambda,
-        mu,
-        alpha: 0.5,
-        clip: Some(smf.meta.data_range),
-        ..SamplerConfig::default()
+    let tuned = (a.rule.rule == RuleKind::Projection).then_some(DEMO_PROJECTION_WEIGHT);
+    let sde = smodel.file.meta.sde;
+    let spec = |noise: NoisePrior| {
+        let mut s = DenoiseSpec::new(SignalPrior::Network(smodel.clone()), noise);
+        s.operator = Operator::Scale(0.5);
+        s.alpha = 0.5;
+        s.rule = a.rule.rule();
+        s.lambda = a.rule.lambda.or(tuned);
+        s.mu = a.rule.mu.or(tuned);
+        s.sde = Some(sde);
+        s.steps = a.steps;
+        s.samples = a.samples;
+        s
     };
-    let op = Operator::Scale(0.5);
-    let snet = smf.build(b).map_err(|e| anyhow!("{e}"))?;
-    let nnet = nmf.build(b).map_err(|e| anyhow!("{e}"))?;
-    let sprior = NetworkPrior {
-        net: &snet,
-        backend: b,
-        image_size: None,
-    };
-    let nprior = NetworkPrior {
-        net: &nnet,
-        backend: b,
-        image_size: None,
-    };
-    let gauss =
-        GaussianPrior::isotropic(DIGIT_TRAIN_MEAN, DIGIT_TRAIN_STD).map_err(|e| anyhow!("{e}"))?;
-    let run = |noise: &dyn Prior, what: &str| -> Result<jointdiff_core::sampler::PosteriorStats> {
+    let joint_spec = spec(NoisePrior::Network(nmodel.clone()));
+    let base_spec = spec(NoisePrior::Gaussian {
+        std: DIGIT_TRAIN_STD as f64,
+        mean: DIGIT_TRAIN_MEAN as f64,
+    });
+    let run = |spec: &DenoiseSpec, what: &str| -> Result<PosteriorStats> {
+        let plan = spec.plan([k, 1, 28, 28]).map_err(|e| anyhow!("{e}"))?;
         let pb = progress_bar(quiet, a.steps, what);
-        let sampler = JointSampler {
-            config,
-            operator: &op,
-            signal: &sprior,
-            noise,
-            signal_shape: [1, 28, 28],
-            noise_shape: [1, 28, 28],
-            join: &RayonJoin,
-        };
-        let r = sampler
-            .sample_k(&y, a.samples, a.seed, &mut |s, _| {
+        let r = rt
+            .denoise(&plan, &y, a.seed, &mut |s, _| {
                 pb.set_position(s as u64);
                 true
             })
@@ -184,8 +143,12 @@ fn run_on<B: Backend>(
         pb.finish_and_clear();
         r
     };
-    let joint = run(&nprior, "joint")?;
-    let base = run(&gauss, "baseline")?;
+    let (rule, lambda, mu) = {
+        let p = joint_spec.plan([k, 1, 28, 28]).map_err(|e| anyhow!("{e}"))?;
+        (p.config.rule, p.config.lambda, p.config.mu)
+    };
+    let joint = run(&joint_spec, "joint")?;
+    let base = run(&base_spec, "baseline")?;
     let y_t = Tensor::from_vec([k, 1, 28, 28], y.clone()).map_err(|e| anyhow!("{e}"))?;
     let inverse = Tensor {
         shape: y_t.shape,

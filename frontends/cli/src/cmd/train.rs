@@ -1,5 +1,6 @@
 //! `jointdiff train`: denoising score matching of an NCSNv2 on a set of images.
-use crate::{check_backend, io, progress_bar, sde_of, BackendKind, SdeKind};
+use crate::args::{progress_bar, sde_of, BackendArgs, SdeKind};
+use crate::io;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use jointdiff_core::model::{InputMap, ModelMeta};
@@ -7,8 +8,8 @@ use jointdiff_core::ncsnv2::Ncsnv2Config;
 use jointdiff_core::train::{
     from_checkpoint, to_checkpoint, train_step, validation_loss, TrainConfig, TrainState,
 };
-use jointdiff_core::{Backend, RefBackend, Tensor};
-use jointdiff_cpu::CpuBackend;
+use jointdiff_core::{Backend, Tensor};
+use jointdiff_runtime::BackendVisitor;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -65,8 +66,8 @@ pub struct TrainArgs {
     /// Append step, loss and validation loss to this CSV file.
     #[arg(long)]
     log: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "cpu")]
-    backend: BackendKind,
+    #[command(flatten)]
+    backend: BackendArgs,
 }
 
 /// Reads an IDX image file (magic 0x00000803, uint8), gzip-compressed or not, as [N, 1, H, W] in [0, 1].
@@ -185,10 +186,17 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 pub fn run(a: TrainArgs, quiet: bool) -> Result<()> {
-    check_backend(a.backend)?;
-    match a.backend {
-        BackendKind::Reference => run_on(&RefBackend, a, quiet),
-        _ => run_on(&CpuBackend, a, quiet),
+    let rt = a.backend.runtime()?;
+    rt.run(|| rt.visit(Train(a, quiet)))
+}
+
+/// The training loop, on whichever backend the runtime holds.
+struct Train(TrainArgs, bool);
+
+impl BackendVisitor for Train {
+    type Output = Result<()>;
+    fn visit<B: Backend + 'static>(self, b: &B) -> Result<()> {
+        run_on(b, self.0, self.1)
     }
 }
 

@@ -1,0 +1,9 @@
+//! One module per command.
+pub mod bench;
+pub mod corrupt;
+pub mod demo;
+pub mod denoise;
+pub mod info;
+pub mod sample;
+pub mod score;
+pub mod train;
