@@ -6,7 +6,7 @@ use jointdiff_core::ncsnv2::{Ncsnv2, Ncsnv2Config};
 use jointdiff_core::operator::Operator;
 use jointdiff_core::prior::NetworkPrior;
 use jointdiff_core::sampler::{JointSampler, SamplerConfig};
-use jointdiff_cpu::{CpuBackend, RayonJoin};
+use jointdiff_cpu::CpuBackend;
 use jointdiff_tests::init_by_name;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,21 +47,17 @@ fn a_sampler_step_allocates_almost_nothing() {
     let net = Ncsnv2::from_fn(&CpuBackend, cfg, init_by_name).unwrap();
     let prior = NetworkPrior {
         net: &net,
-        backend: &CpuBackend,
         image_size: Some([28, 28]),
     };
-    let sampler = |steps: usize| JointSampler {
-        config: SamplerConfig {
+    let sampler = |steps: usize| {
+        let config = SamplerConfig {
             steps,
             alpha: 0.5,
             ..SamplerConfig::default()
-        },
-        operator: &Operator::Scale(0.5),
-        signal: &prior,
-        noise: &prior,
-        signal_shape: [1, 28, 28],
-        noise_shape: [1, 28, 28],
-        join: &RayonJoin,
+        };
+        let op = Operator::Scale(0.5);
+        JointSampler::new(&CpuBackend, config, &op, None, &prior, &prior, [1, 28, 28], [1, 28, 28])
+            .unwrap()
     };
     let y = vec![0.3f32; 2 * 28 * 28];
     let calls = |steps: usize| {

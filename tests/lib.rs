@@ -1,4 +1,5 @@
 //! Helpers shared by the cross-crate tests.
+pub mod counting;
 use jointdiff_core::npy::NpyArray;
 use jointdiff_core::Tensor;
 use std::path::PathBuf;

@@ -11,11 +11,14 @@
 #![allow(clippy::too_many_arguments, clippy::type_complexity)]
 
 use jointdiff_core::operator::Operator;
-use jointdiff_core::prior::{GaussianPrior, Prior};
+use jointdiff_core::prior::{BackendGaussian, GaussianPrior, Prior};
 use jointdiff_core::rng::Rng;
 use jointdiff_core::sampler::{JointSampler, Rule, SamplerConfig};
 use jointdiff_core::sde::Sde;
-use jointdiff_core::Tensor;
+use jointdiff_core::{Backend, RefBackend};
+
+/// The samplers here run on the reference backend (plain loops, the oracle).
+const B: RefBackend = RefBackend;
 
 fn moments(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
@@ -86,15 +89,12 @@ fn run(
         alpha,
         clip: None,
     };
-    let sampler = JointSampler {
-        config,
-        operator: op,
-        signal: x_prior,
-        noise: n_prior,
-        signal_shape: [1, 1, d],
-        noise_shape: [1, 1, m],
-        join: &jointdiff_core::sampler::Sequential,
-    };
+    let (xg, ng) = (
+        x_prior.on(&B, [1, 1, d]).unwrap(),
+        n_prior.on(&B, [1, 1, m]).unwrap(),
+    );
+    let sampler =
+        JointSampler::new(&B, config, op, None, &xg, &ng, [1, 1, d], [1, 1, m]).unwrap();
     let ys: Vec<f32> = (0..items).flat_map(|_| y.iter().copied()).collect();
     let post = sampler.sample(&ys, 42, &mut |_, _| true).unwrap();
     let xs = (0..d)
@@ -363,15 +363,12 @@ fn gradient_rules_move_towards_the_gaussian_posterior() {
                 alpha,
                 clip: None,
             };
-            let sampler = JointSampler {
-                config,
-                operator: op,
-                signal: &x_prior,
-                noise: &n_prior,
-                signal_shape: [1, 1, *d],
-                noise_shape: [1, 1, *m],
-                join: &jointdiff_core::sampler::Sequential,
-            };
+            let (xg, ng) = (
+                x_prior.on(&B, [1, 1, *d]).unwrap(),
+                n_prior.on(&B, [1, 1, *m]).unwrap(),
+            );
+            let sampler =
+                JointSampler::new(&B, config, op, None, &xg, &ng, [1, 1, *d], [1, 1, *m]).unwrap();
             let ys: Vec<f32> = (0..items).flat_map(|_| y.iter().copied()).collect();
             let post = sampler.sample(&ys, 3, &mut |_, _| true).unwrap();
             for j in 0..*d {
@@ -483,19 +480,21 @@ fn training_learns_a_closed_form_score() {
 /// A sequential sampler of `d`-dimensional signal and noise under the identity operator.
 fn identity_sampler<'a>(
     config: SamplerConfig,
-    x_prior: &'a GaussianPrior,
-    n_prior: &'a GaussianPrior,
+    x_prior: &'a BackendGaussian<RefBackend>,
+    n_prior: &'a BackendGaussian<RefBackend>,
     d: usize,
-) -> JointSampler<'a> {
-    JointSampler {
+) -> JointSampler<'a, RefBackend> {
+    JointSampler::new(
+        &B,
         config,
-        operator: &Operator::Identity,
-        signal: x_prior,
-        noise: n_prior,
-        signal_shape: [1, 1, d],
-        noise_shape: [1, 1, d],
-        join: &jointdiff_core::sampler::Sequential,
-    }
+        &Operator::Identity,
+        None,
+        x_prior,
+        n_prior,
+        [1, 1, d],
+        [1, 1, d],
+    )
+    .unwrap()
 }
 
 #[test]
@@ -508,7 +507,11 @@ fn sample_k_first_signal_is_the_single_sample_of_its_stream() {
         steps: 40,
         ..SamplerConfig::default()
     };
-    let sampler = identity_sampler(config, &x_prior, &n_prior, 2);
+    let (xg, ng) = (
+        x_prior.on(&B, [1, 1, 2]).unwrap(),
+        n_prior.on(&B, [1, 1, 2]).unwrap(),
+    );
+    let sampler = identity_sampler(config, &xg, &ng, 2);
     let (k, y) = (3, [0.5f32, -0.4, 1.2, 0.1]);
     let stats = sampler.sample_k(&y, k, 7, &mut |_, _| true).unwrap();
     let rep: Vec<f32> = y
@@ -541,7 +544,8 @@ fn divergence_is_an_error_naming_the_step_not_a_nan() {
         mu: 1e19,
         ..SamplerConfig::default()
     };
-    let sampler = identity_sampler(config, &prior, &prior, 1);
+    let g = prior.on(&B, [1, 1, 1]).unwrap();
+    let sampler = identity_sampler(config, &g, &g, 1);
     let err = sampler.sample(&[0.5], 1, &mut |_, _| true).unwrap_err();
     let msg = err.to_string();
     assert!(
@@ -552,24 +556,23 @@ fn divergence_is_an_error_naming_the_step_not_a_nan() {
 
 /// A unit Gaussian prior whose score is 10% too strong, as a trained network's score is off: the Jacobian
 /// of Tweedie's estimate, `(I + s^2 J_score) / a`, is then about `-0.1 / a` near t = 1 instead of `a`.
-struct MisScaled(GaussianPrior);
+struct MisScaled(BackendGaussian<RefBackend>);
 
-impl Prior for MisScaled {
-    fn score(&self, z: &Tensor, t: f64, sde: &Sde) -> jointdiff_core::Result<Tensor> {
-        let mut s = self.0.score(z, t, sde)?;
-        s.data.iter_mut().for_each(|v| *v *= 1.1);
-        Ok(s)
+type T = <RefBackend as Backend>::Tensor;
+
+impl Prior<RefBackend> for MisScaled {
+    fn score(&self, b: &RefBackend, z: &T, t: f64, sde: &Sde) -> jointdiff_core::Result<T> {
+        Ok(b.mul_scalar(&self.0.score(b, z, t, sde)?, 1.1))
     }
     fn score_vjp(
         &self,
-        z: &Tensor,
+        b: &RefBackend,
+        z: &T,
         t: f64,
         sde: &Sde,
-        g: &Tensor,
-    ) -> jointdiff_core::Result<Tensor> {
-        let mut s = self.0.score_vjp(z, t, sde, g)?;
-        s.data.iter_mut().for_each(|v| *v *= 1.1);
-        Ok(s)
+        g: &T,
+    ) -> jointdiff_core::Result<T> {
+        Ok(b.mul_scalar(&self.0.score_vjp(b, z, t, sde, g)?, 1.1))
     }
 }
 
@@ -581,7 +584,12 @@ impl Prior for MisScaled {
 #[test]
 fn pigdm_stays_stable_under_vp_with_a_mis_scaled_score() {
     let items = 2_000;
-    let unit = || GaussianPrior::new(vec![0.0], vec![1.0]).unwrap();
+    let unit = || {
+        GaussianPrior::new(vec![0.0], vec![1.0])
+            .unwrap()
+            .on(&B, [1, 1, 2])
+            .unwrap()
+    };
     let (xp, np) = (MisScaled(unit()), MisScaled(unit()));
     let y = [1.2f32, -0.8];
     let eye = [1.0, 0.0, 0.0, 1.0];
@@ -598,15 +606,17 @@ fn pigdm_stays_stable_under_vp_with_a_mis_scaled_score() {
         alpha: 1.0,
         clip: None,
     };
-    let sampler = JointSampler {
+    let sampler = JointSampler::new(
+        &B,
         config,
-        operator: &Operator::Identity,
-        signal: &xp,
-        noise: &np,
-        signal_shape: [1, 1, 2],
-        noise_shape: [1, 1, 2],
-        join: &jointdiff_core::sampler::Sequential,
-    };
+        &Operator::Identity,
+        None,
+        &xp,
+        &np,
+        [1, 1, 2],
+        [1, 1, 2],
+    )
+    .unwrap();
     let ys: Vec<f32> = (0..items).flat_map(|_| y.iter().copied()).collect();
     let post = sampler
         .sample(&ys, 4, &mut |_, _| true)

@@ -122,6 +122,39 @@ impl Runtime {
         }
     }
 
+    /// [`Runtime::run`] for a job that reports progress, with `on_progress` called on the calling thread:
+    /// the job (on a worker) hands each `(done, total)` over and waits for the answer (`false` cancels), so
+    /// a C caller's callback runs on the caller's own thread and cancels at the step it is called for.
+    pub fn run_reporting<R: Send>(
+        &self,
+        job: impl FnOnce(&mut Progress<'_>) -> R + Send,
+        mut on_progress: impl FnMut(usize, usize) -> bool,
+    ) -> R {
+        if self.kind != BackendKind::Cpu || rayon::current_thread_index().is_some() {
+            return job(&mut on_progress);
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, usize)>();
+        let (answer_tx, answer_rx) = std::sync::mpsc::channel::<bool>();
+        let mut out = None;
+        rayon::in_place_scope(|scope| {
+            let out = &mut out;
+            scope.spawn(move |_| {
+                let mut report = |done, total| {
+                    tx.send((done, total)).is_ok() && answer_rx.recv().unwrap_or(false)
+                };
+                *out = Some(job(&mut report));
+                // `tx` drops here: the loop below ends
+            });
+            for (done, total) in rx {
+                let go = on_progress(done, total);
+                if answer_tx.send(go).is_err() {
+                    break;
+                }
+            }
+        });
+        out.expect("the scope waits for the job")
+    }
+
     /// `v.visit(&backend)`.
     pub fn visit<V: BackendVisitor>(&self, v: V) -> V::Output {
         dispatch!(self, |b| v.visit(b))

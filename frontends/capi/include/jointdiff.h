@@ -109,12 +109,14 @@ typedef enum {
 } jd_default_model;
 
 /**
- * A loaded score model (opaque). Immutable; may be shared by threads.
+ * A loaded score model (opaque). Immutable; may be shared by threads. Its network is built once per
+ * backend and shared by every session that uses it.
  */
 typedef struct jd_model jd_model;
 
 /**
- * A denoising session (opaque): configuration plus the models it uses. One thread at a time.
+ * A denoising session (opaque): the options of a denoise job (core's `DenoiseSpec`, with `jointdiff
+ * denoise`'s defaults) plus the models it uses. One thread at a time.
  */
 typedef struct jd_session jd_session;
 
@@ -136,8 +138,9 @@ typedef struct {
 } jd_model_info;
 
 /**
- * Progress callback: called after every sampler step with the steps done and the total.
- * Return 0 to continue, any other value to cancel (`jd_denoise` then returns `JD_ERR_CANCELLED`).
+ * Progress callback: called after every sampler step with the steps done and the total, on the thread
+ * that called `jd_denoise` (the sampling itself runs on the library's worker threads and waits for the
+ * answer). Return 0 to continue, any other value to cancel (`jd_denoise` then returns `JD_ERR_CANCELLED`).
  */
 typedef int32_t (*jd_progress_fn)(void *user, uint32_t done, uint32_t total);
 
@@ -195,9 +198,10 @@ jd_status jd_model_get_info(const jd_model *model, jd_model_info *out);
 void jd_model_destroy(jd_model **model);
 
 /**
- * Creates a session with the defaults of `jointdiff denoise`: projection rule, 600 steps, the rule's tuned
- * lambda and mu (projection 0.5 / 0.5), alpha 1, identity operator, the signal model's SDE, CPU backend, one sample, output clipped to the
- * data range. A signal model and a noise prior must be set before `jd_denoise`.
+ * Creates a session with the defaults of `jointdiff denoise`: projection rule, 600 steps, eps 1e-3, the
+ * rule's tuned lambda and mu (projection 0.5 / 0.5), alpha 1, identity operator, the models' SDE, CPU
+ * backend, one sample, output clipped to the data range. A signal prior (`jd_session_set_signal_model` or
+ * `jd_session_set_signal_gaussian`) and a noise prior must be set before `jd_denoise`.
  */
 jd_status jd_session_create(jd_session **out);
 
@@ -212,9 +216,36 @@ void jd_session_destroy(jd_session **session);
 jd_status jd_session_set_signal_model(jd_session *s, const jd_model *model);
 
 /**
- * Uses `model` as the noise prior (joint method); replaces a Gaussian noise prior.
+ * Uses per-value Gaussian statistics as the signal prior (an analytic prior instead of a model; replaces
+ * a signal model): `mean` and `var` each hold one item of `c x h x w` values, variances >= 0. The data
+ * are copied. As `jointdiff denoise --signal-stats`.
+ */
+jd_status jd_session_set_signal_gaussian(jd_session *s,
+                                         const float *mean,
+                                         const float *var,
+                                         size_t c,
+                                         size_t h,
+                                         size_t w);
+
+/**
+ * The shape `c x h x w` of a signal item where neither the measurement nor a prior tells it (a matrix
+ * operator with priors that do not record it); 0, 0, 0 clears it. As `jointdiff denoise --signal-shape`.
+ */
+jd_status jd_session_set_signal_shape(jd_session *s,
+                                      size_t c,
+                                      size_t h,
+                                      size_t w);
+
+/**
+ * Uses `model` as the noise prior (joint method); replaces an analytic noise prior.
  */
 jd_status jd_session_set_noise_model(jd_session *s, const jd_model *model);
+
+/**
+ * Treats the noise as Gaussian with the method's sinusoidal per-row standard deviation, RMS `std`
+ * (`jointdiff denoise --noise sine:STD`); replaces a noise model.
+ */
+jd_status jd_session_set_noise_sine(jd_session *s, double std);
 
 /**
  * Treats the noise as white Gaussian N(mean, std^2) (the non-joint baseline); replaces a noise model.
@@ -244,6 +275,11 @@ jd_status jd_session_set_lambda(jd_session *s, double lambda);
  * Data-consistency weight of the noise (>= 0).
  */
 jd_status jd_session_set_mu(jd_session *s, double mu);
+
+/**
+ * Last time `eps` of the time grid `linspace(1, eps, steps)` (default 1e-3; in (0, 1)).
+ */
+jd_status jd_session_set_eps(jd_session *s, double eps);
 
 /**
  * Noise scale alpha of `y = A x + alpha n` (finite).

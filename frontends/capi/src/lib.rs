@@ -11,15 +11,16 @@
 use jointdiff_core::error::{Error, ErrorKind};
 use jointdiff_core::model::ModelFile;
 use jointdiff_core::operator::Operator;
-use jointdiff_core::prior::{GaussianPrior, NetworkPrior, Prior};
-use jointdiff_core::sampler::{JointSampler, PosteriorStats, Rule, SamplerConfig};
+use jointdiff_core::plan::{
+    DenoisePlan, DenoiseSpec, GaussianStats, NetworkModel, NoisePrior, SignalPrior,
+};
+use jointdiff_core::sampler::Rule;
 use jointdiff_core::sde::Sde;
-use jointdiff_core::{Backend, Ncsnv2, RefBackend};
-use jointdiff_cpu::CpuBackend;
+use jointdiff_runtime::{BackendKind, Runtime};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// Version of the C ABI; changes whenever a signature or a struct layout changes.
 pub const JD_ABI_VERSION: u32 = 1;
@@ -101,38 +102,37 @@ pub struct jd_model_info {
     pub reference_checkpoint: i32,
 }
 
-/// Progress callback: called after every sampler step with the steps done and the total.
-/// Return 0 to continue, any other value to cancel (`jd_denoise` then returns `JD_ERR_CANCELLED`).
+/// Progress callback: called after every sampler step with the steps done and the total, on the thread
+/// that called `jd_denoise` (the sampling itself runs on the library's worker threads and waits for the
+/// answer). Return 0 to continue, any other value to cancel (`jd_denoise` then returns `JD_ERR_CANCELLED`).
 pub type jd_progress_fn =
     Option<unsafe extern "C" fn(user: *mut c_void, done: u32, total: u32) -> i32>;
 
-struct ModelInner {
-    file: ModelFile,
-    cpu: Ncsnv2<CpuBackend>,
-    reference: OnceLock<Option<Ncsnv2<RefBackend>>>,
-}
-
-/// A loaded score model (opaque). Immutable; may be shared by threads.
+/// A loaded score model (opaque). Immutable; may be shared by threads. Its network is built once per
+/// backend and shared by every session that uses it.
 pub struct jd_model {
-    inner: Arc<ModelInner>,
+    inner: NetworkModel,
 }
 
-/// A denoising session (opaque): configuration plus the models it uses. One thread at a time.
+/// A denoising session (opaque): the options of a denoise job (core's `DenoiseSpec`, with `jointdiff
+/// denoise`'s defaults) plus the models it uses. One thread at a time.
 pub struct jd_session {
-    signal: Option<Arc<ModelInner>>,
-    noise: Option<Arc<ModelInner>>,
-    noise_gaussian: Option<(f32, f32)>,
-    sde: jd_sde,
-    rule: jd_rule,
-    steps: usize,
+    signal: Option<SignalPrior>,
+    noise: Option<NoisePrior>,
+    operator: Operator,
+    alpha: f64,
+    rule: Rule,
     /// None: the rule's tuned weight.
     lambda: Option<f64>,
     mu: Option<f64>,
-    alpha: f64,
+    /// None: the models' SDE.
+    sde: Option<Sde>,
+    steps: usize,
+    eps: f64,
     samples: usize,
     clip: bool,
-    operator: Operator,
-    backend: jd_backend,
+    signal_shape: Option<[usize; 3]>,
+    backend: Runtime,
     progress: jd_progress_fn,
     progress_user: *mut c_void,
 }
@@ -148,6 +148,7 @@ impl From<Error> for Fail {
             ErrorKind::InvalidArgument => jd_status::JD_ERR_INVALID_ARGUMENT,
             ErrorKind::NonFinite => jd_status::JD_ERR_NON_FINITE,
             ErrorKind::Cancelled => jd_status::JD_ERR_CANCELLED,
+            ErrorKind::Unavailable => jd_status::JD_ERR_UNAVAILABLE,
         };
         Fail(s, e.message)
     }
@@ -215,22 +216,23 @@ pub extern "C" fn jd_last_error() -> *const c_char {
         .unwrap_or(EMPTY.as_ptr() as *const c_char)
 }
 
+fn cpu() -> Runtime {
+    Runtime::new(BackendKind::Cpu).expect("the CPU backend is always compiled")
+}
+
+/// Parses a model and builds its network on the CPU backend (kept for the sessions): every tensor is
+/// checked here, at load time.
 fn load(bytes: &[u8], what: &str) -> Result<Box<jd_model>, Fail> {
     let file = ModelFile::from_bytes(bytes).map_err(|e| {
         let f = Fail::from(e);
         Fail(f.0, format!("{what}: {}", f.1))
     })?;
-    let cpu = file.build(&CpuBackend).map_err(|e| {
-        let f = Fail::from(e);
-        Fail(f.0, format!("{what}: {}", f.1))
-    })?;
-    Ok(Box::new(jd_model {
-        inner: Arc::new(ModelInner {
-            file,
-            cpu,
-            reference: OnceLock::new(),
-        }),
-    }))
+    let inner = NetworkModel {
+        file: Arc::new(file),
+        name: what.to_string(),
+    };
+    cpu().prepare(&inner)?;
+    Ok(Box::new(jd_model { inner }))
 }
 
 /// Loads a model file (safetensors; a file without jointdiff metadata is a reference NCSNv2 checkpoint).
@@ -332,9 +334,10 @@ pub unsafe extern "C" fn jd_model_destroy(model: *mut *mut jd_model) {
     });
 }
 
-/// Creates a session with the defaults of `jointdiff denoise`: projection rule, 600 steps, the rule's tuned
-/// lambda and mu (projection 0.5 / 0.5), alpha 1, identity operator, the signal model's SDE, CPU backend, one sample, output clipped to the
-/// data range. A signal model and a noise prior must be set before `jd_denoise`.
+/// Creates a session with the defaults of `jointdiff denoise`: projection rule, 600 steps, eps 1e-3, the
+/// rule's tuned lambda and mu (projection 0.5 / 0.5), alpha 1, identity operator, the models' SDE, CPU
+/// backend, one sample, output clipped to the data range. A signal prior (`jd_session_set_signal_model` or
+/// `jd_session_set_signal_gaussian`) and a noise prior must be set before `jd_denoise`.
 #[no_mangle]
 pub unsafe extern "C" fn jd_session_create(out: *mut *mut jd_session) -> jd_status {
     guard(|| {
@@ -342,17 +345,18 @@ pub unsafe extern "C" fn jd_session_create(out: *mut *mut jd_session) -> jd_stat
         *out = Box::into_raw(Box::new(jd_session {
             signal: None,
             noise: None,
-            noise_gaussian: None,
-            sde: jd_sde::JD_SDE_MODEL,
-            rule: jd_rule::JD_RULE_PROJECTION,
-            steps: 600,
+            operator: Operator::Identity,
+            alpha: 1.0,
+            rule: Rule::Projection,
             lambda: None,
             mu: None,
-            alpha: 1.0,
+            sde: None,
+            steps: 600,
+            eps: 1e-3,
             samples: 1,
             clip: true,
-            operator: Operator::Identity,
-            backend: jd_backend::JD_BACKEND_CPU,
+            signal_shape: None,
+            backend: cpu(),
             progress: None,
             progress_user: std::ptr::null_mut(),
         }));
@@ -390,12 +394,75 @@ pub unsafe extern "C" fn jd_session_set_signal_model(
 ) -> jd_status {
     with_session(s, |s| {
         non_null(model, "model")?;
-        s.signal = Some((&*model).inner.clone());
+        s.signal = Some(SignalPrior::Network((&*model).inner.clone()));
         Ok(())
     })
 }
 
-/// Uses `model` as the noise prior (joint method); replaces a Gaussian noise prior.
+/// Uses per-value Gaussian statistics as the signal prior (an analytic prior instead of a model; replaces
+/// a signal model): `mean` and `var` each hold one item of `c x h x w` values, variances >= 0. The data
+/// are copied. As `jointdiff denoise --signal-stats`.
+#[no_mangle]
+pub unsafe extern "C" fn jd_session_set_signal_gaussian(
+    s: *mut jd_session,
+    mean: *const f32,
+    var: *const f32,
+    c: usize,
+    h: usize,
+    w: usize,
+) -> jd_status {
+    with_session(s, |s| {
+        let len = [c, h, w]
+            .iter()
+            .try_fold(1usize, |a, &v| a.checked_mul(v))
+            .ok_or_else(|| {
+                Fail(
+                    jd_status::JD_ERR_INVALID_ARGUMENT,
+                    "signal shape overflows".into(),
+                )
+            })?;
+        let mean = copy_finite(mean, len, "mean")?;
+        let var = copy_finite(var, len, "var")?;
+        if let Some(i) = var.iter().position(|&v| v < 0.0) {
+            return fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                format!("var: value at index {i} is negative"),
+            );
+        }
+        s.signal = Some(SignalPrior::Gaussian(GaussianStats {
+            item: [c, h, w],
+            mean,
+            var,
+        }));
+        Ok(())
+    })
+}
+
+/// The shape `c x h x w` of a signal item where neither the measurement nor a prior tells it (a matrix
+/// operator with priors that do not record it); 0, 0, 0 clears it. As `jointdiff denoise --signal-shape`.
+#[no_mangle]
+pub unsafe extern "C" fn jd_session_set_signal_shape(
+    s: *mut jd_session,
+    c: usize,
+    h: usize,
+    w: usize,
+) -> jd_status {
+    with_session(s, |s| {
+        s.signal_shape = match [c, h, w] {
+            [0, 0, 0] => None,
+            shape if shape.contains(&0) => {
+                return fail(
+                    jd_status::JD_ERR_INVALID_ARGUMENT,
+                    format!("signal shape {c}x{h}x{w} has a zero"),
+                )
+            }
+            shape => Some(shape),
+        };
+        Ok(())
+    })
+}
+
+/// Uses `model` as the noise prior (joint method); replaces an analytic noise prior.
 #[no_mangle]
 pub unsafe extern "C" fn jd_session_set_noise_model(
     s: *mut jd_session,
@@ -403,8 +470,23 @@ pub unsafe extern "C" fn jd_session_set_noise_model(
 ) -> jd_status {
     with_session(s, |s| {
         non_null(model, "model")?;
-        s.noise = Some((&*model).inner.clone());
-        s.noise_gaussian = None;
+        s.noise = Some(NoisePrior::Network((&*model).inner.clone()));
+        Ok(())
+    })
+}
+
+/// Treats the noise as Gaussian with the method's sinusoidal per-row standard deviation, RMS `std`
+/// (`jointdiff denoise --noise sine:STD`); replaces a noise model.
+#[no_mangle]
+pub unsafe extern "C" fn jd_session_set_noise_sine(s: *mut jd_session, std: f64) -> jd_status {
+    with_session(s, |s| {
+        if !(std.is_finite() && std >= 0.0) {
+            return fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                format!("noise std must be >= 0 and finite, got {std}"),
+            );
+        }
+        s.noise = Some(NoisePrior::Sine { std });
         Ok(())
     })
 }
@@ -423,8 +505,10 @@ pub unsafe extern "C" fn jd_session_set_noise_gaussian(
                 format!("noise std must be >= 0 and finite (std {std}, mean {mean})"),
             );
         }
-        s.noise_gaussian = Some((std, mean));
-        s.noise = None;
+        s.noise = Some(NoisePrior::Gaussian {
+            std: std as f64,
+            mean: mean as f64,
+        });
         Ok(())
     })
 }
@@ -433,10 +517,10 @@ pub unsafe extern "C" fn jd_session_set_noise_gaussian(
 pub unsafe extern "C" fn jd_session_set_sde(s: *mut jd_session, sde: i32) -> jd_status {
     with_session(s, |s| {
         s.sde = match sde {
-            0 => jd_sde::JD_SDE_MODEL,
-            1 => jd_sde::JD_SDE_VP,
-            2 => jd_sde::JD_SDE_VE,
-            3 => jd_sde::JD_SDE_SIMPLE,
+            0 => None,
+            1 => Some(Sde::vp_default()),
+            2 => Some(Sde::ve_default()),
+            3 => Some(Sde::simple_default()),
             _ => {
                 return fail(
                     jd_status::JD_ERR_INVALID_ARGUMENT,
@@ -453,9 +537,9 @@ pub unsafe extern "C" fn jd_session_set_sde(s: *mut jd_session, sde: i32) -> jd_
 pub unsafe extern "C" fn jd_session_set_rule(s: *mut jd_session, rule: i32) -> jd_status {
     with_session(s, |s| {
         s.rule = match rule {
-            0 => jd_rule::JD_RULE_PROJECTION,
-            1 => jd_rule::JD_RULE_DPS,
-            2 => jd_rule::JD_RULE_PIGDM,
+            0 => Rule::Projection,
+            1 => Rule::Dps,
+            2 => Rule::Pigdm,
             _ => {
                 return fail(
                     jd_status::JD_ERR_INVALID_ARGUMENT,
@@ -510,6 +594,21 @@ pub unsafe extern "C" fn jd_session_set_mu(s: *mut jd_session, mu: f64) -> jd_st
     })
 }
 
+/// Last time `eps` of the time grid `linspace(1, eps, steps)` (default 1e-3; in (0, 1)).
+#[no_mangle]
+pub unsafe extern "C" fn jd_session_set_eps(s: *mut jd_session, eps: f64) -> jd_status {
+    with_session(s, |s| {
+        if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
+            return fail(
+                jd_status::JD_ERR_INVALID_ARGUMENT,
+                format!("eps must be in (0, 1), got {eps}"),
+            );
+        }
+        s.eps = eps;
+        Ok(())
+    })
+}
+
 /// Noise scale alpha of `y = A x + alpha n` (finite).
 #[no_mangle]
 pub unsafe extern "C" fn jd_session_set_alpha(s: *mut jd_session, alpha: f64) -> jd_status {
@@ -550,15 +649,10 @@ pub unsafe extern "C" fn jd_session_set_clip(s: *mut jd_session, clip: i32) -> j
 #[no_mangle]
 pub unsafe extern "C" fn jd_session_set_backend(s: *mut jd_session, backend: i32) -> jd_status {
     with_session(s, |s| {
-        s.backend = match backend {
-            0 => jd_backend::JD_BACKEND_CPU,
-            1 => jd_backend::JD_BACKEND_REFERENCE,
-            2 => {
-                return fail(
-                    jd_status::JD_ERR_UNAVAILABLE,
-                    "the wgpu backend is not part of this build yet",
-                )
-            }
+        let kind = match backend {
+            0 => BackendKind::Cpu,
+            1 => BackendKind::Reference,
+            2 => BackendKind::Wgpu,
             _ => {
                 return fail(
                     jd_status::JD_ERR_INVALID_ARGUMENT,
@@ -566,6 +660,7 @@ pub unsafe extern "C" fn jd_session_set_backend(s: *mut jd_session, backend: i32
                 )
             }
         };
+        s.backend = Runtime::new(kind)?;
         Ok(())
     })
 }
@@ -666,184 +761,42 @@ pub unsafe extern "C" fn jd_session_set_progress(
     })
 }
 
-struct Plan {
-    signal_item: [usize; 3],
-    noise_item: [usize; 3],
-    items: usize,
-    config: SamplerConfig,
-}
-
-fn plan(s: &jd_session, n: usize, c: usize, h: usize, w: usize) -> Result<Plan, Fail> {
-    let sig = s.signal.as_ref().ok_or_else(|| {
+/// The session's options as core's denoise spec, planned for `n x c x h x w` measurements (every check
+/// is the plan's, with the CLI's error texts).
+fn plan(s: &jd_session, n: usize, c: usize, h: usize, w: usize) -> Result<DenoisePlan, Fail> {
+    if n == 0 || c == 0 || h == 0 || w == 0 {
+        return fail(
+            jd_status::JD_ERR_INVALID_ARGUMENT,
+            format!("empty measurement shape {n}x{c}x{h}x{w}"),
+        );
+    }
+    let signal = s.signal.clone().ok_or_else(|| {
         Fail(
             jd_status::JD_ERR_INVALID_ARGUMENT,
-            "no signal model: call jd_session_set_signal_model".into(),
+            "no signal prior: call jd_session_set_signal_model (or jd_session_set_signal_gaussian)".into(),
         )
     })?;
-    if s.noise.is_none() && s.noise_gaussian.is_none() {
-        return fail(
+    let noise = s.noise.clone().ok_or_else(|| {
+        Fail(
             jd_status::JD_ERR_INVALID_ARGUMENT,
-            "no noise prior: call jd_session_set_noise_model or jd_session_set_noise_gaussian",
-        );
-    }
-    let is_matrix = matches!(s.operator, Operator::Matrix { .. });
-    let meta = &sig.file.meta;
-    let signal_item = if is_matrix {
-        let [mh, mw] = meta.image_size;
-        if mh == 0 {
-            return fail(
-                jd_status::JD_ERR_SHAPE,
-                "a matrix operator needs a signal model that records its image size",
-            );
-        }
-        [meta.channels, mh, mw]
-    } else {
-        [c, h, w]
-    };
-    let d: usize = signal_item.iter().product();
-    let m = s.operator.out_len(d)?;
-    if c * h * w != m {
-        return fail(
-            jd_status::JD_ERR_SHAPE,
-            format!(
-                "measurement items have {} values but the operator gives {m}",
-                c * h * w
-            ),
-        );
-    }
-    let check = |mf: &ModelFile, shape: [usize; 3], what: &str| -> Result<(), Fail> {
-        let [mc, mh, mw] = shape;
-        if mc != mf.meta.channels {
-            return fail(
-                jd_status::JD_ERR_SHAPE,
-                format!(
-                    "{what}: data has {mc} channel(s) but the model expects {}",
-                    mf.meta.channels
-                ),
-            );
-        }
-        let [th, tw] = mf.meta.image_size;
-        if th > 0 && (th, tw) != (mh, mw) {
-            return fail(
-                jd_status::JD_ERR_SHAPE,
-                format!("{what}: data is {mh}x{mw} but the model was trained at {th}x{tw}"),
-            );
-        }
-        mf.meta
-            .net_config()
-            .check_input([n, mc, mh, mw])
-            .map_err(|e| Fail(jd_status::JD_ERR_SHAPE, format!("{what}: {}", e.message)))
-    };
-    check(&sig.file, signal_item, "signal")?;
-    let noise_item = match &s.noise {
-        Some(nm) => {
-            let shape = if is_matrix {
-                let [th, tw] = nm.file.meta.image_size;
-                if th == 0 {
-                    return fail(
-                        jd_status::JD_ERR_SHAPE,
-                        "the noise model does not record its image size",
-                    );
-                }
-                [nm.file.meta.channels, th, tw]
-            } else {
-                signal_item
-            };
-            if shape.iter().product::<usize>() != m {
-                return fail(
-                    jd_status::JD_ERR_SHAPE,
-                    format!(
-                        "noise model items {shape:?} do not have the {m} values of a measurement"
-                    ),
-                );
-            }
-            check(&nm.file, shape, "noise")?;
-            shape
-        }
-        None if is_matrix => [1, 1, m],
-        None => signal_item,
-    };
-    let sde = match s.sde {
-        jd_sde::JD_SDE_VP => Sde::vp_default(),
-        jd_sde::JD_SDE_VE => Sde::ve_default(),
-        jd_sde::JD_SDE_SIMPLE => Sde::simple_default(),
-        jd_sde::JD_SDE_MODEL => {
-            if let Some(nm) = &s.noise {
-                if nm.file.meta.sde != meta.sde {
-                    return fail(jd_status::JD_ERR_INVALID_ARGUMENT, "the signal and noise models use different SDEs; choose one with jd_session_set_sde");
-                }
-            }
-            meta.sde
-        }
-    };
-    let rule = match s.rule {
-        jd_rule::JD_RULE_PROJECTION => Rule::Projection,
-        jd_rule::JD_RULE_DPS => Rule::Dps,
-        jd_rule::JD_RULE_PIGDM => Rule::Pigdm,
-    };
-    let config = SamplerConfig {
-        sde,
-        steps: s.steps,
-        eps: 1e-3,
-        rule,
-        lambda: s.lambda.unwrap_or(rule.default_weights().0),
-        mu: s.mu.unwrap_or(rule.default_weights().1),
-        alpha: s.alpha,
-        clip: if s.clip { Some(meta.data_range) } else { None },
-    };
-    config.validate()?;
-    Ok(Plan {
-        signal_item,
-        noise_item,
-        items: n,
-        config,
-    })
-}
-
-fn run_sampler<B: Backend>(
-    b: &B,
-    s: &jd_session,
-    sig: &Ncsnv2<B>,
-    noise_net: Option<&Ncsnv2<B>>,
-    p: &Plan,
-    y: &[f32],
-    seed: u64,
-) -> Result<PosteriorStats, Fail> {
-    let sprior = NetworkPrior {
-        net: sig,
-        backend: b,
-        image_size: None,
-    };
-    let nnet = noise_net.map(|n| NetworkPrior {
-        net: n,
-        backend: b,
-        image_size: None,
-    });
-    let ngauss = match s.noise_gaussian {
-        Some((std, mean)) => Some(GaussianPrior::isotropic(mean, std)?),
-        None => None,
-    };
-    let nprior: &dyn Prior = match (&nnet, &ngauss) {
-        (Some(n), _) => n,
-        (None, Some(g)) => g,
-        _ => return fail(jd_status::JD_ERR_INVALID_ARGUMENT, "no noise prior"),
-    };
-    let sampler = JointSampler {
-        config: p.config,
-        operator: &s.operator,
-        signal: &sprior,
-        noise: nprior,
-        signal_shape: p.signal_item,
-        noise_shape: p.noise_item,
-        join: &jointdiff_cpu::RayonJoin,
-    };
-    let (cb, user) = (s.progress, s.progress_user);
-    let mut progress = |done: usize, total: usize| match cb {
-        // SAFETY: the caller registered this callback for this session.
-        Some(f) => unsafe { f(user, done as u32, total as u32) == 0 },
-        None => true,
-    };
-    Ok(sampler.sample_k(y, s.samples, seed, &mut progress)?)
+            "no noise prior: call jd_session_set_noise_model, jd_session_set_noise_gaussian or \
+             jd_session_set_noise_sine"
+                .into(),
+        )
+    })?;
+    let mut spec = DenoiseSpec::new(signal, noise);
+    spec.operator = s.operator.clone();
+    spec.alpha = s.alpha;
+    spec.rule = s.rule;
+    spec.lambda = s.lambda;
+    spec.mu = s.mu;
+    spec.sde = s.sde;
+    spec.steps = s.steps;
+    spec.eps = s.eps;
+    spec.samples = s.samples;
+    spec.clip = s.clip;
+    spec.signal_shape = s.signal_shape;
+    Ok(spec.plan([n, c, h, w])?)
 }
 
 /// Denoises `n` measurements of shape `c x h x w` (NCHW float32; for a matrix operator use c = h = 1 and
@@ -871,12 +824,6 @@ pub unsafe extern "C" fn jd_denoise(
     with_session(s, |s| {
         non_null(y, "y")?;
         non_null(signal_out, "signal_out")?;
-        if n == 0 || c == 0 || h == 0 || w == 0 {
-            return fail(
-                jd_status::JD_ERR_INVALID_ARGUMENT,
-                format!("empty measurement shape {n}x{c}x{h}x{w}"),
-            );
-        }
         let total = [n, c, h, w]
             .iter()
             .try_fold(1usize, |a, &v| a.checked_mul(v))
@@ -888,11 +835,20 @@ pub unsafe extern "C" fn jd_denoise(
                 )
             })?;
         let p = plan(s, n, c, h, w)?;
-        let d: usize = p.signal_item.iter().product();
-        if signal_len != n * d {
+        if total != p.noise_len() {
+            return fail(
+                jd_status::JD_ERR_SHAPE,
+                format!(
+                    "measurement has {total} values but the operator gives {} per item",
+                    p.noise_len() / p.items
+                ),
+            );
+        }
+        let sl = p.signal_len();
+        if signal_len != sl {
             return fail(
                 jd_status::JD_ERR_INVALID_ARGUMENT,
-                format!("signal_len is {signal_len}, the signal needs {}", n * d),
+                format!("signal_len is {signal_len}, the signal needs {sl}"),
             );
         }
         if !noise_out.is_null() && noise_len != total {
@@ -908,65 +864,35 @@ pub unsafe extern "C" fn jd_denoise(
                     "std_out needs samples >= 2 (jd_session_set_samples)",
                 );
             }
-            if std_len != n * d {
+            if std_len != sl {
                 return fail(
                     jd_status::JD_ERR_INVALID_ARGUMENT,
-                    format!("std_len is {std_len}, expected {}", n * d),
+                    format!("std_len is {std_len}, expected {sl}"),
                 );
             }
         }
         let ys = std::slice::from_raw_parts(y, total);
-        if let Some(i) = ys.iter().position(|v| !v.is_finite()) {
-            return fail(
-                jd_status::JD_ERR_NON_FINITE,
-                format!("measurement value at index {i} is not finite"),
-            );
-        }
-        let seed_stats = match s.backend {
-            jd_backend::JD_BACKEND_REFERENCE => {
-                let sig = s.signal.as_ref().map(reference_net).transpose()?.flatten();
-                let noise = match &s.noise {
-                    Some(m) => reference_net(m)?,
-                    None => None,
-                };
-                let sig = sig.ok_or_else(|| {
-                    Fail(
-                        jd_status::JD_ERR_INTERNAL,
-                        "signal model not prepared".into(),
-                    )
-                })?;
-                run_sampler(&RefBackend, s, sig, noise, &p, ys, seed)?
-            }
-            _ => {
-                let sig = &s
-                    .signal
-                    .as_ref()
-                    .ok_or_else(|| {
-                        Fail(jd_status::JD_ERR_INVALID_ARGUMENT, "no signal model".into())
-                    })?
-                    .cpu;
-                let noise = s.noise.as_ref().map(|m| &m.cpu);
-                run_sampler(&CpuBackend, s, sig, noise, &p, ys, seed)?
-            }
-        };
-        let _ = p.items;
-        std::slice::from_raw_parts_mut(signal_out, n * d)
-            .copy_from_slice(&seed_stats.estimate.signal.data);
+        // the job runs on the backend's workers; the callback is called here, on the caller's thread
+        let (cb, user) = (s.progress, s.progress_user);
+        let rt = s.backend;
+        let stats = rt.run_reporting(
+            |progress| rt.denoise(&p, ys, seed, progress),
+            |done, all| match cb {
+                // SAFETY: the caller registered this callback for this session.
+                Some(f) => unsafe { f(user, done as u32, all as u32) == 0 },
+                None => true,
+            },
+        )?;
+        std::slice::from_raw_parts_mut(signal_out, sl).copy_from_slice(&stats.estimate.signal.data);
         if !noise_out.is_null() {
             std::slice::from_raw_parts_mut(noise_out, total)
-                .copy_from_slice(&seed_stats.estimate.noise.data);
+                .copy_from_slice(&stats.estimate.noise.data);
         }
-        if let (false, Some(sd)) = (std_out.is_null(), &seed_stats.signal_std) {
-            std::slice::from_raw_parts_mut(std_out, n * d).copy_from_slice(&sd.data);
+        if let (false, Some(sd)) = (std_out.is_null(), &stats.signal_std) {
+            std::slice::from_raw_parts_mut(std_out, sl).copy_from_slice(&sd.data);
         }
         Ok(())
     })
-}
-
-fn reference_net(m: &Arc<ModelInner>) -> Result<Option<&Ncsnv2<RefBackend>>, Fail> {
-    Ok(m.reference
-        .get_or_init(|| m.file.build(&RefBackend).ok())
-        .as_ref())
 }
 
 /// The number of signal values `jd_denoise` writes for `n` measurements of `c x h x w` with this
@@ -983,14 +909,7 @@ pub unsafe extern "C" fn jd_denoise_signal_len(
     guard(|| {
         non_null(s, "session")?;
         non_null(out_len, "out_len")?;
-        if n == 0 || c == 0 || h == 0 || w == 0 {
-            return fail(
-                jd_status::JD_ERR_INVALID_ARGUMENT,
-                "empty measurement shape",
-            );
-        }
-        let p = plan(&*s, n, c, h, w)?;
-        *out_len = n * p.signal_item.iter().product::<usize>();
+        *out_len = plan(&*s, n, c, h, w)?.signal_len();
         Ok(())
     })
 }
