@@ -56,8 +56,17 @@ fn a_sampler_step_allocates_almost_nothing() {
             ..SamplerConfig::default()
         };
         let op = Operator::Scale(0.5);
-        JointSampler::new(&CpuBackend, config, &op, None, &prior, &prior, [1, 28, 28], [1, 28, 28])
-            .unwrap()
+        JointSampler::new(
+            &CpuBackend,
+            config,
+            &op,
+            None,
+            &prior,
+            &prior,
+            [1, 28, 28],
+            [1, 28, 28],
+        )
+        .unwrap()
     };
     let y = vec![0.3f32; 2 * 28 * 28];
     let calls = |steps: usize| {

@@ -87,13 +87,7 @@ impl<B: Backend> Backend for Counting<B> {
     fn affine(&self, x: &T<B>, scale: f32, shift: f32) -> T<B> {
         self.inner.affine(x, scale, shift)
     }
-    fn conv2d_backward(
-        &self,
-        x: &T<B>,
-        w: &T<B>,
-        g: &T<B>,
-        p: Conv2dParams,
-    ) -> (T<B>, T<B>, T<B>) {
+    fn conv2d_backward(&self, x: &T<B>, w: &T<B>, g: &T<B>, p: Conv2dParams) -> (T<B>, T<B>, T<B>) {
         self.inner.conv2d_backward(x, w, g, p)
     }
     fn conv2d_backward_input(

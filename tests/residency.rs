@@ -14,6 +14,15 @@ use jointdiff_tests::init_by_name;
 
 const STEPS: usize = 4;
 
+/// (name, operator, signal prior, noise prior, noise item)
+type Case<'a, B> = (
+    &'a str,
+    &'a Operator,
+    &'a dyn Prior<B>,
+    &'a dyn Prior<B>,
+    [usize; 3],
+);
+
 #[test]
 fn a_step_uploads_its_noise_and_reads_back_one_flag() {
     let b = Counting::new(CpuBackend);
@@ -42,10 +51,28 @@ fn a_step_uploads_its_noise_and_reads_back_one_flag() {
         .unwrap()
         .on(&b, [1, 1, 32])
         .unwrap();
-    let cases: [(&str, &Operator, &dyn Prior<_>, &dyn Prior<_>, [usize; 3]); 3] = [
-        ("networks, scale", &Operator::Scale(0.5), &net_prior, &net_prior, item),
-        ("network + Gaussian, identity", &Operator::Identity, &net_prior, &gauss, item),
-        ("Gaussian, matrix", &matrix, &gauss, &dense_noise, [1, 1, 32]),
+    let cases: [Case<'_, _>; 3] = [
+        (
+            "networks, scale",
+            &Operator::Scale(0.5),
+            &net_prior,
+            &net_prior,
+            item,
+        ),
+        (
+            "network + Gaussian, identity",
+            &Operator::Identity,
+            &net_prior,
+            &gauss,
+            item,
+        ),
+        (
+            "Gaussian, matrix",
+            &matrix,
+            &gauss,
+            &dense_noise,
+            [1, 1, 32],
+        ),
     ];
     for (name, op, sp, np, noise_item) in cases {
         for rule in [Rule::Projection, Rule::Dps, Rule::Pigdm] {
@@ -58,7 +85,8 @@ fn a_step_uploads_its_noise_and_reads_back_one_flag() {
                 alpha: 0.5,
                 ..SamplerConfig::default()
             };
-            let sampler = JointSampler::new(&b, config, op, None, sp, np, item, noise_item).unwrap();
+            let sampler =
+                JointSampler::new(&b, config, op, None, sp, np, item, noise_item).unwrap();
             let m: usize = noise_item.iter().product();
             let y = vec![0.25f32; items * m];
             let before = b.snapshot();
@@ -83,8 +111,16 @@ fn a_step_uploads_its_noise_and_reads_back_one_flag() {
                 );
             }
             // the end: the two estimates come down, nothing else
-            assert_eq!(after[2] - at_step[STEPS - 1][2], 2, "{name}, {rule:?}: final downloads");
-            assert_eq!(at_step[0][2] - before[2], 0, "{name}, {rule:?}: first step downloads");
+            assert_eq!(
+                after[2] - at_step[STEPS - 1][2],
+                2,
+                "{name}, {rule:?}: final downloads"
+            );
+            assert_eq!(
+                at_step[0][2] - before[2],
+                0,
+                "{name}, {rule:?}: first step downloads"
+            );
             println!(
                 "{name}, {rule:?}: whole run {} uploads ({} values), {} downloads, {} flag reads",
                 after[0] - before[0],

@@ -93,8 +93,7 @@ fn run(
         x_prior.on(&B, [1, 1, d]).unwrap(),
         n_prior.on(&B, [1, 1, m]).unwrap(),
     );
-    let sampler =
-        JointSampler::new(&B, config, op, None, &xg, &ng, [1, 1, d], [1, 1, m]).unwrap();
+    let sampler = JointSampler::new(&B, config, op, None, &xg, &ng, [1, 1, d], [1, 1, m]).unwrap();
     let ys: Vec<f32> = (0..items).flat_map(|_| y.iter().copied()).collect();
     let post = sampler.sample(&ys, 42, &mut |_, _| true).unwrap();
     let xs = (0..d)

@@ -573,6 +573,9 @@ impl<B: Backend> Ncsnv2<B> {
     }
 }
 
+/// Tensors by state_dict name (parameter gradients).
+type Named<T> = Vec<(String, T)>;
+
 /// What a forward pass keeps for the backward pass ([`Ncsnv2::forward_taped`]).
 pub struct ForwardTape<T> {
     tape: Tape<T>,
@@ -944,7 +947,8 @@ impl<B: Backend> Ncsnv2<B> {
         let (_, tape) = self.run(b, &b.upload(x), true);
         let tape = tape.ok_or_else(|| Error::invalid("the forward pass kept no tape"))?;
         let shape = x.shape;
-        let (gx, grads) = self.backward_taped(b, ForwardTape { tape, shape }, &b.upload(g), params)?;
+        let (gx, grads) =
+            self.backward_taped(b, ForwardTape { tape, shape }, &b.upload(g), params)?;
         let grads = grads
             .into_iter()
             .map(|(k, t)| b.download(&t).map(|t| (k, t)))
@@ -959,7 +963,7 @@ impl<B: Backend> Ncsnv2<B> {
         tape: ForwardTape<B::Tensor>,
         gd: &B::Tensor,
         params: bool,
-    ) -> Result<(B::Tensor, Vec<(String, B::Tensor)>)> {
+    ) -> Result<(B::Tensor, Named<B::Tensor>)> {
         if b.shape(gd) != tape.shape {
             return Err(Error::shape(format!(
                 "cotangent shape {:?} differs from the input {:?}",

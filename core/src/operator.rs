@@ -129,7 +129,9 @@ impl Operator {
         Ok(match self {
             Operator::Identity => BackendOperator::Identity,
             Operator::Scale(f) => BackendOperator::Scale(*f),
-            Operator::Mask(mk) => BackendOperator::Mask(b.upload(&Tensor::from_vec([1, c, h, w], mk.clone())?)),
+            Operator::Mask(mk) => {
+                BackendOperator::Mask(b.upload(&Tensor::from_vec([1, c, h, w], mk.clone())?))
+            }
             Operator::Matrix { m, d, a } => {
                 BackendOperator::Matrix(b.upload(&Tensor::from_vec([1, 1, *m, *d], a.clone())?))
             }

@@ -20,8 +20,14 @@ pub trait Prior<B: Backend>: Send + Sync {
         None
     }
     /// `J^T g` of the score with respect to `z` (the dps and pigdm rules need it).
-    fn score_vjp(&self, b: &B, z: &B::Tensor, t: f64, sde: &Sde, g: &B::Tensor)
-        -> Result<B::Tensor>;
+    fn score_vjp(
+        &self,
+        b: &B,
+        z: &B::Tensor,
+        t: f64,
+        sde: &Sde,
+        g: &B::Tensor,
+    ) -> Result<B::Tensor>;
     /// The score at `z` and a pullback that computes [`Prior::score_vjp`] at the same `z` later. The default
     /// calls `score_vjp` then; a network keeps its forward pass for it instead of running it again.
     fn score_with_pullback<'a>(

@@ -94,10 +94,14 @@ impl Backend for RefBackend {
         with_out(x.shape, |o| ops::axpby(a, &x.data, b, &y.data, o))
     }
     fn mul(&self, x: &Tensor, y: &Tensor) -> Tensor {
-        with_out(x.shape, |o| ops::broadcast(&x.data, &y.data, o, |p, q| p * q))
+        with_out(x.shape, |o| {
+            ops::broadcast(&x.data, &y.data, o, |p, q| p * q)
+        })
     }
     fn div(&self, x: &Tensor, y: &Tensor) -> Tensor {
-        with_out(x.shape, |o| ops::broadcast(&x.data, &y.data, o, |p, q| p / q))
+        with_out(x.shape, |o| {
+            ops::broadcast(&x.data, &y.data, o, |p, q| p / q)
+        })
     }
     fn mul_scalar(&self, x: &Tensor, c: f32) -> Tensor {
         with_out(x.shape, |o| ops::map(&x.data, o, |v| c * v))

@@ -222,7 +222,11 @@ impl GramInverse {
         match op {
             Operator::Identity => diag(vec![1.0 + alpha2; m]),
             Operator::Scale(b) => diag(vec![(*b as f64) * (*b as f64) + alpha2; m]),
-            Operator::Mask(mk) => diag(mk.iter().map(|&v| (v as f64) * (v as f64) + alpha2).collect()),
+            Operator::Mask(mk) => diag(
+                mk.iter()
+                    .map(|&v| (v as f64) * (v as f64) + alpha2)
+                    .collect(),
+            ),
             Operator::Matrix { m, d, a } => {
                 let l = cholesky(*m, *d, a, alpha2)?;
                 Ok(GramInverse::Inverse {
@@ -237,7 +241,9 @@ impl GramInverse {
     pub fn on<B: Backend>(&self, b: &B, item: [usize; 3]) -> Result<BackendGram<B>> {
         let [c, h, w] = item;
         Ok(match self {
-            GramInverse::Diagonal(q) => BackendGram::Diagonal(b.upload(&Tensor::from_vec([1, c, h, w], q.clone())?)),
+            GramInverse::Diagonal(q) => {
+                BackendGram::Diagonal(b.upload(&Tensor::from_vec([1, c, h, w], q.clone())?))
+            }
             GramInverse::Inverse { m, a } => {
                 BackendGram::Inverse(b.upload(&Tensor::from_vec([1, 1, *m, *m], a.clone())?))
             }
@@ -369,7 +375,10 @@ impl<'a, B: Backend> JointSampler<'a, B> {
         if d == 0 || m == 0 {
             return Err(Error::shape("empty signal or measurement"));
         }
-        for (what, p, shape) in [("signal", signal, signal_shape), ("noise", noise, noise_shape)] {
+        for (what, p, shape) in [
+            ("signal", signal, signal_shape),
+            ("noise", noise, noise_shape),
+        ] {
             if let Some(s) = p.item_shape() {
                 if s != shape {
                     return Err(Error::shape(format!(
@@ -381,7 +390,8 @@ impl<'a, B: Backend> JointSampler<'a, B> {
         let gram = match (config.rule, gram) {
             (Rule::Pigdm, Some(g)) => Some(g.on(backend, noise_shape)?),
             (Rule::Pigdm, None) => Some(
-                GramInverse::new(operator, d, config.alpha * config.alpha)?.on(backend, noise_shape)?,
+                GramInverse::new(operator, d, config.alpha * config.alpha)?
+                    .on(backend, noise_shape)?,
             ),
             _ => None,
         };
@@ -441,7 +451,10 @@ impl<'a, B: Backend> JointSampler<'a, B> {
             rng.fill_normal(x0.item_mut(i));
             rng.fill_normal(n0.item_mut(i));
         }
-        x0.data.iter_mut().chain(n0.data.iter_mut()).for_each(|v| *v *= ps);
+        x0.data
+            .iter_mut()
+            .chain(n0.data.iter_mut())
+            .for_each(|v| *v *= ps);
         let (mut x, mut n) = (b.upload(&x0), b.upload(&n0));
         let yd = b.upload(&Tensor::from_vec(ns, y.to_vec())?);
         let (mut xbar, mut nbar) = (None, None);
@@ -456,7 +469,8 @@ impl<'a, B: Backend> JointSampler<'a, B> {
                 let (xr, nr) = (&x, &n);
                 let eval = |p: &'a dyn Prior<B>, z: &B::Tensor| {
                     if taped {
-                        p.score_with_pullback(b, z, t, &sde).map(|(s, pb)| (s, Some(pb)))
+                        p.score_with_pullback(b, z, t, &sde)
+                            .map(|(s, pb)| (s, Some(pb)))
                     } else {
                         p.score(b, z, t, &sde).map(|s| (s, None))
                     }
@@ -471,11 +485,14 @@ impl<'a, B: Backend> JointSampler<'a, B> {
             // dps / pigdm: the consistency step is a VJP through Tweedie's estimates at the current x, n
             let guidance = match (taped, px, pn) {
                 (false, _, _) => None,
-                (true, Some(px), Some(pn)) => Some(self.guidance(&yd, &x, &n, &sx, &sn, t, [px, pn])?),
+                (true, Some(px), Some(pn)) => {
+                    Some(self.guidance(&yd, &x, &n, &sx, &sn, t, [px, pn])?)
+                }
                 _ => return Err(Error::invalid("score VJP was not prepared")),
             };
             // the step's noise, drawn per item in a fixed order (w_x, w_n, xi), goes up
-            let (mut wx, mut wn, mut xi) = (Tensor::zeros(xs), Tensor::zeros(ns), Tensor::zeros(ns));
+            let (mut wx, mut wn, mut xi) =
+                (Tensor::zeros(xs), Tensor::zeros(ns), Tensor::zeros(ns));
             for (i, rng) in rngs.iter_mut().enumerate() {
                 rng.fill_normal(wx.item_mut(i));
                 rng.fill_normal(wn.item_mut(i));

@@ -790,10 +790,14 @@ impl Backend for CpuBackend {
         pooled(x.shape, |o| ops::axpby(a, &x.data, b, &y.data, o))
     }
     fn mul(&self, x: &CpuTensor, y: &CpuTensor) -> CpuTensor {
-        pooled(x.shape, |o| ops::broadcast(&x.data, &y.data, o, |p, q| p * q))
+        pooled(x.shape, |o| {
+            ops::broadcast(&x.data, &y.data, o, |p, q| p * q)
+        })
     }
     fn div(&self, x: &CpuTensor, y: &CpuTensor) -> CpuTensor {
-        pooled(x.shape, |o| ops::broadcast(&x.data, &y.data, o, |p, q| p / q))
+        pooled(x.shape, |o| {
+            ops::broadcast(&x.data, &y.data, o, |p, q| p / q)
+        })
     }
     fn mul_scalar(&self, x: &CpuTensor, c: f32) -> CpuTensor {
         pooled(x.shape, |o| ops::map(&x.data, o, |v| c * v))

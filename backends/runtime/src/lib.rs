@@ -79,7 +79,9 @@ macro_rules! dispatch {
                 let $b = &CpuBackend;
                 $body
             }
-            BackendKind::Wgpu => unreachable!("Runtime::new refuses backends that are not compiled"),
+            BackendKind::Wgpu => {
+                unreachable!("Runtime::new refuses backends that are not compiled")
+            }
         }
     };
 }
@@ -229,9 +231,9 @@ fn net<B: Backend + 'static>(
 ) -> Result<Arc<Ncsnv2<B>>> {
     let mut nets = NETS.lock().unwrap_or_else(|p| p.into_inner());
     nets.retain(|e| e.file.strong_count() > 0);
-    let found = nets.iter().find(|e| {
-        e.kind == kind && std::ptr::eq(e.file.as_ptr(), Arc::as_ptr(&model.file))
-    });
+    let found = nets
+        .iter()
+        .find(|e| e.kind == kind && std::ptr::eq(e.file.as_ptr(), Arc::as_ptr(&model.file)));
     if let Some(e) = found {
         if let Ok(n) = e.net.clone().downcast::<Ncsnv2<B>>() {
             return Ok(n);

@@ -773,7 +773,9 @@ fn plan(s: &jd_session, n: usize, c: usize, h: usize, w: usize) -> Result<Denois
     let signal = s.signal.clone().ok_or_else(|| {
         Fail(
             jd_status::JD_ERR_INVALID_ARGUMENT,
-            "no signal prior: call jd_session_set_signal_model (or jd_session_set_signal_gaussian)".into(),
+            "no signal prior (a signal model or Gaussian statistics): call jd_session_set_signal_model or \
+             jd_session_set_signal_gaussian"
+                .into(),
         )
     })?;
     let noise = s.noise.clone().ok_or_else(|| {

@@ -53,10 +53,11 @@ fn cargo_build() {
 /// executable while the other test runs it).
 fn build_c_test() -> PathBuf {
     static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    EXE.get_or_init(build_c_test_once).clone()
+    EXE.get_or_init(|| build_c("test_capi")).clone()
 }
 
-fn build_c_test_once() -> PathBuf {
+/// Compiles tests/capi/NAME.c against the header and the static library.
+fn build_c(name: &str) -> PathBuf {
     cargo_build();
     let lib = target_dir().join("libjointdiff.a");
     assert!(
@@ -64,7 +65,7 @@ fn build_c_test_once() -> PathBuf {
         "{} missing: build jointdiff-capi first",
         lib.display()
     );
-    let exe = tmp("test_capi");
+    let exe = tmp(name);
     let out = Command::new("gcc")
         .args([
             "-std=c11",
@@ -75,7 +76,7 @@ fn build_c_test_once() -> PathBuf {
             "-O1",
             "-g",
         ])
-        .arg(root().join("tests/capi/test_capi.c"))
+        .arg(root().join(format!("tests/capi/{name}.c")))
         .arg("-I")
         .arg(root().join("frontends/capi/include"))
         .arg(&lib)
@@ -222,6 +223,146 @@ fn c_program_passes_and_matches_the_cli() {
     };
     assert_eq!(data(&x), sig, "signal differs from jointdiff denoise");
     assert_eq!(data(&n), noi, "noise differs from jointdiff denoise");
+}
+
+/// (name, measurement (npy, raw, N C H W), K, CLI options, C options)
+type Twin<'a> = (
+    &'a str,
+    (&'a str, &'a str, [&'a str; 4]),
+    usize,
+    Vec<&'a str>,
+    Vec<&'a str>,
+);
+
+fn raw(name: &str, data: &[f32]) -> String {
+    let p = tmp(name);
+    std::fs::write(
+        &p,
+        data.iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    p.display().to_string()
+}
+
+fn npy_data(p: &Path) -> Vec<u8> {
+    let a = NpyArray::parse(&std::fs::read(p).unwrap()).unwrap();
+    a.data.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The C API and the CLI build the same plan: for every rule (projection, dps, pigdm), every operator kind
+/// (identity, scale, mask, matrix), network, Gaussian and sine noise priors, a network and a Gaussian
+/// signal prior and K = 1, 2, 3, `denoise_twin.c` (the session set up from the same options) writes the same
+/// bytes as `jointdiff denoise`: the signal, the noise and the standard deviation.
+#[test]
+fn c_api_matches_the_cli_for_every_rule_operator_and_prior() {
+    let twin = build_c("denoise_twin");
+    let cli = target_dir().join("jointdiff");
+    let model = root().join("fixtures/golden/ncsnv2_28x28x1_ngf16.safetensors");
+    let model = model.to_str().unwrap();
+    let (y_npy, y_raw) = write_measurement(2, 28);
+    let (y_npy, y_raw) = (y_npy.display().to_string(), y_raw.display().to_string());
+    let stats_path = root().join("fixtures/data/fashion_train_stats.npy");
+    let stats = NpyArray::parse(&std::fs::read(&stats_path).unwrap()).unwrap();
+    let stats_raw = raw("stats.raw", &stats.data);
+    let stats_npy = stats_path.display().to_string();
+    let d = 784;
+    let mut r = Rng::stream(8, 0, 0);
+    let mask: Vec<f32> = (0..d).map(|_| (r.uniform() < 0.6) as u8 as f32).collect();
+    let mask_npy = tmp("mask.npy");
+    std::fs::write(&mask_npy, NpyArray::to_bytes(&[1, 28, 28], &mask)).unwrap();
+    let mask_raw = raw("mask.raw", &mask);
+    let m = 196;
+    let mut a = vec![0f32; m * d];
+    r.fill_normal(&mut a);
+    a.iter_mut().for_each(|v| *v /= (m as f32).sqrt());
+    let a_npy = tmp("a.npy");
+    std::fs::write(&a_npy, NpyArray::to_bytes(&[m, d], &a)).unwrap();
+    let a_raw = raw("a.raw", &a);
+    let mut ym = vec![0f32; 2 * m];
+    r.fill_normal(&mut ym);
+    let ym_npy = tmp("ym.npy");
+    std::fs::write(&ym_npy, NpyArray::to_bytes(&[2, m], &ym)).unwrap();
+    let ym_raw = raw("ym.raw", &ym);
+    let (ym_npy, mask_npy, a_npy) = (
+        ym_npy.display().to_string(),
+        mask_npy.display().to_string(),
+        a_npy.display().to_string(),
+    );
+    let (mask_op, matrix_op) = (format!("mask:{mask_npy}"), format!("matrix:{a_npy}"));
+    let image = (y_npy.as_str(), y_raw.as_str(), ["2", "1", "28", "28"]);
+    let vector = (ym_npy.as_str(), ym_raw.as_str(), ["2", "1", "1", "196"]);
+    // (name, measurement, K, CLI options, C options)
+    #[rustfmt::skip]
+    let cases: Vec<Twin<'_>> = vec![
+        ("projection, models, scale", image, 1,
+         vec!["--signal-model", model, "--noise-model", model, "--operator", "scale:0.5", "--alpha", "0.5", "--steps", "3"],
+         vec!["--signal-model", model, "--noise-model", model, "--operator-scale", "0.5", "--alpha", "0.5", "--steps", "3"]),
+        ("dps, models, identity, K 2", image, 2,
+         vec!["--signal-model", model, "--noise-model", model, "--rule", "dps", "--steps", "2"],
+         vec!["--signal-model", model, "--noise-model", model, "--rule", "dps", "--steps", "2"]),
+        ("pigdm, Gaussian noise, mask, K 3", image, 3,
+         vec!["--signal-model", model, "--noise", "gaussian:0.2:0.1", "--operator", &mask_op, "--rule", "pigdm", "--steps", "3"],
+         vec!["--signal-model", model, "--noise-gaussian", "0.2", "0.1", "--operator-mask", &mask_raw, "--rule", "pigdm", "--steps", "3"]),
+        ("projection, stats and sine, K 2", image, 2,
+         vec!["--signal-stats", &stats_npy, "--noise", "sine:0.2", "--steps", "5", "--seed", "4"],
+         vec!["--signal-stats", &stats_raw, "1", "28", "28", "--noise-sine", "0.2", "--steps", "5", "--seed", "4"]),
+        ("pigdm, model, matrix, signal shape", vector, 1,
+         vec!["--signal-model", model, "--noise", "gaussian:0.1", "--operator", &matrix_op, "--signal-shape", "1,28,28", "--rule", "pigdm", "--steps", "3"],
+         vec!["--signal-model", model, "--noise-gaussian", "0.1", "0", "--operator-matrix", &a_raw, "196", "784", "--signal-shape", "1", "28", "28", "--rule", "pigdm", "--steps", "3"]),
+        ("dps, stats and sine, matrix, eps, K 2", vector, 2,
+         vec!["--signal-stats", &stats_npy, "--noise", "sine:0.1", "--operator", &matrix_op, "--rule", "dps", "--steps", "4", "--eps", "0.01"],
+         vec!["--signal-stats", &stats_raw, "1", "28", "28", "--noise-sine", "0.1", "--operator-matrix", &a_raw, "196", "784", "--rule", "dps", "--steps", "4", "--eps", "0.01"]),
+    ];
+    for (i, (name, (ynpy, yraw, shape), k, cli_args, c_args)) in cases.into_iter().enumerate() {
+        let ks = k.to_string();
+        let (x, n, sd) = (
+            tmp(&format!("twin{i}_x.npy")),
+            tmp(&format!("twin{i}_n.npy")),
+            tmp(&format!("twin{i}_s.npy")),
+        );
+        let mut cmd = Command::new(&cli);
+        cmd.args([
+            "denoise",
+            "--measurement",
+            ynpy,
+            "--samples",
+            &ks,
+            "--quiet",
+        ])
+        .args(&cli_args);
+        cmd.arg("--out").arg(&x).arg("--noise-out").arg(&n);
+        if k > 1 {
+            cmd.arg("--std-out").arg(&sd);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: CLI: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let prefix = tmp(&format!("twin{i}"));
+        let out = Command::new(&twin)
+            .arg(yraw)
+            .args(shape)
+            .arg(&prefix)
+            .args(["--samples", &ks])
+            .args(&c_args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: C: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let c_out = |ext: &str| std::fs::read(format!("{}.{ext}", prefix.display())).unwrap();
+        assert_eq!(npy_data(&x), c_out("signal"), "{name}: signal differs");
+        assert_eq!(npy_data(&n), c_out("noise"), "{name}: noise differs");
+        if k > 1 {
+            assert_eq!(npy_data(&sd), c_out("std"), "{name}: std differs");
+        }
+    }
 }
 
 #[test]

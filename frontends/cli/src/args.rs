@@ -215,7 +215,11 @@ pub fn parse_noise(s: &str) -> Result<NoisePrior> {
 }
 
 /// Generated noise of `shape` for `corrupt`.
-pub fn make_noise(spec: &NoisePrior, shape: [usize; 4], seed: u64) -> Result<jointdiff_core::Tensor> {
+pub fn make_noise(
+    spec: &NoisePrior,
+    shape: [usize; 4],
+    seed: u64,
+) -> Result<jointdiff_core::Tensor> {
     Ok(match spec {
         NoisePrior::Sine { std } => noise::sine(shape, *std, seed)?,
         NoisePrior::Gaussian { std, mean } => noise::gaussian(shape, *std, *mean, seed)?,

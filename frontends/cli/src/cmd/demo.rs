@@ -144,7 +144,9 @@ fn run_on(
         r
     };
     let (rule, lambda, mu) = {
-        let p = joint_spec.plan([k, 1, 28, 28]).map_err(|e| anyhow!("{e}"))?;
+        let p = joint_spec
+            .plan([k, 1, 28, 28])
+            .map_err(|e| anyhow!("{e}"))?;
         (p.config.rule, p.config.lambda, p.config.mu)
     };
     let joint = run(&joint_spec, "joint")?;

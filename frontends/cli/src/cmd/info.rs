@@ -65,4 +65,3 @@ pub fn run(a: InfoArgs) -> Result<()> {
     }
     Ok(())
 }
-

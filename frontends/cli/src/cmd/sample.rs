@@ -90,4 +90,3 @@ fn parse_size(s: &str) -> Result<[usize; 2]> {
         _ => bail!("--size: '{s}' is not H or HxW"),
     }
 }
-

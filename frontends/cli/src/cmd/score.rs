@@ -61,4 +61,3 @@ fn check_image_fits(mf: &ModelFile, model: &Path, shape: [usize; 4], input: &Pat
         .check_input(shape)
         .map_err(|e| anyhow!("{}: {e}", input.display()))
 }
-
