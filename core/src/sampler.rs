@@ -462,6 +462,8 @@ impl<'a, B: Backend> JointSampler<'a, B> {
         let total = grid.ts.len();
         let taped = cfg.rule != Rule::Projection;
         let (lam, mu, alpha) = (cfg.lambda as f32, cfg.mu as f32, cfg.alpha as f32);
+        // host buffers of the per-step noise, refilled every step
+        let (mut wx, mut wn, mut xi) = (Tensor::zeros(xs), Tensor::zeros(ns), Tensor::zeros(ns));
         for (k, &t) in grid.ts.iter().enumerate() {
             // dps / pigdm keep each network's forward pass for the VJP at the same point
             let (mut sx, mut sn) = (None, None);
@@ -491,8 +493,6 @@ impl<'a, B: Backend> JointSampler<'a, B> {
                 _ => return Err(Error::invalid("score VJP was not prepared")),
             };
             // the step's noise, drawn per item in a fixed order (w_x, w_n, xi), goes up
-            let (mut wx, mut wn, mut xi) =
-                (Tensor::zeros(xs), Tensor::zeros(ns), Tensor::zeros(ns));
             for (i, rng) in rngs.iter_mut().enumerate() {
                 rng.fill_normal(wx.item_mut(i));
                 rng.fill_normal(wn.item_mut(i));
@@ -630,9 +630,13 @@ pub fn sample_prior<B: Backend>(
     let mut x = b.upload(&x0);
     let mut xbar = None;
     let total = grid.ts.len();
+    let mut w = x0;
     for (k, &t) in grid.ts.iter().enumerate() {
         let sx = prior.score(b, &x, t, &sde)?;
-        let w = b.upload(&draw(&mut rngs, item));
+        for (i, rng) in rngs.iter_mut().enumerate() {
+            rng.fill_normal(w.item_mut(i));
+        }
+        let w = b.upload(&w);
         let (mean, next) = em_predict(b, &x, &sx, &w, EmCoef::at(&sde, t, grid.dt));
         let bad = check_finite(b, &[&mean])?;
         x = next;
