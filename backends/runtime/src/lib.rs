@@ -224,6 +224,18 @@ struct Entry {
 /// immutable and `Sync`). Entries whose model file was dropped go at the next lookup.
 static NETS: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
+/// Frees the networks of model files nobody holds any more (they also go at the next lookup); the C API
+/// calls it when a model or a session is destroyed, so that their memory is returned at once.
+pub fn release_dropped_models() {
+    let mut nets = NETS.lock().unwrap_or_else(|p| p.into_inner());
+    nets.retain(|e| e.file.strong_count() > 0);
+}
+
+/// How many prepared networks the cache holds (all backends).
+pub fn cached_networks() -> usize {
+    NETS.lock().unwrap_or_else(|p| p.into_inner()).len()
+}
+
 fn net<B: Backend + 'static>(
     b: &B,
     kind: BackendKind,
@@ -256,6 +268,48 @@ fn net<B: Backend + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jointdiff_core::model::{init_params, serialize};
+    use jointdiff_core::ncsnv2::Ncsnv2Config;
+
+    fn tiny(name: &str) -> NetworkModel {
+        let cfg = Ncsnv2Config {
+            channels: 1,
+            ngf: 2,
+            input_map: true,
+        };
+        let params = init_params(&cfg, |s| vec![0.1; s.shape.iter().product()]);
+        let bytes = serialize(None, &params).unwrap();
+        NetworkModel {
+            file: Arc::new(ModelFile::from_bytes(&bytes).unwrap()),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn a_network_is_built_once_per_model_and_backend_and_freed_with_the_model() {
+        let cpu = Runtime::new(BackendKind::Cpu).unwrap();
+        let reference = Runtime::new(BackendKind::Reference).unwrap();
+        let model = tiny("tiny");
+        let before = cached_networks();
+        cpu.prepare(&model).unwrap();
+        cpu.prepare(&model).unwrap();
+        let x = Tensor::zeros([1, 1, 4, 4]);
+        cpu.forward(&model.clone(), &x).unwrap();
+        assert_eq!(
+            cached_networks(),
+            before + 1,
+            "one network per model and backend"
+        );
+        reference.forward(&model, &x).unwrap();
+        assert_eq!(
+            cached_networks(),
+            before + 2,
+            "another backend, another network"
+        );
+        drop(model);
+        release_dropped_models();
+        assert_eq!(cached_networks(), before, "freed with the model");
+    }
 
     #[test]
     fn a_backend_not_compiled_is_an_error_not_a_fallback() {

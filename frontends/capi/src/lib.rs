@@ -322,13 +322,15 @@ pub unsafe extern "C" fn jd_model_get_info(
 }
 
 /// Frees a model and sets `*model` to NULL. Sessions that use the model keep their own reference, so it
-/// may be destroyed while they live. NULL and `*model == NULL` are no-ops.
+/// may be destroyed while they live; its network's memory is freed when the last holder is destroyed.
+/// NULL and `*model == NULL` are no-ops.
 #[no_mangle]
 pub unsafe extern "C" fn jd_model_destroy(model: *mut *mut jd_model) {
     let _ = guard(|| {
         if !model.is_null() && !(*model).is_null() {
             drop(Box::from_raw(*model));
             *model = std::ptr::null_mut();
+            jointdiff_runtime::release_dropped_models();
         }
         Ok(())
     });
@@ -371,6 +373,7 @@ pub unsafe extern "C" fn jd_session_destroy(session: *mut *mut jd_session) {
         if !session.is_null() && !(*session).is_null() {
             drop(Box::from_raw(*session));
             *session = std::ptr::null_mut();
+            jointdiff_runtime::release_dropped_models();
         }
         Ok(())
     });
