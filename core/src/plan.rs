@@ -53,11 +53,12 @@ pub enum NoisePrior {
     Sine { std: f64 },
 }
 
-/// Everything a denoise job is asked to do; [`DenoiseSpec::new`] gives `jointdiff denoise`'s defaults.
+/// Everything a denoise job is asked to do. `Default` is `jointdiff denoise`'s defaults with no prior set
+/// yet; [`DenoiseSpec::new`] sets both priors.
 #[derive(Debug, Clone)]
 pub struct DenoiseSpec {
-    pub signal: SignalPrior,
-    pub noise: NoisePrior,
+    pub signal: Option<SignalPrior>,
+    pub noise: Option<NoisePrior>,
     pub operator: Operator,
     pub alpha: f64,
     pub rule: Rule,
@@ -76,13 +77,13 @@ pub struct DenoiseSpec {
     pub signal_shape: Option<[usize; 3]>,
 }
 
-impl DenoiseSpec {
+impl Default for DenoiseSpec {
     /// The defaults: identity operator, alpha 1, projection with its tuned weights, the models' SDE,
     /// 600 steps, eps 1e-3, one sample, clipped output.
-    pub fn new(signal: SignalPrior, noise: NoisePrior) -> Self {
+    fn default() -> Self {
         DenoiseSpec {
-            signal,
-            noise,
+            signal: None,
+            noise: None,
             operator: Operator::Identity,
             alpha: 1.0,
             rule: Rule::Projection,
@@ -96,16 +97,27 @@ impl DenoiseSpec {
             signal_shape: None,
         }
     }
+}
+
+impl DenoiseSpec {
+    /// The defaults with these priors.
+    pub fn new(signal: SignalPrior, noise: NoisePrior) -> Self {
+        DenoiseSpec {
+            signal: Some(signal),
+            noise: Some(noise),
+            ..Self::default()
+        }
+    }
 
     fn signal_model(&self) -> Option<&NetworkModel> {
         match &self.signal {
-            SignalPrior::Network(m) => Some(m),
-            SignalPrior::Gaussian(_) => None,
+            Some(SignalPrior::Network(m)) => Some(m),
+            _ => None,
         }
     }
     fn noise_model(&self) -> Option<&NetworkModel> {
         match &self.noise {
-            NoisePrior::Network(m) => Some(m),
+            Some(NoisePrior::Network(m)) => Some(m),
             _ => None,
         }
     }
@@ -115,6 +127,18 @@ impl DenoiseSpec {
     /// consecutive items of `m` values (any layout whose size is a multiple of `m`) and the signal item
     /// shape comes from [`DenoiseSpec::signal_shape`], the signal model or the signal statistics.
     pub fn plan(&self, measurement: [usize; 4]) -> Result<DenoisePlan> {
+        let (spec_signal, spec_noise) =
+            match (&self.signal, &self.noise) {
+                (Some(s), Some(n)) => (s, n),
+                (None, _) => {
+                    return Err(Error::invalid(
+                        "no signal prior: set a signal model or Gaussian signal statistics",
+                    ))
+                }
+                (_, None) => return Err(Error::invalid(
+                    "no noise prior: set a noise model or an analytic noise prior (Gaussian, sine)",
+                )),
+            };
         if self.samples == 0 {
             return Err(Error::invalid("samples must be at least 1"));
         }
@@ -141,15 +165,8 @@ impl DenoiseSpec {
         } else if let Some(s) = self.signal_shape {
             s
         } else if let Some(nm) = self.signal_model() {
-            let [mh, mw] = nm.file.meta.image_size;
-            if mh == 0 {
-                return Err(Error::shape(format!(
-                    "the signal model {} does not record its image size; give the signal shape C,H,W",
-                    nm.name
-                )));
-            }
-            [nm.file.meta.channels, mh, mw]
-        } else if let SignalPrior::Gaussian(st) = &self.signal {
+            recorded_item(nm, "signal")?
+        } else if let SignalPrior::Gaussian(st) = spec_signal {
             st.item
         } else {
             return Err(Error::shape(
@@ -183,14 +200,7 @@ impl DenoiseSpec {
                 let shape = if !is_matrix {
                     signal_item
                 } else {
-                    let [th, tw] = nm.file.meta.image_size;
-                    if th == 0 {
-                        return Err(Error::shape(format!(
-                            "the noise model {} does not record its image size",
-                            nm.name
-                        )));
-                    }
-                    [nm.file.meta.channels, th, tw]
+                    recorded_item(nm, "noise")?
                 };
                 if shape.iter().product::<usize>() != m {
                     return Err(Error::shape(format!(
@@ -232,7 +242,7 @@ impl DenoiseSpec {
             clip: self.clip.then_some(data_range),
         };
         config.validate()?;
-        let signal = match &self.signal {
+        let signal = match spec_signal {
             SignalPrior::Network(nm) => Planned::Network(nm.clone()),
             SignalPrior::Gaussian(st) => {
                 if st.item != signal_item || st.mean.len() != d || st.var.len() != d {
@@ -247,7 +257,7 @@ impl DenoiseSpec {
                 Planned::Gaussian(GaussianPrior::new(st.mean.clone(), st.var.clone())?)
             }
         };
-        let noise = match &self.noise {
+        let noise = match spec_noise {
             NoisePrior::Network(nm) => Planned::Network(nm.clone()),
             NoisePrior::Gaussian { std, mean } => {
                 if !mean.is_finite() {
@@ -286,6 +296,24 @@ impl DenoiseSpec {
             gram,
         })
     }
+}
+
+/// The item shape a model records (`[C, H, W]` it was trained at), needed where the measurement does not
+/// tell the shape (a matrix operator).
+fn recorded_item(nm: &NetworkModel, what: &str) -> Result<[usize; 3]> {
+    let [h, w] = nm.file.meta.image_size;
+    if h == 0 {
+        let hint = if what == "signal" {
+            "; give the signal shape C,H,W"
+        } else {
+            ""
+        };
+        return Err(Error::shape(format!(
+            "the {what} model {} does not record its image size{hint}",
+            nm.name
+        )));
+    }
+    Ok([nm.file.meta.channels, h, w])
 }
 
 /// Whether a network model can take items of `shape`: channels, the size it was trained at, even sizes.
@@ -443,5 +471,132 @@ fn side<'a, B: Backend>(
             }))
         }
         Planned::Gaussian(g) => Ok(Box::new(g.on(b, item)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use crate::RefBackend;
+    use alloc::vec;
+
+    fn stats(item: [usize; 3]) -> SignalPrior {
+        let d = item.iter().product();
+        SignalPrior::Gaussian(GaussianStats {
+            item,
+            mean: vec![0.5; d],
+            var: vec![0.1; d],
+        })
+    }
+
+    fn err(spec: &DenoiseSpec, shape: [usize; 4]) -> Error {
+        spec.plan(shape).expect_err("the plan must refuse this")
+    }
+
+    /// Each check of the plan, with its error kind and text (the one place they are written).
+    #[test]
+    fn the_plan_makes_every_check_once() {
+        let gauss = NoisePrior::Gaussian {
+            std: 0.1,
+            mean: 0.0,
+        };
+        let ok = DenoiseSpec::new(stats([1, 4, 4]), gauss.clone());
+        let p = ok.plan([3, 1, 4, 4]).unwrap();
+        assert_eq!(
+            (p.items, p.signal_item, p.noise_item),
+            (3, [1, 4, 4], [1, 4, 4])
+        );
+        assert_eq!(
+            (p.config.lambda, p.config.mu),
+            Rule::Projection.default_weights()
+        );
+        assert_eq!(p.config.clip, Some([0.0, 1.0]));
+        // no priors
+        let e = err(&DenoiseSpec::default(), [1, 1, 4, 4]);
+        assert!(e.message.contains("signal model"), "{}", e.message);
+        // statistics of another shape
+        let e = err(&ok, [1, 1, 6, 6]);
+        assert_eq!(e.kind, ErrorKind::Shape);
+        assert!(e.message.contains("signal statistics"), "{}", e.message);
+        // a matrix operator: the shape from the statistics, items from the measurement's length
+        let mut m = ok.clone();
+        m.operator = Operator::Matrix {
+            m: 5,
+            d: 16,
+            a: vec![0.1; 80],
+        };
+        let p = m.plan([1, 1, 2, 5]).unwrap();
+        assert_eq!((p.items, p.noise_item), (2, [1, 1, 5]));
+        let e = err(&m, [1, 1, 1, 7]);
+        assert!(
+            e.message.contains("not a multiple of the 5"),
+            "{}",
+            e.message
+        );
+        // ... whose size does not fit the signal
+        m.operator = Operator::Matrix {
+            m: 5,
+            d: 9,
+            a: vec![0.1; 45],
+        };
+        assert!(err(&m, [1, 1, 1, 5])
+            .message
+            .starts_with("operator: matrix operator is 5x9"));
+        // options out of range
+        let mut o = ok.clone();
+        o.steps = 0;
+        assert!(err(&o, [1, 1, 4, 4]).message.contains("steps"));
+        let mut o = ok.clone();
+        o.samples = 0;
+        assert!(err(&o, [1, 1, 4, 4]).message.contains("samples"));
+        let mut o = ok.clone();
+        o.lambda = Some(-1.0);
+        assert_eq!(err(&o, [1, 1, 4, 4]).kind, ErrorKind::InvalidArgument);
+        assert_eq!(err(&ok, [0, 1, 4, 4]).kind, ErrorKind::Shape);
+        // pigdm with a singular A A^T + alpha^2 I
+        let mut o = ok.clone();
+        o.rule = Rule::Pigdm;
+        o.alpha = 0.0;
+        o.operator = Operator::Mask(vec![0.0; 16]);
+        assert!(err(&o, [1, 1, 4, 4]).message.contains("singular"));
+        // the sine prior takes the noise item's shape
+        let s = DenoiseSpec::new(stats([1, 4, 4]), NoisePrior::Sine { std: 0.2 });
+        assert!(s.plan([1, 1, 4, 4]).is_ok());
+    }
+
+    /// A plan runs on a backend and checks the measurement it is given.
+    #[test]
+    fn a_plan_runs_and_checks_its_measurement() {
+        let mut spec = DenoiseSpec::new(
+            stats([1, 2, 2]),
+            NoisePrior::Gaussian {
+                std: 0.1,
+                mean: 0.0,
+            },
+        );
+        spec.steps = 5;
+        spec.samples = 2;
+        let plan = spec.plan([2, 1, 2, 2]).unwrap();
+        let b = RefBackend;
+        let nets = |_: ()| PlanNets::<RefBackend> {
+            signal: None,
+            noise: None,
+        };
+        let y = [0.5f32; 8];
+        let post = plan.run(&b, nets(()), &y, 1, &mut |_, _| true).unwrap();
+        assert_eq!(post.estimate.signal.shape, [2, 1, 2, 2]);
+        assert!(post.signal_std.is_some());
+        let short = plan
+            .run(&b, nets(()), &y[..4], 1, &mut |_, _| true)
+            .unwrap_err();
+        assert!(short.message.contains("plan is for 8"), "{}", short.message);
+        let mut bad = y;
+        bad[3] = f32::NAN;
+        let e = plan
+            .run(&b, nets(()), &bad, 1, &mut |_, _| true)
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NonFinite);
+        assert!(e.message.contains("index 3"), "{}", e.message);
     }
 }

@@ -193,7 +193,8 @@ jd_status jd_model_get_info(const jd_model *model, jd_model_info *out);
 
 /**
  * Frees a model and sets `*model` to NULL. Sessions that use the model keep their own reference, so it
- * may be destroyed while they live. NULL and `*model == NULL` are no-ops.
+ * may be destroyed while they live; its network's memory is freed when the last holder is destroyed.
+ * NULL and `*model == NULL` are no-ops.
  */
 void jd_model_destroy(jd_model **model);
 

@@ -117,21 +117,7 @@ pub struct jd_model {
 /// A denoising session (opaque): the options of a denoise job (core's `DenoiseSpec`, with `jointdiff
 /// denoise`'s defaults) plus the models it uses. One thread at a time.
 pub struct jd_session {
-    signal: Option<SignalPrior>,
-    noise: Option<NoisePrior>,
-    operator: Operator,
-    alpha: f64,
-    rule: Rule,
-    /// None: the rule's tuned weight.
-    lambda: Option<f64>,
-    mu: Option<f64>,
-    /// None: the models' SDE.
-    sde: Option<Sde>,
-    steps: usize,
-    eps: f64,
-    samples: usize,
-    clip: bool,
-    signal_shape: Option<[usize; 3]>,
+    spec: DenoiseSpec,
     backend: Runtime,
     progress: jd_progress_fn,
     progress_user: *mut c_void,
@@ -345,19 +331,7 @@ pub unsafe extern "C" fn jd_session_create(out: *mut *mut jd_session) -> jd_stat
     guard(|| {
         non_null(out, "out")?;
         *out = Box::into_raw(Box::new(jd_session {
-            signal: None,
-            noise: None,
-            operator: Operator::Identity,
-            alpha: 1.0,
-            rule: Rule::Projection,
-            lambda: None,
-            mu: None,
-            sde: None,
-            steps: 600,
-            eps: 1e-3,
-            samples: 1,
-            clip: true,
-            signal_shape: None,
+            spec: DenoiseSpec::default(),
             backend: cpu(),
             progress: None,
             progress_user: std::ptr::null_mut(),
@@ -397,7 +371,7 @@ pub unsafe extern "C" fn jd_session_set_signal_model(
 ) -> jd_status {
     with_session(s, |s| {
         non_null(model, "model")?;
-        s.signal = Some(SignalPrior::Network((&*model).inner.clone()));
+        s.spec.signal = Some(SignalPrior::Network((&*model).inner.clone()));
         Ok(())
     })
 }
@@ -432,7 +406,7 @@ pub unsafe extern "C" fn jd_session_set_signal_gaussian(
                 format!("var: value at index {i} is negative"),
             );
         }
-        s.signal = Some(SignalPrior::Gaussian(GaussianStats {
+        s.spec.signal = Some(SignalPrior::Gaussian(GaussianStats {
             item: [c, h, w],
             mean,
             var,
@@ -451,7 +425,7 @@ pub unsafe extern "C" fn jd_session_set_signal_shape(
     w: usize,
 ) -> jd_status {
     with_session(s, |s| {
-        s.signal_shape = match [c, h, w] {
+        s.spec.signal_shape = match [c, h, w] {
             [0, 0, 0] => None,
             shape if shape.contains(&0) => {
                 return fail(
@@ -473,7 +447,7 @@ pub unsafe extern "C" fn jd_session_set_noise_model(
 ) -> jd_status {
     with_session(s, |s| {
         non_null(model, "model")?;
-        s.noise = Some(NoisePrior::Network((&*model).inner.clone()));
+        s.spec.noise = Some(NoisePrior::Network((&*model).inner.clone()));
         Ok(())
     })
 }
@@ -489,7 +463,7 @@ pub unsafe extern "C" fn jd_session_set_noise_sine(s: *mut jd_session, std: f64)
                 format!("noise std must be >= 0 and finite, got {std}"),
             );
         }
-        s.noise = Some(NoisePrior::Sine { std });
+        s.spec.noise = Some(NoisePrior::Sine { std });
         Ok(())
     })
 }
@@ -508,7 +482,7 @@ pub unsafe extern "C" fn jd_session_set_noise_gaussian(
                 format!("noise std must be >= 0 and finite (std {std}, mean {mean})"),
             );
         }
-        s.noise = Some(NoisePrior::Gaussian {
+        s.spec.noise = Some(NoisePrior::Gaussian {
             std: std as f64,
             mean: mean as f64,
         });
@@ -519,7 +493,7 @@ pub unsafe extern "C" fn jd_session_set_noise_gaussian(
 #[no_mangle]
 pub unsafe extern "C" fn jd_session_set_sde(s: *mut jd_session, sde: i32) -> jd_status {
     with_session(s, |s| {
-        s.sde = match sde {
+        s.spec.sde = match sde {
             0 => None,
             1 => Some(Sde::vp_default()),
             2 => Some(Sde::ve_default()),
@@ -539,7 +513,7 @@ pub unsafe extern "C" fn jd_session_set_sde(s: *mut jd_session, sde: i32) -> jd_
 #[no_mangle]
 pub unsafe extern "C" fn jd_session_set_rule(s: *mut jd_session, rule: i32) -> jd_status {
     with_session(s, |s| {
-        s.rule = match rule {
+        s.spec.rule = match rule {
             0 => Rule::Projection,
             1 => Rule::Dps,
             2 => Rule::Pigdm,
@@ -564,7 +538,7 @@ pub unsafe extern "C" fn jd_session_set_steps(s: *mut jd_session, steps: u32) ->
                 "steps must be at least 1",
             );
         }
-        s.steps = steps as usize;
+        s.spec.steps = steps as usize;
         Ok(())
     })
 }
@@ -583,7 +557,7 @@ fn weight(v: f64, what: &str) -> Result<f64, Fail> {
 #[no_mangle]
 pub unsafe extern "C" fn jd_session_set_lambda(s: *mut jd_session, lambda: f64) -> jd_status {
     with_session(s, |s| {
-        s.lambda = Some(weight(lambda, "lambda")?);
+        s.spec.lambda = Some(weight(lambda, "lambda")?);
         Ok(())
     })
 }
@@ -592,7 +566,7 @@ pub unsafe extern "C" fn jd_session_set_lambda(s: *mut jd_session, lambda: f64) 
 #[no_mangle]
 pub unsafe extern "C" fn jd_session_set_mu(s: *mut jd_session, mu: f64) -> jd_status {
     with_session(s, |s| {
-        s.mu = Some(weight(mu, "mu")?);
+        s.spec.mu = Some(weight(mu, "mu")?);
         Ok(())
     })
 }
@@ -607,7 +581,7 @@ pub unsafe extern "C" fn jd_session_set_eps(s: *mut jd_session, eps: f64) -> jd_
                 format!("eps must be in (0, 1), got {eps}"),
             );
         }
-        s.eps = eps;
+        s.spec.eps = eps;
         Ok(())
     })
 }
@@ -619,7 +593,7 @@ pub unsafe extern "C" fn jd_session_set_alpha(s: *mut jd_session, alpha: f64) ->
         if !alpha.is_finite() {
             return fail(jd_status::JD_ERR_INVALID_ARGUMENT, "alpha must be finite");
         }
-        s.alpha = alpha;
+        s.spec.alpha = alpha;
         Ok(())
     })
 }
@@ -635,7 +609,7 @@ pub unsafe extern "C" fn jd_session_set_samples(s: *mut jd_session, samples: u32
                 "samples must be at least 1",
             );
         }
-        s.samples = samples as usize;
+        s.spec.samples = samples as usize;
         Ok(())
     })
 }
@@ -644,7 +618,7 @@ pub unsafe extern "C" fn jd_session_set_samples(s: *mut jd_session, samples: u32
 #[no_mangle]
 pub unsafe extern "C" fn jd_session_set_clip(s: *mut jd_session, clip: i32) -> jd_status {
     with_session(s, |s| {
-        s.clip = clip != 0;
+        s.spec.clip = clip != 0;
         Ok(())
     })
 }
@@ -671,7 +645,7 @@ pub unsafe extern "C" fn jd_session_set_backend(s: *mut jd_session, backend: i32
 #[no_mangle]
 pub unsafe extern "C" fn jd_session_set_operator_identity(s: *mut jd_session) -> jd_status {
     with_session(s, |s| {
-        s.operator = Operator::Identity;
+        s.spec.operator = Operator::Identity;
         Ok(())
     })
 }
@@ -689,7 +663,7 @@ pub unsafe extern "C" fn jd_session_set_operator_scale(
                 "scale factor must be finite",
             );
         }
-        s.operator = Operator::Scale(factor);
+        s.spec.operator = Operator::Scale(factor);
         Ok(())
     })
 }
@@ -721,7 +695,7 @@ pub unsafe extern "C" fn jd_session_set_operator_mask(
     len: usize,
 ) -> jd_status {
     with_session(s, |s| {
-        s.operator = Operator::Mask(copy_finite(mask, len, "mask")?);
+        s.spec.operator = Operator::Mask(copy_finite(mask, len, "mask")?);
         Ok(())
     })
 }
@@ -741,7 +715,7 @@ pub unsafe extern "C" fn jd_session_set_operator_matrix(
                 "matrix size overflows".into(),
             )
         })?;
-        s.operator = Operator::Matrix {
+        s.spec.operator = Operator::Matrix {
             m,
             d,
             a: copy_finite(a, len, "matrix")?,
@@ -773,35 +747,7 @@ fn plan(s: &jd_session, n: usize, c: usize, h: usize, w: usize) -> Result<Denois
             format!("empty measurement shape {n}x{c}x{h}x{w}"),
         );
     }
-    let signal = s.signal.clone().ok_or_else(|| {
-        Fail(
-            jd_status::JD_ERR_INVALID_ARGUMENT,
-            "no signal prior (a signal model or Gaussian statistics): call jd_session_set_signal_model or \
-             jd_session_set_signal_gaussian"
-                .into(),
-        )
-    })?;
-    let noise = s.noise.clone().ok_or_else(|| {
-        Fail(
-            jd_status::JD_ERR_INVALID_ARGUMENT,
-            "no noise prior: call jd_session_set_noise_model, jd_session_set_noise_gaussian or \
-             jd_session_set_noise_sine"
-                .into(),
-        )
-    })?;
-    let mut spec = DenoiseSpec::new(signal, noise);
-    spec.operator = s.operator.clone();
-    spec.alpha = s.alpha;
-    spec.rule = s.rule;
-    spec.lambda = s.lambda;
-    spec.mu = s.mu;
-    spec.sde = s.sde;
-    spec.steps = s.steps;
-    spec.eps = s.eps;
-    spec.samples = s.samples;
-    spec.clip = s.clip;
-    spec.signal_shape = s.signal_shape;
-    Ok(spec.plan([n, c, h, w])?)
+    Ok(s.spec.plan([n, c, h, w])?)
 }
 
 /// Denoises `n` measurements of shape `c x h x w` (NCHW float32; for a matrix operator use c = h = 1 and
@@ -863,7 +809,7 @@ pub unsafe extern "C" fn jd_denoise(
             );
         }
         if !std_out.is_null() {
-            if s.samples < 2 {
+            if s.spec.samples < 2 {
                 return fail(
                     jd_status::JD_ERR_INVALID_ARGUMENT,
                     "std_out needs samples >= 2 (jd_session_set_samples)",
