@@ -17,7 +17,7 @@ pub enum BackendKind {
     Reference,
     /// The fast CPU backend (the default).
     Cpu,
-    /// The GPU backend on wgpu (not part of this build yet).
+    /// The GPU backend on wgpu (Vulkan, Metal, DX12; cargo feature `wgpu`, on by default).
     Wgpu,
 }
 
@@ -45,7 +45,10 @@ impl BackendKind {
 
     /// Whether this build has the backend.
     pub fn compiled(self) -> bool {
-        !matches!(self, BackendKind::Wgpu)
+        match self {
+            BackendKind::Wgpu => cfg!(feature = "wgpu"),
+            _ => true,
+        }
     }
 }
 
@@ -62,28 +65,74 @@ pub trait BackendVisitor {
 }
 
 /// A chosen, available backend.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct Runtime {
     kind: BackendKind,
+    inner: Inner,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Reference,
+    Cpu,
+    #[cfg(feature = "wgpu")]
+    Wgpu(Arc<jointdiff_wgpu::WgpuBackend>),
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Runtime({})", self.kind)
+    }
 }
 
 /// The one dispatch: `$body` with `$b` bound to the runtime's backend.
 macro_rules! dispatch {
     ($rt:expr, |$b:ident| $body:expr) => {
-        match $rt.kind {
-            BackendKind::Reference => {
+        match &$rt.inner {
+            Inner::Reference => {
                 let $b = &RefBackend;
                 $body
             }
-            BackendKind::Cpu => {
+            Inner::Cpu => {
                 let $b = &CpuBackend;
                 $body
             }
-            BackendKind::Wgpu => {
-                unreachable!("Runtime::new refuses backends that are not compiled")
+            #[cfg(feature = "wgpu")]
+            Inner::Wgpu(g) => {
+                let $b = &**g;
+                $body
             }
         }
     };
+}
+
+/// The process's GPU device, opened on first use (one device: networks are uploaded to it once).
+#[cfg(feature = "wgpu")]
+fn gpu() -> Result<Arc<jointdiff_wgpu::WgpuBackend>> {
+    static GPU: std::sync::OnceLock<Result<Arc<jointdiff_wgpu::WgpuBackend>>> =
+        std::sync::OnceLock::new();
+    GPU.get_or_init(|| jointdiff_wgpu::WgpuBackend::new().map(Arc::new))
+        .clone()
+}
+
+/// One line per GPU adapter wgpu finds (`jointdiff backends`); empty without the wgpu feature.
+pub fn gpu_adapters() -> Vec<String> {
+    #[cfg(feature = "wgpu")]
+    {
+        jointdiff_wgpu::adapters()
+            .into_iter()
+            .map(|a| {
+                format!(
+                    "{} ({}, {}, {})",
+                    a.name, a.backend, a.device_type, a.driver
+                )
+            })
+            .collect()
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        Vec::new()
+    }
 }
 
 impl Runtime {
@@ -100,7 +149,24 @@ impl Runtime {
                     .join(", ")
             )));
         }
-        Ok(Runtime { kind })
+        let inner = match kind {
+            BackendKind::Reference => Inner::Reference,
+            BackendKind::Cpu => Inner::Cpu,
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => Inner::Wgpu(gpu()?),
+            #[cfg(not(feature = "wgpu"))]
+            BackendKind::Wgpu => unreachable!("checked above"),
+        };
+        Ok(Runtime { kind, inner })
+    }
+
+    /// The device this runtime computes on (the GPU adapter's name for wgpu).
+    pub fn device(&self) -> String {
+        match &self.inner {
+            #[cfg(feature = "wgpu")]
+            Inner::Wgpu(g) => g.adapter().name,
+            _ => format!("{} (host)", self.kind),
+        }
     }
 
     /// The backends this build has.
@@ -313,9 +379,22 @@ mod tests {
 
     #[test]
     fn a_backend_not_compiled_is_an_error_not_a_fallback() {
-        let e = Runtime::new(BackendKind::Wgpu).unwrap_err();
-        assert_eq!(e.kind, jointdiff_core::error::ErrorKind::Unavailable);
-        assert!(e.message.contains("wgpu"), "{}", e.message);
+        // wgpu: compiled in by default; then it opens an adapter or says why not, never the CPU
+        match Runtime::new(BackendKind::Wgpu) {
+            Ok(rt) => {
+                assert!(BackendKind::Wgpu.compiled());
+                assert_eq!(rt.kind(), BackendKind::Wgpu);
+            }
+            Err(e) => {
+                assert_eq!(e.kind, jointdiff_core::error::ErrorKind::Unavailable);
+                let why = if BackendKind::Wgpu.compiled() {
+                    "adapter"
+                } else {
+                    "wgpu"
+                };
+                assert!(e.message.contains(why), "{}", e.message);
+            }
+        }
         assert!(BackendKind::parse("cuda").is_err());
         for k in Runtime::available() {
             assert_eq!(Runtime::new(k).unwrap().kind(), k);

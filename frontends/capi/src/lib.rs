@@ -825,7 +825,7 @@ pub unsafe extern "C" fn jd_denoise(
         let ys = std::slice::from_raw_parts(y, total);
         // the job runs on the backend's workers; the callback is called here, on the caller's thread
         let (cb, user) = (s.progress, s.progress_user);
-        let rt = s.backend;
+        let rt = s.backend.clone();
         let stats = rt.run_reporting(
             |progress| rt.denoise(&p, ys, seed, progress),
             |done, all| match cb {

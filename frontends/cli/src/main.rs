@@ -8,7 +8,7 @@ mod cmd;
 mod io;
 
 use clap::{Parser, Subcommand};
-use cmd::{bench, corrupt, demo, denoise, info, sample, score, train};
+use cmd::{backends, bench, corrupt, demo, denoise, info, sample, score, train};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -41,6 +41,8 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Train a score model by denoising score matching (checkpoints, --resume, validation loss).
     Train(train::TrainArgs),
+    /// List the compute backends of this build and the GPU adapters found.
+    Backends(backends::BackendsArgs),
     /// Measure speed: `bench forward` (NCSNv2 forward), `bench step` (joint sampler step) or `bench gemm`.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -64,6 +66,12 @@ fn keep_freed_memory() {
 
 fn main() -> ExitCode {
     keep_freed_memory();
+    // Mesa's Vulkan drivers print "error: XDG_RUNTIME_DIR is invalid or not set" for every instance when
+    // wgpu enables the Wayland surface extension on a headless machine; a directory keeps stderr to the
+    // one line of the error contract. Set before any thread starts (edition 2021: `set_var` is safe here).
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -98,6 +106,7 @@ fn main() -> ExitCode {
         Cmd::Train(a) => train::run(a, quiet),
         Cmd::Demo(a) => demo::run(a, quiet),
         Cmd::Bench(c) => bench::run(c),
+        Cmd::Backends(a) => backends::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

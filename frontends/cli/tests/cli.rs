@@ -411,7 +411,30 @@ fn bad_input_gives_one_clear_line() {
         &["--noise", "gaussian:0.1", "--operator", "scale:x"],
         &["operator"],
     );
-    den(&["--noise", "gaussian:0.1", "--backend", "wgpu"], &["wgpu"]);
+    // no GPU adapter of that name: one clear line, never a silent CPU run
+    let res = run(
+        &[
+            "denoise",
+            "--measurement",
+            good_in.as_str(),
+            "--signal-model",
+            model.as_str(),
+            "--noise",
+            "gaussian:0.1",
+            "--backend",
+            "wgpu",
+            "--out",
+            o,
+        ],
+        &[("WGPU_ADAPTER_NAME", "no-such-adapter")],
+    );
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && !err.contains("panicked"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("wgpu") && err.contains("no-such-adapter"),
+        "{err}"
+    );
     den(&["--noise", "gaussian:0.1", "--rule", "ddpm"], &["ddpm"]);
     den(&["--noise-model", "builtin:nope"], &["builtin:digits"]);
     fails(

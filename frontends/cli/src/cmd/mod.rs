@@ -1,4 +1,5 @@
 //! One module per command.
+pub mod backends;
 pub mod bench;
 pub mod corrupt;
 pub mod demo;
