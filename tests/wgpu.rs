@@ -87,6 +87,18 @@ fn every_kernel_agrees_with_the_reference_on_odd_shapes() {
             },
             false,
         ),
+        // padding beyond the kernel's reach: the input gradient takes the direct kernel
+        (
+            [1, 2, 4, 3],
+            [3, 2, 1, 1],
+            Conv2dParams {
+                padding: 1,
+                dilation: 1,
+            },
+            true,
+        ),
+        // a 64-channel layer over more than one 32 x 64 tile in both directions
+        ([2, 9, 9, 8], [70, 9, 3, 3], Conv2dParams::same3(1), true),
     ] {
         let x = rand(x_shape, 1, 1.0, 0.1);
         let w = rand(w_shape, 2, 0.4, 0.0);

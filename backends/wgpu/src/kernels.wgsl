@@ -186,36 +186,9 @@ fn gaussian_score(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_wor
 }
 
 // ---- convolution (stride 1, symmetric zero padding, dilation) ----------------------------------------
-// u0 = (N, CI, H, W), u1 = (CO, HO, WO, KH), u2 = (KW, pad, dil, has_bias)
-
-@compute @workgroup_size(64)
-fn conv2d(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
-    let n_ = p.u0.x; let ci = p.u0.y; let h = i32(p.u0.z); let w = i32(p.u0.w);
-    let co = p.u1.x; let ho = p.u1.y; let wo = p.u1.z; let kh = p.u1.w;
-    let kw = p.u2.x; let pad = i32(p.u2.y); let dil = i32(p.u2.z);
-    let i = index(id, nw);
-    if (i >= n_ * co * ho * wo) { return; }
-    let ox = i32(i % wo);
-    let oy = i32((i / wo) % ho);
-    let o = (i / (wo * ho)) % co;
-    let n = i / (wo * ho * co);
-    var s = 0.0;
-    if (p.u2.w == 1u) { s = in2[o]; }
-    for (var c = 0u; c < ci; c++) {
-        let xb = (n * ci + c) * u32(h * w);
-        let wb = (o * ci + c) * kh * kw;
-        for (var ky = 0u; ky < kh; ky++) {
-            let y = oy + i32(ky) * dil - pad;
-            if (y < 0 || y >= h) { continue; }
-            for (var kx = 0u; kx < kw; kx++) {
-                let x = ox + i32(kx) * dil - pad;
-                if (x < 0 || x >= w) { continue; }
-                s += in1[wb + ky * kw + kx] * in0[xb + u32(y * w + x)];
-            }
-        }
-    }
-    out[i] = s;
-}
+// u0 = (N, CI, H, W), u1 = (CO, HO, WO, KH), u2 = (KW, pad, dil, has_bias). The forward convolution is
+// `conv2d_tiled` (below); the input gradient runs on it too (the flipped kernel) unless the padding exceeds
+// the kernel's reach, where the direct kernel here takes it.
 
 // The input gradient: in0 = weight, in1 = output gradient; one invocation per input value.
 @compute @workgroup_size(64)
@@ -536,4 +509,102 @@ fn inorm_bwd_params(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_w
     out[ch] = ga;
     out[c + ch] = gg;
     out[2u * c + ch] = gb;
+}
+
+// ---- convolution as an implicit GEMM with shared-memory tiles ---------------------------------------
+// O[CO, N*HO*WO] = W[CO, CI*KH*KW] x im2col(X)[CI*KH*KW, N*HO*WO], the im2col matrix never stored: each
+// workgroup computes a 32 x 64 tile of O (4 x 8 per invocation), loading 16-deep slices of W and of the
+// implicit im2col matrix into workgroup memory. Every output is one sequential sum over k (then the bias):
+// the same order whatever the grid. Parameters as `conv2d`; workgroups (pixel tiles, channel tiles).
+
+const BM: u32 = 32u;
+const BN: u32 = 64u;
+const BK: u32 = 16u;
+const TM: u32 = 4u;
+const TN: u32 = 8u;
+
+var<workgroup> tile_a: array<f32, 512>;   // BK x BM
+var<workgroup> tile_b: array<f32, 1024>;  // BK x BN
+
+@compute @workgroup_size(64)
+fn conv2d_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let n_ = p.u0.x; let ci = p.u0.y; let h = i32(p.u0.z); let w = i32(p.u0.w);
+    let co = p.u1.x; let ho = p.u1.y; let wo = p.u1.z; let kh = p.u1.w;
+    let kw = p.u2.x; let pad = i32(p.u2.y); let dil = i32(p.u2.z);
+    let khw = kh * kw;
+    let kk_total = ci * khw;
+    let hwo = ho * wo;
+    let pix_total = n_ * hwo;
+    let m0 = wid.y * BM;
+    let n0 = wid.x * BN;
+    let tr = lid / 8u;
+    let tc = lid % 8u;
+    var acc: array<f32, 32>;
+    for (var q = 0u; q < 32u; q++) { acc[q] = 0.0; }
+    for (var k0 = 0u; k0 < kk_total; k0 += BK) {
+        for (var t = 0u; t < 8u; t++) {
+            let e = lid + t * 64u;
+            let r = e / BK;
+            let kk = e % BK;
+            let m = m0 + r;
+            let k = k0 + kk;
+            var v = 0.0;
+            if (m < co && k < kk_total) { v = in1[m * kk_total + k]; }
+            tile_a[kk * BM + r] = v;
+        }
+        for (var t = 0u; t < 16u; t++) {
+            let e = lid + t * 64u;
+            let kk = e / BN;
+            let c = e % BN;
+            let k = k0 + kk;
+            let pix = n0 + c;
+            var v = 0.0;
+            if (k < kk_total && pix < pix_total) {
+                let cin = k / khw;
+                let ky = i32((k % khw) / kw);
+                let kx = i32(k % kw);
+                let nn = pix / hwo;
+                let rem = pix % hwo;
+                let y = i32(rem / wo) + ky * dil - pad;
+                let x = i32(rem % wo) + kx * dil - pad;
+                if (y >= 0 && y < h && x >= 0 && x < w) {
+                    v = in0[(nn * ci + cin) * u32(h * w) + u32(y * w + x)];
+                }
+            }
+            tile_b[kk * BN + c] = v;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            var a: array<f32, 4>;
+            for (var i = 0u; i < TM; i++) { a[i] = tile_a[kk * BM + tr * TM + i]; }
+            for (var j = 0u; j < TN; j++) {
+                let b = tile_b[kk * BN + tc * TN + j];
+                for (var i = 0u; i < TM; i++) { acc[i * TN + j] += a[i] * b; }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < TM; i++) {
+        let m = m0 + tr * TM + i;
+        if (m >= co) { continue; }
+        var bias = 0.0;
+        if (p.u2.w == 1u) { bias = in2[m]; }
+        for (var j = 0u; j < TN; j++) {
+            let pix = n0 + tc * TN + j;
+            if (pix >= pix_total) { continue; }
+            let nn = pix / hwo;
+            out[(nn * co + m) * hwo + pix % hwo] = acc[i * TN + j] + bias;
+        }
+    }
+}
+
+// The kernel whose forward convolution is the input gradient: wt[i][o][y][x] = w[o][i][kh-1-y][kw-1-x].
+// u0 = (CO, CI, KH, KW)
+@compute @workgroup_size(64)
+fn flip_transpose(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let co = p.u0.x; let ci = p.u0.y; let kh = p.u0.z; let kw = p.u0.w;
+    let i = index(id, nw);
+    if (i >= co * ci * kh * kw) { return; }
+    let x = i % kw; let y = (i / kw) % kh; let o = (i / (kw * kh)) % co; let c = i / (kw * kh * co);
+    out[i] = in0[((o * ci + c) * kh + (kh - 1u - y)) * kw + (kw - 1u - x)];
 }

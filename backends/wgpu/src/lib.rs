@@ -314,6 +314,28 @@ impl WgpuBackend {
         if threads == 0 {
             return;
         }
+        let groups = threads.div_ceil(WG);
+        let (gx, gy) = if groups <= 65535 {
+            (groups, 1)
+        } else {
+            (65535, groups.div_ceil(65535))
+        };
+        self.record(kernel, p, inputs, out, flag, [gx, gy]);
+    }
+
+    /// Records `kernel` over a grid of `groups` workgroups.
+    fn record(
+        &self,
+        kernel: &'static str,
+        p: Params,
+        inputs: &[&wgpu::Buffer],
+        out: Option<&wgpu::Buffer>,
+        flag: Option<&wgpu::Buffer>,
+        [gx, gy]: [usize; 2],
+    ) {
+        if gx == 0 || gy == 0 {
+            return;
+        }
         let pipeline = self.pipeline(kernel);
         let params = self
             .device
@@ -346,12 +368,6 @@ impl WgpuBackend {
             layout: &self.group_layout,
             entries: &entries,
         });
-        let groups = threads.div_ceil(WG);
-        let (gx, gy) = if groups <= 65535 {
-            (groups, 1)
-        } else {
-            (65535, groups.div_ceil(65535))
-        };
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let enc = pending.encoder.get_or_insert_with(|| {
             self.device
@@ -437,6 +453,20 @@ impl WgpuBackend {
     ) -> WgpuTensor {
         let out = self.tensor(shape);
         self.dispatch(kernel, p, inputs, Some(&out.buf), None, out.len());
+        out
+    }
+
+    /// The tiled implicit-GEMM convolution (`conv2d_tiled`): 32 output channels x 64 pixels a workgroup.
+    fn conv_tiled(
+        &self,
+        params: Params,
+        inputs: &[&wgpu::Buffer],
+        shape: [usize; 4],
+    ) -> WgpuTensor {
+        let out = self.tensor(shape);
+        let [n, co, ho, wo] = shape;
+        let grid = [(n * ho * wo).div_ceil(64), co.div_ceil(32)];
+        self.record("conv2d_tiled", params, inputs, Some(&out.buf), None, grid);
         out
     }
 
@@ -563,7 +593,7 @@ impl Backend for WgpuBackend {
     ) -> WgpuTensor {
         let (params, shape) = conv_params(x.shape, w.shape, p, bias.is_some());
         let b = bias.map(|b| &*b.buf).unwrap_or(&self.dummy_in);
-        self.map_kernel("conv2d", params, &[&x.buf, &w.buf, b], shape)
+        self.conv_tiled(params, &[&x.buf, &w.buf, b], shape)
     }
     fn mean_pool2(&self, x: &WgpuTensor) -> WgpuTensor {
         let [n, c, h, w] = x.shape;
@@ -647,6 +677,25 @@ impl Backend for WgpuBackend {
         in_shape: [usize; 4],
         p: Conv2dParams,
     ) -> WgpuTensor {
+        let [co, ci, kh, kw] = w.shape;
+        let reach = p.dilation * (kh.max(1) - 1);
+        if kh == kw && p.padding <= reach {
+            // a forward convolution of the flipped, transposed kernel with padding d (k - 1) - p
+            let wt = self.map_kernel(
+                "flip_transpose",
+                Params::u(&[co, ci, kh, kw]),
+                &[&w.buf],
+                [ci, co, kh, kw],
+            );
+            let q = Conv2dParams {
+                padding: reach - p.padding,
+                dilation: p.dilation,
+            };
+            let (params, shape) = conv_params(gout.shape, wt.shape, q, false);
+            if shape == in_shape {
+                return self.conv_tiled(params, &[&gout.buf, &wt.buf, &self.dummy_in], shape);
+            }
+        }
         let (params, _) = conv_params(in_shape, w.shape, p, false);
         self.map_kernel("conv2d_bwd_input", params, &[&w.buf, &gout.buf], in_shape)
     }
