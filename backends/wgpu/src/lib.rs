@@ -1,7 +1,7 @@
 //! jointdiff-wgpu: the GPU backend. Tensors are device buffers (`WgpuTensor`, immutable, shared by `Arc`);
-//! every operation records one compute dispatch of a WGSL kernel (`kernels.wgsl`) into a command encoder
-//! that is submitted when the host needs a value back (a download or the sampler's non-finite flag), so a
-//! sampler step is one submit with no readback but the flag.
+//! every operation records one compute dispatch of a WGSL kernel (`kernels.wgsl`) into one open compute
+//! pass of one command encoder, submitted when the host needs a value back (a download or the sampler's
+//! non-finite flag): a sampler step is one compute pass and one submit, with no readback but the flag.
 //!
 //! The kernels compute each output value as a fixed sequential sum in f32: results do not depend on the
 //! dispatch, and agree with the reference backend within f32 rounding (tests: `tests/wgpu.rs`).
@@ -73,9 +73,37 @@ impl WgpuTensor {
     }
 }
 
+/// What is recorded and not yet submitted: one encoder, and in it one open compute pass that takes every
+/// dispatch until something else (a copy, a submit) needs the encoder.
 struct Pending {
     encoder: Option<wgpu::CommandEncoder>,
+    pass: Option<wgpu::ComputePass<'static>>,
     dispatches: usize,
+}
+
+impl Pending {
+    /// The encoder, with the open pass ended (for copies and for submitting).
+    fn encoder(&mut self, device: &wgpu::Device) -> &mut wgpu::CommandEncoder {
+        self.pass = None;
+        self.encoder.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        })
+    }
+
+    /// The open compute pass (begun if there is none).
+    fn pass(&mut self, device: &wgpu::Device) -> &mut wgpu::ComputePass<'static> {
+        if self.pass.is_none() {
+            let pass = self
+                .encoder(device)
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes: None,
+                })
+                .forget_lifetime();
+            self.pass = Some(pass);
+        }
+        self.pass.as_mut().expect("just begun")
+    }
 }
 
 /// The GPU backend: one device and queue, the kernels' pipelines (made on first use), a recording encoder.
@@ -236,6 +264,7 @@ impl WgpuBackend {
             dummy_flag,
             pending: Mutex::new(Pending {
                 encoder: None,
+                pass: None,
                 dispatches: 0,
             }),
             error,
@@ -369,19 +398,10 @@ impl WgpuBackend {
             entries: &entries,
         });
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let enc = pending.encoder.get_or_insert_with(|| {
-            self.device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
-        });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: None,
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &group, &[]);
-            pass.dispatch_workgroups(gx as u32, gy as u32, 1);
-        }
+        let pass = pending.pass(&self.device);
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(gx as u32, gy as u32, 1);
         pending.dispatches += 1;
         if pending.dispatches >= MAX_PENDING {
             self.submit_locked(&mut pending, None);
@@ -391,6 +411,7 @@ impl WgpuBackend {
     /// Submits what was recorded, plus `then` (a copy for a read-back).
     fn submit_locked(&self, pending: &mut Pending, then: Option<wgpu::CommandBuffer>) {
         let mut cmds = Vec::new();
+        pending.pass = None;
         if let Some(enc) = pending.encoder.take() {
             cmds.push(enc.finish());
         }
@@ -517,10 +538,7 @@ impl WgpuBackend {
         let out = self.tensor(shape);
         let len: usize = shape.iter().product();
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let enc = pending.encoder.get_or_insert_with(|| {
-            self.device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
-        });
+        let enc = pending.encoder(&self.device);
         enc.copy_buffer_to_buffer(&src.buf, (offset * 4) as u64, &out.buf, 0, (len * 4) as u64);
         out
     }
