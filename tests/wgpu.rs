@@ -424,3 +424,33 @@ fn pigdm_joint_denoise_agrees_with_the_cpu_backend() {
     println!("pigdm 20 steps, wgpu vs cpu: PSNR {psnr:.1} dB (peak {range:.3})");
     assert!(psnr > 40.0, "wgpu vs cpu: PSNR {psnr:.1} dB");
 }
+
+/// Per-kernel GPU time from timestamp queries: every dispatch is counted under its kernel, and the results
+/// are the same with profiling on.
+#[test]
+fn profiling_counts_every_dispatch() {
+    let Some(g) = gpu() else { return };
+    let x = rand([1, 3, 9, 9], 50, 1.0, 0.0);
+    let w = rand([4, 3, 3, 3], 51, 0.5, 0.0);
+    let (xg, wg) = (g.upload(&x), g.upload(&w));
+    let plain = g
+        .download(&g.elu(&g.conv2d(&xg, &wg, None, Conv2dParams::same3(1))))
+        .unwrap();
+    if let Err(e) = g.set_profiling(true) {
+        eprintln!("no timestamp queries on this adapter: {e}");
+        return;
+    }
+    let mut y = g.conv2d(&xg, &wg, None, Conv2dParams::same3(1));
+    y = g.elu(&y);
+    let timed = g.download(&y).unwrap();
+    let prof = g.profile();
+    g.set_profiling(false).unwrap();
+    assert_eq!(timed.data, plain.data, "profiling changes no result");
+    let count = |k: &str| prof.iter().find(|t| t.kernel == k).map(|t| t.dispatches);
+    assert_eq!(count("conv2d_tiled"), Some(1), "{prof:?}");
+    assert_eq!(count("elu"), Some(1), "{prof:?}");
+    assert!(
+        prof.iter().all(|t| t.ms >= 0.0 && t.ms.is_finite()),
+        "{prof:?}"
+    );
+}

@@ -160,6 +160,32 @@ impl Runtime {
         Ok(Runtime { kind, inner })
     }
 
+    /// Per-kernel GPU timing (timestamp queries) on or off: the wgpu backend on an adapter that has them;
+    /// an `Unavailable` error otherwise.
+    pub fn gpu_profiling(&self, on: bool) -> Result<()> {
+        match &self.inner {
+            #[cfg(feature = "wgpu")]
+            Inner::Wgpu(g) => g.set_profiling(on),
+            _ => Err(Error::unavailable(format!(
+                "GPU timestamps: the {} backend has none (use --backend wgpu)",
+                self.kind
+            ))),
+        }
+    }
+
+    /// `(kernel, dispatches, GPU ms)` since profiling was turned on, slowest first.
+    pub fn gpu_profile(&self) -> Vec<(String, usize, f64)> {
+        match &self.inner {
+            #[cfg(feature = "wgpu")]
+            Inner::Wgpu(g) => g
+                .profile()
+                .into_iter()
+                .map(|k| (k.kernel, k.dispatches, k.ms))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The device this runtime computes on (the GPU adapter's name for wgpu).
     pub fn device(&self) -> String {
         match &self.inner {

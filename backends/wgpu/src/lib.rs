@@ -79,6 +79,30 @@ struct Pending {
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
     dispatches: usize,
+    /// With profiling on, every dispatch gets its own pass with timestamps.
+    profiler: Option<Profiler>,
+}
+
+/// Dispatches timed per submit while profiling (two timestamps each).
+const PROFILE_SLOTS: usize = 1024;
+
+/// GPU time per kernel from timestamp queries (`WgpuBackend::set_profiling`).
+struct Profiler {
+    queries: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    staging: wgpu::Buffer,
+    /// The kernel of each timed dispatch since the last submit.
+    names: Vec<&'static str>,
+    /// Per kernel: dispatches and GPU milliseconds.
+    totals: HashMap<&'static str, (usize, f64)>,
+}
+
+/// One kernel's GPU time (`WgpuBackend::profile`).
+#[derive(Debug, Clone)]
+pub struct KernelTime {
+    pub kernel: String,
+    pub dispatches: usize,
+    pub ms: f64,
 }
 
 impl Pending {
@@ -187,9 +211,11 @@ impl WgpuBackend {
             })?,
         };
         let info = adapter.get_info();
+        // GPU timestamps where the adapter has them (`bench --profile`)
+        let required_features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("jointdiff"),
-            required_features: wgpu::Features::empty(),
+            required_features,
             required_limits: adapter.limits(),
             experimental_features: Default::default(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -266,6 +292,7 @@ impl WgpuBackend {
                 encoder: None,
                 pass: None,
                 dispatches: 0,
+                profiler: None,
             }),
             error,
         };
@@ -398,6 +425,32 @@ impl WgpuBackend {
             entries: &entries,
         });
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.profiler.is_some() {
+            let p = &mut *pending;
+            let enc = p.encoder.get_or_insert_with(|| {
+                self.device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+            });
+            let prof = p.profiler.as_mut().expect("checked");
+            let k = 2 * prof.names.len() as u32;
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(kernel),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &prof.queries,
+                    beginning_of_pass_write_index: Some(k),
+                    end_of_pass_write_index: Some(k + 1),
+                }),
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &group, &[]);
+            pass.dispatch_workgroups(gx as u32, gy as u32, 1);
+            drop(pass);
+            prof.names.push(kernel);
+            if prof.names.len() >= PROFILE_SLOTS {
+                self.submit_locked(&mut pending, None);
+            }
+            return;
+        }
         let pass = pending.pass(&self.device);
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &group, &[]);
@@ -412,6 +465,19 @@ impl WgpuBackend {
     fn submit_locked(&self, pending: &mut Pending, then: Option<wgpu::CommandBuffer>) {
         let mut cmds = Vec::new();
         pending.pass = None;
+        let timed = match pending.profiler.as_ref() {
+            Some(prof) if !prof.names.is_empty() => {
+                let n = 2 * prof.names.len();
+                let enc = pending
+                    .encoder
+                    .as_mut()
+                    .expect("timed dispatches were recorded");
+                enc.resolve_query_set(&prof.queries, 0..n as u32, &prof.resolve, 0);
+                enc.copy_buffer_to_buffer(&prof.resolve, 0, &prof.staging, 0, (n * 8) as u64);
+                n
+            }
+            _ => 0,
+        };
         if let Some(enc) = pending.encoder.take() {
             cmds.push(enc.finish());
         }
@@ -420,6 +486,93 @@ impl WgpuBackend {
         if !cmds.is_empty() {
             self.queue.submit(cmds);
         }
+        if let (Some(prof), true) = (pending.profiler.as_mut(), timed > 0) {
+            let period = self.queue.get_timestamp_period() as f64;
+            let slice = prof.staging.slice(..(timed * 8) as u64);
+            slice.map_async(wgpu::MapMode::Read, |_| {});
+            if self
+                .device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .is_ok()
+            {
+                if let Ok(view) = slice.get_mapped_range() {
+                    let ticks: Vec<u64> = view
+                        .chunks_exact(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                        .collect();
+                    for (name, t) in prof.names.iter().zip(ticks.chunks_exact(2)) {
+                        let e = prof.totals.entry(name).or_insert((0, 0.0));
+                        e.0 += 1;
+                        e.1 += t[1].saturating_sub(t[0]) as f64 * period / 1e6;
+                    }
+                }
+            }
+            prof.staging.unmap();
+            prof.names.clear();
+        }
+    }
+
+    /// Turns per-kernel GPU timing on (every dispatch then runs in its own pass with timestamps; slower)
+    /// or off. An error where the adapter has no timestamp queries.
+    pub fn set_profiling(&self, on: bool) -> Result<()> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        self.submit_locked(&mut pending, None);
+        if !on {
+            pending.profiler = None;
+            return Ok(());
+        }
+        if !self
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+        {
+            return Err(Error::unavailable(format!(
+                "{} has no GPU timestamp queries",
+                self.info.name
+            )));
+        }
+        let size = (2 * PROFILE_SLOTS * 8) as u64;
+        let buffer = |usage| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timestamps"),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        pending.profiler = Some(Profiler {
+            queries: self.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: (2 * PROFILE_SLOTS) as u32,
+            }),
+            resolve: buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
+            staging: buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
+            names: Vec::new(),
+            totals: HashMap::new(),
+        });
+        Ok(())
+    }
+
+    /// GPU time per kernel since profiling was turned on, slowest first (after a read-back).
+    pub fn profile(&self) -> Vec<KernelTime> {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<KernelTime> = pending
+            .profiler
+            .as_ref()
+            .map(|p| {
+                p.totals
+                    .iter()
+                    .map(|(k, (n, ms))| KernelTime {
+                        kernel: k.to_string(),
+                        dispatches: *n,
+                        ms: *ms,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        v
     }
 
     /// Submits the recording and reads `len` floats of `buf` back.

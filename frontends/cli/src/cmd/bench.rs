@@ -39,6 +39,9 @@ pub struct BenchForwardArgs {
     /// Print one JSON object (keys ms_per_forward, images_per_s, gflops, ...).
     #[arg(long)]
     json: bool,
+    /// Also list the GPU time per kernel (wgpu, from timestamp queries) of one more forward.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Args)]
@@ -59,6 +62,9 @@ pub struct BenchStepArgs {
     /// Print one JSON object (keys ms_per_step, images_per_s, ...).
     #[arg(long)]
     json: bool,
+    /// Also list the GPU time per kernel (wgpu, from timestamp queries) of two more steps.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Args)]
@@ -151,6 +157,21 @@ fn forward(a: BenchForwardArgs) -> Result<()> {
             iters: a.iters,
         })
     })?;
+    let kernels = if a.profile {
+        // warm-up + 1 forward, timed per kernel on the GPU
+        profiled(&rt, 2, || {
+            rt.run(|| {
+                rt.visit(TimeForward {
+                    cfg,
+                    x: &x,
+                    iters: 1,
+                })
+            })
+            .map(drop)
+        })?
+    } else {
+        Vec::new()
+    };
     let gflop = cfg.flops(a.size, a.size) as f64 * a.batch as f64 / 1e9;
     let images_per_s = a.batch as f64 * 1e3 / ms;
     let gflops = gflop / (ms / 1e3);
@@ -163,6 +184,7 @@ fn forward(a: BenchForwardArgs) -> Result<()> {
                 "backend": backend, "size": a.size, "channels": a.channels, "ngf": a.ngf, "batch": a.batch,
                 "iters": a.iters, "threads": threads, "gflop_per_forward": gflop,
                 "ms_per_forward": ms, "images_per_s": images_per_s, "gflops": gflops,
+                "kernels": kernels_json(&kernels, "forward"),
             })
         );
     } else {
@@ -175,8 +197,49 @@ fn forward(a: BenchForwardArgs) -> Result<()> {
             b = a.batch,
             i = a.iters
         );
+        print_kernels(&kernels, "forward");
     }
     Ok(())
+}
+
+/// GPU time per kernel over `runs` runs of `f` (forwards or steps), slowest first.
+fn profiled(
+    rt: &jointdiff_runtime::Runtime,
+    runs: usize,
+    f: impl FnOnce() -> Result<()>,
+) -> Result<Vec<(String, usize, f64)>> {
+    rt.gpu_profiling(true)
+        .map_err(|e| anyhow!("--profile: {e}"))?;
+    let r = f();
+    let k = rt.gpu_profile();
+    rt.gpu_profiling(false)
+        .map_err(|e| anyhow!("--profile: {e}"))?;
+    r?;
+    Ok(k.into_iter()
+        .map(|(n, d, ms)| (n, d / runs, ms / runs as f64))
+        .collect())
+}
+
+fn kernels_json(k: &[(String, usize, f64)], per: &str) -> serde_json::Value {
+    serde_json::Value::Array(
+        k.iter()
+            .map(|(n, d, ms)| serde_json::json!({"kernel": n, "dispatches_per": per, "dispatches": d, "gpu_ms": ms}))
+            .collect(),
+    )
+}
+
+fn print_kernels(k: &[(String, usize, f64)], per: &str) {
+    if k.is_empty() {
+        return;
+    }
+    let total: f64 = k.iter().map(|(_, _, ms)| ms).sum();
+    println!("GPU time per {per} (timestamp queries): {total:.2} ms");
+    for (n, d, ms) in k {
+        println!(
+            "  {n:<22} {d:>5} dispatches {ms:>9.3} ms {:>5.1}%",
+            100.0 * ms / total.max(1e-12)
+        );
+    }
 }
 
 fn rayon_threads() -> usize {
@@ -223,6 +286,11 @@ fn step(a: BenchStepArgs) -> Result<()> {
     };
     time(2)?;
     let ms = time(a.steps)? / a.steps as f64;
+    let kernels = if a.profile {
+        profiled(&rt, 2, || time(2).map(drop))?
+    } else {
+        Vec::new()
+    };
     let images_per_s = a.batch as f64 * 1e3 / ms;
     let rule = format!("{:?}", a.rule.rule).to_lowercase();
     let noise = a.noise.as_deref().unwrap_or("builtin:digits");
@@ -232,6 +300,7 @@ fn step(a: BenchStepArgs) -> Result<()> {
             serde_json::json!({
                 "backend": rt.kind().name(), "batch": a.batch, "steps": a.steps, "rule": rule,
                 "noise": noise, "threads": rayon_threads(), "ms_per_step": ms, "images_per_s": images_per_s,
+                "kernels": kernels_json(&kernels, "step"),
             })
         );
     } else {
@@ -243,6 +312,7 @@ fn step(a: BenchStepArgs) -> Result<()> {
             rayon_threads(),
             a.steps
         );
+        print_kernels(&kernels, "step");
     }
     Ok(())
 }
