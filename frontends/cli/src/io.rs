@@ -91,8 +91,43 @@ fn decode_png(bytes: &[u8]) -> std::result::Result<Tensor, String> {
 }
 
 pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
-    std::fs::write(path, NpyArray::to_bytes(shape, data))
-        .with_context(|| format!("{}: cannot write", path.display()))
+    write_atomic(path, &NpyArray::to_bytes(shape, data))
+}
+
+/// The temporary file `write_atomic` writes first: hidden, in the same folder (so the rename is atomic).
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`: an interrupted run never
+/// leaves a truncated output (or checkpoint) behind.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    let r = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r.with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// Checks, before a long computation starts, that every output path can be written (its folder exists and
+/// takes a new file), so that a run never ends in "cannot write" after the work is done.
+pub fn check_writable<'a>(paths: impl IntoIterator<Item = Option<&'a Path>>) -> Result<()> {
+    for path in paths.into_iter().flatten() {
+        if path.is_dir() {
+            bail!("{}: is a folder, not a file to write", path.display());
+        }
+        let tmp = temp_path(path);
+        std::fs::File::create(&tmp).with_context(|| {
+            format!("{}: cannot write (checked before starting)", path.display())
+        })?;
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(())
 }
 
 /// The model path given, else the embedded default model `builtin:{name}`.
@@ -190,13 +225,15 @@ pub fn write_png_grid(
             }
         }
     }
-    image::save_buffer_with_format(
-        path,
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::write_buffer_with_format(
+        &mut png,
         &buf,
         gw as u32,
         gh as u32,
         image::ColorType::Rgb8,
         image::ImageFormat::Png,
     )
-    .with_context(|| format!("{}: cannot write PNG", path.display()))
+    .with_context(|| format!("{}: cannot encode PNG", path.display()))?;
+    write_atomic(path, &png.into_inner())
 }

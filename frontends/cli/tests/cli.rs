@@ -818,3 +818,100 @@ fn demo_and_denoise_run_on_the_embedded_default_models() {
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(text.contains("ngf 32") && text.contains("digits"), "{text}");
 }
+
+/// No lost work: an output that cannot be written stops the command before the computation (a billion
+/// steps would not end otherwise), with one line naming the path; a written output leaves no temporary file.
+#[test]
+fn outputs_are_checked_before_the_work_and_written_whole() {
+    let good_in = fx("golden/ncsnv2_28x28x1_ngf16_input.npy");
+    let model = fx(MODEL);
+    let bad = "/nonexistent-dir/o.npy";
+    fails(
+        &[
+            "denoise",
+            "--measurement",
+            &good_in,
+            "--signal-model",
+            &model,
+            "--noise",
+            "gaussian:0.1",
+            "--steps",
+            "1000000000",
+            "--out",
+            bad,
+        ],
+        &[bad, "before starting"],
+    );
+    let out = tmp("whole.npy");
+    fails(
+        &[
+            "denoise",
+            "--measurement",
+            &good_in,
+            "--signal-model",
+            &model,
+            "--noise",
+            "gaussian:0.1",
+            "--steps",
+            "1000000000",
+            "--out",
+            out.to_str().unwrap(),
+            "--png",
+            "/nonexistent-dir/o.png",
+        ],
+        &["/nonexistent-dir/o.png", "before starting"],
+    );
+    fails(
+        &[
+            "sample",
+            "--model",
+            &model,
+            "--size",
+            "28",
+            "--steps",
+            "1000000000",
+            "--out",
+            bad,
+        ],
+        &[bad],
+    );
+    // a folder is not a file
+    let dir = tmp("a-folder");
+    std::fs::create_dir_all(&dir).unwrap();
+    fails(
+        &[
+            "score",
+            "--model",
+            &model,
+            "--input",
+            &good_in,
+            "--sigma",
+            "1",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+        &["a-folder", "folder"],
+    );
+    // a successful write replaces the file whole and leaves nothing beside it
+    for _ in 0..2 {
+        ok(&[
+            "score",
+            "--model",
+            &model,
+            "--input",
+            &good_in,
+            "--sigma",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+    }
+    assert_eq!(read_npy(&out).shape, vec![2, 1, 28, 28]);
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}

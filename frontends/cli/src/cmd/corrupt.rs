@@ -35,6 +35,11 @@ pub struct CorruptArgs {
 
 pub fn run(a: CorruptArgs) -> Result<()> {
     let x = io::read_images(&a.signal)?;
+    io::check_writable([
+        Some(a.out.as_path()),
+        a.noise_out.as_deref(),
+        a.png.as_deref(),
+    ])?;
     let [n_items, c, h, w] = x.shape;
     let d = c * h * w;
     let op = a.op.parse([c, h, w])?;

@@ -4,7 +4,7 @@
 //! training data); a PSNR/SSIM table and demo.png.
 use crate::args::{self, progress_bar, BackendArgs, RuleArgs, RuleKind};
 use crate::io;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use jointdiff_core::metrics::{psnr, ssim};
 use jointdiff_core::npy::NpyArray;
@@ -84,6 +84,7 @@ pub fn run(a: DemoArgs, quiet: bool) -> Result<()> {
     if a.count == 0 || a.start + a.count > PAIRS || a.samples == 0 {
         bail!("--start + --count must be at most {PAIRS}, --count and --samples at least 1");
     }
+    io::check_writable([Some(a.out.as_path()), a.csv.as_deref()])?;
     rt.run(|| run_on(&rt, &a, smodel, nmodel, quiet))
 }
 
@@ -195,7 +196,7 @@ fn run_on(
         println!("{name:<38} {pm:>8.2} ± {psd:<5.2} {sm:>8.3} ± {ssd:<5.3}");
     }
     if let Some(p) = &a.csv {
-        std::fs::write(p, csv).with_context(|| format!("{}: cannot write", p.display()))?;
+        io::write_atomic(p, csv.as_bytes())?;
     }
     // demo.png: clean, corrupted, joint estimate, recovered noise, uncertainty, baseline
     let mut fig: Vec<(&Tensor, [f32; 2])> = vec![

@@ -144,6 +144,12 @@ pub fn run(a: DenoiseArgs, quiet: bool) -> Result<()> {
     };
     let spec = spec(&a, [shape[1], shape[2], shape[3]])?;
     let plan = spec.plan(shape).map_err(|e| anyhow!("{ypath}: {e}"))?;
+    io::check_writable([
+        Some(a.out.as_path()),
+        a.noise_out.as_deref(),
+        a.std_out.as_deref(),
+        a.png.as_deref(),
+    ])?;
     let pb = progress_bar(quiet, plan.config.steps, "denoise");
     let post = rt
         .run(|| {

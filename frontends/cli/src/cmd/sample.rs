@@ -44,6 +44,7 @@ pub fn run(a: SampleArgs, quiet: bool) -> Result<()> {
     meta.net_config()
         .check_input([1, meta.channels, h, w])
         .map_err(|e| anyhow!("--size: {e}"))?;
+    io::check_writable([Some(a.out.as_path()), a.png.as_deref()])?;
     let s = &a.sampling;
     let config = SamplerConfig {
         sde: s.sde().unwrap_or(meta.sde),

@@ -30,6 +30,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let model = args::network(&a.model)?;
     let x = io::read_images(&a.input)?;
     check_image_fits(&model.file, &a.model, x.shape, &a.input)?;
+    io::check_writable([Some(a.out.as_path())])?;
     let out = rt
         .run(|| rt.forward(&model, &x))
         .map_err(|e| anyhow!("{}: {e}", a.input.display()))?;

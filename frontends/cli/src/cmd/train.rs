@@ -179,12 +179,6 @@ pub fn read_dataset(path: &Path) -> Result<Tensor> {
     }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
-}
-
 pub fn run(a: TrainArgs, quiet: bool) -> Result<()> {
     let rt = a.backend.runtime()?;
     rt.run(|| rt.visit(Train(a, quiet)))
@@ -201,6 +195,7 @@ impl BackendVisitor for Train {
 }
 
 fn run_on<B: Backend>(b: &B, a: TrainArgs, quiet: bool) -> Result<()> {
+    io::check_writable([Some(a.out.as_path())])?;
     let mut data = read_dataset(&a.data)?;
     if let Some(n) = a.limit {
         if n == 0 {
@@ -329,7 +324,7 @@ fn run_on<B: Backend>(b: &B, a: TrainArgs, quiet: bool) -> Result<()> {
                 .insert("validation_loss".into(), format!("{v:.6}"));
         }
         let bytes = to_checkpoint(state, meta, a.seed).map_err(|e| anyhow!("{e}"))?;
-        write_atomic(&a.out, &bytes)
+        io::write_atomic(&a.out, &bytes)
     };
     let mut last_valid = None;
     while state.step < a.steps {
