@@ -548,7 +548,10 @@ fn divergence_is_an_error_naming_the_step_not_a_nan() {
     let err = sampler.sample(&[0.5], 1, &mut |_, _| true).unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.contains("diverged at step") && msg.contains("lambda"),
+        msg.contains("diverged at step")
+            && msg
+                .contains("rule projection, lambda 10000000000000000000, mu 10000000000000000000")
+            && msg.contains("smaller consistency weights"),
         "{msg}"
     );
 }

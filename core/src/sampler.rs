@@ -73,19 +73,21 @@ fn check_finite<B: Backend>(b: &B, ts: &[&B::Tensor]) -> Result<Option<usize>> {
     Ok(None)
 }
 
-/// After step `k` (0-based) of `total`: an error if the predictor mean went non-finite (at index `bad`),
-/// or if the progress callback asks to stop.
+/// After step `k` (0-based) of `total`: an error if the state went non-finite (at index `bad`), naming the
+/// step and `what` ran (rule and weights), or if the progress callback asks to stop. A NaN never reaches an
+/// output.
 fn end_of_step(
     k: usize,
     total: usize,
     t: f64,
     bad: Option<usize>,
+    what: &str,
     progress: &mut Progress<'_>,
 ) -> Result<()> {
     if let Some(pos) = bad {
         return Err(Error::non_finite(format!(
-            "sampler diverged at step {} of {total} (t = {t:.4}): non-finite value at index {pos}; \
-             try smaller lambda/mu or more steps",
+            "sampler diverged at step {} of {total} (t = {t:.4}, {what}): non-finite value at index {pos}; \
+             smaller consistency weights (lambda/mu, e.g. half) keep it stable",
             k + 1
         )));
     }
@@ -123,6 +125,15 @@ pub enum Rule {
 }
 
 impl Rule {
+    /// The rule's name as the CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::Projection => "projection",
+            Rule::Dps => "dps",
+            Rule::Pigdm => "pigdm",
+        }
+    }
+
     /// The tuned weights (lambda, mu) of the method's code for this rule.
     pub fn default_weights(self) -> (f64, f64) {
         match self {
@@ -462,6 +473,12 @@ impl<'a, B: Backend> JointSampler<'a, B> {
         let total = grid.ts.len();
         let taped = cfg.rule != Rule::Projection;
         let (lam, mu, alpha) = (cfg.lambda as f32, cfg.mu as f32, cfg.alpha as f32);
+        let what = format!(
+            "rule {}, lambda {}, mu {}",
+            cfg.rule.name(),
+            cfg.lambda,
+            cfg.mu
+        );
         // host buffers of the per-step noise, refilled every step
         let (mut wx, mut wn, mut xi) = (Tensor::zeros(xs), Tensor::zeros(ns), Tensor::zeros(ns));
         for (k, &t) in grid.ts.iter().enumerate() {
@@ -521,7 +538,7 @@ impl<'a, B: Backend> JointSampler<'a, B> {
             let bad = check_finite(b, &[&xm, &nm, &x, &n])?;
             xbar = Some(xm);
             nbar = Some(nm);
-            end_of_step(k, total, t, bad, progress)?;
+            end_of_step(k, total, t, bad, &what, progress)?;
         }
         let none = || Error::invalid("no sampler step ran");
         let xbar = clip(b, xbar.ok_or_else(none)?, cfg.clip);
@@ -641,7 +658,7 @@ pub fn sample_prior<B: Backend>(
         let bad = check_finite(b, &[&mean])?;
         x = next;
         xbar = Some(mean);
-        end_of_step(k, total, t, bad, progress)?;
+        end_of_step(k, total, t, bad, "unconditional sampling", progress)?;
     }
     let xbar = xbar.ok_or_else(|| Error::invalid("no sampler step ran"))?;
     b.download(&clip(b, xbar, config.clip))

@@ -292,7 +292,7 @@ fn step(a: BenchStepArgs) -> Result<()> {
         Vec::new()
     };
     let images_per_s = a.batch as f64 * 1e3 / ms;
-    let rule = format!("{:?}", a.rule.rule).to_lowercase();
+    let rule = a.rule.rule().name();
     let noise = a.noise.as_deref().unwrap_or("builtin:digits");
     if a.json {
         println!(
