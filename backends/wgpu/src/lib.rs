@@ -18,6 +18,10 @@ const KERNELS: &str = include_str!("kernels.wgsl");
 const WG: usize = 64;
 /// Dispatches recorded before the encoder is submitted anyway (bounds the memory of a long recording).
 const MAX_PENDING: usize = 4096;
+/// Bytes of one dispatch's parameters (`Params` in kernels.wgsl).
+const PARAMS_BYTES: usize = 96;
+/// Free output buffers kept per size.
+const POOL_PER_SIZE: usize = 64;
 
 /// A description of one adapter (`jointdiff backends`).
 #[derive(Debug, Clone)]
@@ -60,8 +64,43 @@ pub fn adapters() -> Vec<AdapterDescription> {
 /// A device tensor: an immutable storage buffer and its NCHW shape.
 #[derive(Clone, Debug)]
 pub struct WgpuTensor {
-    buf: Arc<wgpu::Buffer>,
+    buf: Arc<Pooled>,
     shape: [usize; 4],
+}
+
+/// Free storage buffers by size. A buffer a kernel writes can be reused as soon as its tensor is dropped,
+/// even while commands that read it are still recorded: the dispatches of a pass (and the submits of the
+/// queue) run in order, with wgpu's barriers between them. Uploads never come from here (they are written by
+/// the queue, ahead of the recorded commands).
+type Pool = Mutex<HashMap<u64, Vec<wgpu::Buffer>>>;
+
+/// A storage buffer that goes back to its pool when the last tensor holding it is dropped.
+#[derive(Debug)]
+struct Pooled {
+    buf: Option<wgpu::Buffer>,
+    pool: Option<std::sync::Weak<Pool>>,
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = wgpu::Buffer;
+    fn deref(&self) -> &wgpu::Buffer {
+        self.buf.as_ref().expect("a live buffer")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let (Some(buf), Some(pool)) = (
+            self.buf.take(),
+            self.pool.as_ref().and_then(|p| p.upgrade()),
+        ) {
+            let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+            let free = pool.entry(buf.size()).or_default();
+            if free.len() < POOL_PER_SIZE {
+                free.push(buf);
+            }
+        }
+    }
 }
 
 impl WgpuTensor {
@@ -79,6 +118,9 @@ struct Pending {
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
     dispatches: usize,
+    /// The recorded dispatches' parameters, one aligned slot each: written to `WgpuBackend::uniforms` just
+    /// before the submit, bound with dynamic offsets.
+    params: Vec<u8>,
     /// With profiling on, every dispatch gets its own pass with timestamps.
     profiler: Option<Profiler>,
 }
@@ -144,6 +186,10 @@ pub struct WgpuBackend {
     dummy_out: wgpu::Buffer,
     dummy_flag: wgpu::Buffer,
     pending: Mutex<Pending>,
+    /// The parameters of up to `MAX_PENDING` dispatches, one `align`-byte slot each.
+    uniforms: wgpu::Buffer,
+    align: usize,
+    pool: Arc<Pool>,
     /// The first device error (validation, out of memory), reported at the next read-back.
     error: Arc<Mutex<Option<String>>>,
 }
@@ -251,8 +297,8 @@ impl WgpuBackend {
             visibility: wgpu::ShaderStages::COMPUTE,
             ty: wgpu::BindingType::Buffer {
                 ty: wgpu::BufferBindingType::Uniform,
-                has_dynamic_offset: false,
-                min_binding_size: None,
+                has_dynamic_offset: true,
+                min_binding_size: std::num::NonZeroU64::new(PARAMS_BYTES as u64),
             },
             count: None,
         }];
@@ -277,6 +323,14 @@ impl WgpuBackend {
             })
         };
         let (dummy_in, dummy_out, dummy_flag) = (buffer("in"), buffer("out"), buffer("flag"));
+        let align =
+            (device.limits().min_uniform_buffer_offset_alignment as usize).max(PARAMS_BYTES);
+        let uniforms = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("parameters"),
+            size: (MAX_PENDING * align) as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         let b = WgpuBackend {
             device,
             queue,
@@ -292,8 +346,12 @@ impl WgpuBackend {
                 encoder: None,
                 pass: None,
                 dispatches: 0,
+                params: Vec::new(),
                 profiler: None,
             }),
+            uniforms,
+            align,
+            pool: Arc::new(Mutex::new(HashMap::new())),
             error,
         };
         b.check()?;
@@ -339,15 +397,29 @@ impl WgpuBackend {
             .clone()
     }
 
-    fn alloc(&self, len: usize) -> Arc<wgpu::Buffer> {
-        Arc::new(self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: (len.max(1) * 4) as u64,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        }))
+    /// A storage buffer for `len` floats that a kernel will write: a free one of that size, else a new one.
+    fn alloc(&self, len: usize) -> Arc<Pooled> {
+        let size = (len.max(1) * 4) as u64;
+        let reused = self
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&size)
+            .and_then(|v| v.pop());
+        let buf = reused.unwrap_or_else(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        });
+        Arc::new(Pooled {
+            buf: Some(buf),
+            pool: Some(Arc::downgrade(&self.pool)),
+        })
     }
 
     fn tensor(&self, shape: [usize; 4]) -> WgpuTensor {
@@ -393,16 +465,20 @@ impl WgpuBackend {
             return;
         }
         let pipeline = self.pipeline(kernel);
-        let params = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents: &p.bytes(),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.params.len() + self.align > self.uniforms.size() as usize {
+            self.submit_locked(&mut pending, None);
+        }
+        let offset = pending.params.len();
+        pending.params.extend_from_slice(&p.bytes());
+        pending.params.resize(offset + self.align, 0);
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
-            resource: params.as_entire_binding(),
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &self.uniforms,
+                offset: 0,
+                size: std::num::NonZeroU64::new(PARAMS_BYTES as u64),
+            }),
         }];
         for k in 0..6 {
             let b = inputs.get(k).copied().unwrap_or(&self.dummy_in);
@@ -424,7 +500,7 @@ impl WgpuBackend {
             layout: &self.group_layout,
             entries: &entries,
         });
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let offsets = [offset as u32];
         if pending.profiler.is_some() {
             let p = &mut *pending;
             let enc = p.encoder.get_or_insert_with(|| {
@@ -442,7 +518,7 @@ impl WgpuBackend {
                 }),
             });
             pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &group, &[]);
+            pass.set_bind_group(0, &group, &offsets);
             pass.dispatch_workgroups(gx as u32, gy as u32, 1);
             drop(pass);
             prof.names.push(kernel);
@@ -453,7 +529,7 @@ impl WgpuBackend {
         }
         let pass = pending.pass(&self.device);
         pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &group, &[]);
+        pass.set_bind_group(0, &group, &offsets);
         pass.dispatch_workgroups(gx as u32, gy as u32, 1);
         pending.dispatches += 1;
         if pending.dispatches >= MAX_PENDING {
@@ -483,6 +559,11 @@ impl WgpuBackend {
         }
         cmds.extend(then);
         pending.dispatches = 0;
+        if !pending.params.is_empty() {
+            // ordered before this submit's commands, after every earlier submit's
+            self.queue.write_buffer(&self.uniforms, 0, &pending.params);
+            pending.params.clear();
+        }
         if !cmds.is_empty() {
             self.queue.submit(cmds);
         }
@@ -744,7 +825,10 @@ impl Backend for WgpuBackend {
                     | wgpu::BufferUsages::COPY_DST,
             });
         WgpuTensor {
-            buf: Arc::new(buf),
+            buf: Arc::new(Pooled {
+                buf: Some(buf),
+                pool: None,
+            }),
             shape: t.shape,
         }
     }
@@ -763,7 +847,7 @@ impl Backend for WgpuBackend {
         p: Conv2dParams,
     ) -> WgpuTensor {
         let (params, shape) = conv_params(x.shape, w.shape, p, bias.is_some());
-        let b = bias.map(|b| &*b.buf).unwrap_or(&self.dummy_in);
+        let b: &wgpu::Buffer = bias.map(|b| &**b.buf).unwrap_or(&self.dummy_in);
         self.conv_tiled(params, &[&x.buf, &w.buf, b], shape)
     }
     fn mean_pool2(&self, x: &WgpuTensor) -> WgpuTensor {
@@ -1033,7 +1117,7 @@ impl Backend for WgpuBackend {
             (a * a) as f32,
             (s * s) as f32,
         ]);
-        let m = mean.map(|m| &*m.buf).unwrap_or(&self.dummy_in);
+        let m: &wgpu::Buffer = mean.map(|m| &**m.buf).unwrap_or(&self.dummy_in);
         self.map_kernel("gaussian_score", p, &[&z.buf, m, &var.buf], z.shape)
     }
     fn all_finite(&self, ts: &[&WgpuTensor]) -> Result<bool> {
