@@ -144,6 +144,9 @@ impl Rule {
     }
 }
 
+/// The most reverse-time steps a run takes (the method uses 600).
+pub const MAX_STEPS: usize = 10_000_000;
+
 /// Settings of one sampling run.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplerConfig {
@@ -179,6 +182,13 @@ impl SamplerConfig {
         self.sde.validate()?;
         if self.steps == 0 {
             return Err(Error::invalid("steps must be at least 1"));
+        }
+        if self.steps > MAX_STEPS {
+            // the time grid is stored: a mistyped step count must not allocate gigabytes
+            return Err(Error::invalid(format!(
+                "steps must be at most {MAX_STEPS}, got {}",
+                self.steps
+            )));
         }
         for (name, v) in [
             ("lambda", self.lambda),

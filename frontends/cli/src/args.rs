@@ -11,6 +11,7 @@ use jointdiff_core::sde::Sde;
 use jointdiff_runtime::{BackendKind, Runtime};
 use std::io::IsTerminal;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -247,4 +248,32 @@ pub fn progress_bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
     );
     pb.set_message(what.to_string());
     pb
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Ctrl-C stops a long run at the end of its current step (a second Ctrl-C ends the process at once).
+pub fn catch_ctrl_c() {
+    let _ = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+}
+
+/// The progress callback of a long run: moves the bar; returns false (stop) after Ctrl-C.
+pub fn step_progress(pb: &ProgressBar) -> impl FnMut(usize, usize) -> bool + '_ {
+    move |k, _| {
+        pb.set_position(k as u64);
+        !INTERRUPTED.load(Ordering::SeqCst)
+    }
+}
+
+/// A long run's error, said as an interruption when Ctrl-C stopped it.
+pub fn run_error(e: impl std::fmt::Display) -> anyhow::Error {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        anyhow!("interrupted (Ctrl-C): {e}; nothing was written")
+    } else {
+        anyhow!("{e}")
+    }
 }

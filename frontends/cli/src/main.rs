@@ -97,6 +97,7 @@ fn main() -> ExitCode {
         }
     };
     let quiet = cli.quiet;
+    args::catch_ctrl_c();
     let r = match cli.cmd {
         Cmd::Info(a) => info::run(a),
         Cmd::Score(a) => score::run(a),

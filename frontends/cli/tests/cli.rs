@@ -404,6 +404,10 @@ fn bad_input_gives_one_clear_line() {
         fails(&a, needles)
     };
     den(&["--noise", "gaussian:0.1", "--steps", "0"], &["steps"]);
+    den(
+        &["--noise", "gaussian:0.1", "--steps", "1000000000"],
+        &["steps must be at most"],
+    );
     den(&["--noise", "gaussian:-1"], &["std must be >= 0"]);
     den(&["--noise", "sine:abc"], &["not a number"]);
     den(&["--noise", "gaussian:0.1", "--lambda=-1"], &["lambda"]);
@@ -819,7 +823,7 @@ fn demo_and_denoise_run_on_the_embedded_default_models() {
     assert!(text.contains("ngf 32") && text.contains("digits"), "{text}");
 }
 
-/// No lost work: an output that cannot be written stops the command before the computation (a billion
+/// No lost work: an output that cannot be written stops the command before the computation (a million
 /// steps would not end otherwise), with one line naming the path; a written output leaves no temporary file.
 #[test]
 fn outputs_are_checked_before_the_work_and_written_whole() {
@@ -836,7 +840,7 @@ fn outputs_are_checked_before_the_work_and_written_whole() {
             "--noise",
             "gaussian:0.1",
             "--steps",
-            "1000000000",
+            "1000000",
             "--out",
             bad,
         ],
@@ -853,7 +857,7 @@ fn outputs_are_checked_before_the_work_and_written_whole() {
             "--noise",
             "gaussian:0.1",
             "--steps",
-            "1000000000",
+            "1000000",
             "--out",
             out.to_str().unwrap(),
             "--png",
@@ -863,15 +867,7 @@ fn outputs_are_checked_before_the_work_and_written_whole() {
     );
     fails(
         &[
-            "sample",
-            "--model",
-            &model,
-            "--size",
-            "28",
-            "--steps",
-            "1000000000",
-            "--out",
-            bad,
+            "sample", "--model", &model, "--size", "28", "--steps", "1000000", "--out", bad,
         ],
         &[bad],
     );
@@ -914,4 +910,56 @@ fn outputs_are_checked_before_the_work_and_written_whole() {
         .filter(|n| n.ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+/// Ctrl-C (SIGINT) stops a denoise at the end of its step with one clear line, and writes nothing. A million
+/// steps would not end otherwise; the test gives the process 60 s.
+#[test]
+fn ctrl_c_stops_a_denoise_with_a_clear_line() {
+    let out = tmp("interrupted.npy");
+    let _ = std::fs::remove_file(&out);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jointdiff"))
+        .args([
+            "denoise",
+            "--measurement",
+            &fx("golden/ncsnv2_28x28x1_ngf16_input.npy"),
+            "--signal-model",
+            &fx(MODEL),
+            "--noise",
+            "gaussian:0.1",
+            "--steps",
+            "1000000",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // time to load the model and start sampling (the handler is installed before anything else)
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "still running 60 s after Ctrl-C"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("interrupted (Ctrl-C)") && err.contains("cancelled at step"),
+        "{err}"
+    );
+    assert!(!out.exists(), "an interrupted run wrote its output");
 }

@@ -136,11 +136,8 @@ fn run_on(
         let plan = spec.plan([k, 1, 28, 28]).map_err(|e| anyhow!("{e}"))?;
         let pb = progress_bar(quiet, a.steps, what);
         let r = rt
-            .denoise(&plan, &y, a.seed, &mut |s, _| {
-                pb.set_position(s as u64);
-                true
-            })
-            .map_err(|e| anyhow!("{e}"));
+            .denoise(&plan, &y, a.seed, &mut args::step_progress(&pb))
+            .map_err(args::run_error);
         pb.finish_and_clear();
         r
     };

@@ -1,7 +1,9 @@
 //! `jointdiff denoise`: joint posterior sampling of measurements. Builds core's `DenoiseSpec` from the
 //! options, plans it for the measurement's shape (every check is the plan's) and runs it on the chosen
 //! backend; reading, writing and reporting stay here.
-use crate::args::{self, progress_bar, BackendArgs, OperatorArgs, RuleArgs, SamplingArgs};
+use crate::args::{
+    self, progress_bar, step_progress, BackendArgs, OperatorArgs, RuleArgs, SamplingArgs,
+};
 use crate::io;
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
@@ -152,13 +154,8 @@ pub fn run(a: DenoiseArgs, quiet: bool) -> Result<()> {
     ])?;
     let pb = progress_bar(quiet, plan.config.steps, "denoise");
     let post = rt
-        .run(|| {
-            rt.denoise(&plan, &y_arr.data, a.sampling.seed, &mut |k, _| {
-                pb.set_position(k as u64);
-                true
-            })
-        })
-        .map_err(|e| anyhow!("{ypath}: {e}"))?;
+        .run(|| rt.denoise(&plan, &y_arr.data, a.sampling.seed, &mut step_progress(&pb)))
+        .map_err(|e| args::run_error(format!("{ypath}: {e}")))?;
     pb.finish_and_clear();
     let (post, std) = (post.estimate, post.signal_std);
     io::write_npy(&a.out, &post.signal.shape, &post.signal.data)?;

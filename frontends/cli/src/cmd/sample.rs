@@ -62,13 +62,10 @@ pub fn run(a: SampleArgs, quiet: bool) -> Result<()> {
                 a.count,
                 &config,
                 s.seed,
-                &mut |k, _| {
-                    pb.set_position(k as u64);
-                    true
-                },
+                &mut args::step_progress(&pb),
             )
         })
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(args::run_error)?;
     pb.finish_and_clear();
     io::write_npy(&a.out, &out.shape, &out.data)?;
     if let Some(p) = &a.png {
