@@ -2,12 +2,13 @@
 //! transfers (`Counting`), after the first step a sampler step uploads only its Gaussian noise (w_x and w_n,
 //! and xi for the projection rule) and reads back nothing but the non-finite flag, for projection, dps and
 //! pigdm, with network and Gaussian priors and with a diagonal and a dense operator. `x` and `n` come down
-//! once, at the end.
+//! once, at the end. Run on the CPU backend and on the GPU backend.
 use jointdiff_core::ncsnv2::{Ncsnv2, Ncsnv2Config};
 use jointdiff_core::operator::Operator;
 use jointdiff_core::prior::{GaussianPrior, NetworkPrior, Prior};
 use jointdiff_core::rng::Rng;
 use jointdiff_core::sampler::{JointSampler, Rule, SamplerConfig};
+use jointdiff_core::Backend;
 use jointdiff_cpu::CpuBackend;
 use jointdiff_tests::counting::{Counting, Snapshot};
 use jointdiff_tests::init_by_name;
@@ -25,7 +26,26 @@ type Case<'a, B> = (
 
 #[test]
 fn a_step_uploads_its_noise_and_reads_back_one_flag() {
-    let b = Counting::new(CpuBackend);
+    check(Counting::new(CpuBackend));
+}
+
+/// The same on the GPU backend (lavapipe in CI; without an adapter it says so and passes unless
+/// `JOINTDIFF_REQUIRE_GPU=1`).
+#[test]
+fn on_the_gpu_backend_too() {
+    match jointdiff_wgpu::WgpuBackend::new() {
+        Ok(g) => check(Counting::new(g)),
+        Err(e) => {
+            assert!(
+                std::env::var("JOINTDIFF_REQUIRE_GPU").as_deref() != Ok("1"),
+                "JOINTDIFF_REQUIRE_GPU=1 but no wgpu adapter: {e}"
+            );
+            eprintln!("\n*** NO WGPU ADAPTER: the GPU residency check did not run ({e}) ***\n");
+        }
+    }
+}
+
+fn check<B: Backend + 'static>(b: Counting<B>) {
     let item = [1, 8, 8];
     let d = 64;
     let items = 2;
