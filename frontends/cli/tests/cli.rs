@@ -963,3 +963,68 @@ fn ctrl_c_stops_a_denoise_with_a_clear_line() {
     );
     assert!(!out.exists(), "an interrupted run wrote its output");
 }
+
+/// A training run killed with SIGKILL (at any moment, possibly while it writes a checkpoint) leaves its last
+/// complete checkpoint, and `--resume` from it gives the bytes of a run that was never interrupted.
+#[test]
+fn a_killed_training_resumes_bit_exactly_from_its_last_checkpoint() {
+    let mut imgs = Vec::new();
+    for i in 0..24 {
+        for p in 0..64 {
+            imgs.push(((i * 5 + p * 3) % 13) as f32 / 13.0);
+        }
+    }
+    let data = write("kill_data.npy", &NpyArray::to_bytes(&[24, 1, 8, 8], &imgs));
+    let (killed, straight) = (tmp("killed.safetensors"), tmp("straight_k.safetensors"));
+    let _ = std::fs::remove_file(&killed);
+    let args = |out: &Path, steps: usize| {
+        vec![
+            "train".to_string(),
+            "--data".into(),
+            data.clone(),
+            "--out".into(),
+            out.display().to_string(),
+            "--ngf".into(),
+            "2".into(),
+            "--batch".into(),
+            "4".into(),
+            "--steps".into(),
+            steps.to_string(),
+            "--checkpoint-every".into(),
+            "1".into(),
+        ]
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jointdiff"))
+        .args(args(&killed, 1_000_000))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !killed.exists() {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // the file is a whole checkpoint
+    let mf = ModelFile::from_bytes(&std::fs::read(&killed).unwrap()).expect("a whole checkpoint");
+    let step: usize = mf.meta.provenance["steps"].parse().unwrap();
+    assert!(step >= 1);
+    println!("killed after step {step}");
+    let target = step + 2;
+    let run_args = |v: Vec<String>| {
+        let r: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+        ok(&r)
+    };
+    let mut resume = args(&killed, target);
+    resume.push("--resume".into());
+    run_args(resume);
+    run_args(args(&straight, target));
+    assert_eq!(
+        std::fs::read(&killed).unwrap(),
+        std::fs::read(&straight).unwrap(),
+        "resumed from step {step} to {target}"
+    );
+}
