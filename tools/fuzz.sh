@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Fuzzes jointdiff's readers with libFuzzer (cargo-fuzz, nightly): the safetensors model reader, the npy
+# reader and the C ABI's jd_model_load_buffer. Each target runs SECONDS (default 60) from the committed seeds
+# (fuzz/seeds/TARGET) and its growing corpus (fuzz/corpus/TARGET, not committed), with a 512 MB RSS limit;
+# a crash, timeout, leak or out-of-memory stops it and leaves the input in fuzz/artifacts/TARGET/.
+#
+#   bash tools/fuzz.sh [SECONDS] [TARGET...]
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT/fuzz"
+SECS="${1:-60}"
+shift || true
+TARGETS=("$@")
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(model_file npy capi_load_buffer)
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+for t in "${TARGETS[@]}"; do
+  mkdir -p "corpus/$t"
+  echo "== $t (${SECS} s)"
+  cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
+    -max_total_time="$SECS" -rss_limit_mb=512 -max_len=262144 -timeout=10 -print_final_stats=1 2>&1 |
+    grep -E "stat::number_of_executed_units|stat::peak_rss_mb|ERROR|SUMMARY|Done" || true
+done
