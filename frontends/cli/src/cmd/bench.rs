@@ -35,13 +35,7 @@ pub struct BenchForwardArgs {
     #[arg(long, default_value_t = 10)]
     iters: usize,
     #[command(flatten)]
-    backend: BackendArgs,
-    /// Print one JSON object (keys ms_per_forward, images_per_s, gflops, ...).
-    #[arg(long)]
-    json: bool,
-    /// Also list the GPU time per kernel (wgpu, from timestamp queries) of one more forward.
-    #[arg(long)]
-    profile: bool,
+    out: BenchOutput,
 }
 
 #[derive(Args)]
@@ -58,11 +52,18 @@ pub struct BenchStepArgs {
     #[arg(long)]
     noise: Option<String>,
     #[command(flatten)]
+    out: BenchOutput,
+}
+
+/// Where `bench forward` and `bench step` run and how they report.
+#[derive(Args)]
+pub struct BenchOutput {
+    #[command(flatten)]
     backend: BackendArgs,
-    /// Print one JSON object (keys ms_per_step, images_per_s, ...).
+    /// Print one JSON object (keys ms_per_forward or ms_per_step, images_per_s, ...).
     #[arg(long)]
     json: bool,
-    /// Also list the GPU time per kernel (wgpu, from timestamp queries) of two more steps.
+    /// Also list the GPU time per kernel (wgpu, from timestamp queries) of two more runs.
     #[arg(long)]
     profile: bool,
 }
@@ -135,7 +136,7 @@ fn time_forward<B: Backend>(b: &B, cfg: Ncsnv2Config, x: &Tensor, iters: usize) 
 }
 
 fn forward(a: BenchForwardArgs) -> Result<()> {
-    let rt = a.backend.runtime()?;
+    let rt = a.out.backend.runtime()?;
     if a.iters == 0 || a.batch == 0 {
         bail!("--iters and --batch must be at least 1");
     }
@@ -157,7 +158,7 @@ fn forward(a: BenchForwardArgs) -> Result<()> {
             iters: a.iters,
         })
     })?;
-    let kernels = if a.profile {
+    let kernels = if a.out.profile {
         // warm-up + 1 forward, timed per kernel on the GPU
         profiled(&rt, 2, || {
             rt.run(|| {
@@ -177,7 +178,7 @@ fn forward(a: BenchForwardArgs) -> Result<()> {
     let gflops = gflop / (ms / 1e3);
     let backend = rt.kind().name();
     let threads = rayon_threads();
-    if a.json {
+    if a.out.json {
         println!(
             "{}",
             serde_json::json!({
@@ -257,7 +258,7 @@ fn rayon_threads() -> usize {
 /// A denoise job planned by core, timed on the runtime's backend: wall time of `steps` steps divided by
 /// `steps` (after a 2-step warm-up that builds the networks and fills the buffer pools).
 fn step(a: BenchStepArgs) -> Result<()> {
-    let rt = a.backend.runtime()?;
+    let rt = a.out.backend.runtime()?;
     if a.batch == 0 || a.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
@@ -286,7 +287,7 @@ fn step(a: BenchStepArgs) -> Result<()> {
     };
     time(2)?;
     let ms = time(a.steps)? / a.steps as f64;
-    let kernels = if a.profile {
+    let kernels = if a.out.profile {
         profiled(&rt, 2, || time(2).map(drop))?
     } else {
         Vec::new()
@@ -294,7 +295,7 @@ fn step(a: BenchStepArgs) -> Result<()> {
     let images_per_s = a.batch as f64 * 1e3 / ms;
     let rule = a.rule.rule().name();
     let noise = a.noise.as_deref().unwrap_or("builtin:digits");
-    if a.json {
+    if a.out.json {
         println!(
             "{}",
             serde_json::json!({
