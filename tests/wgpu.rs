@@ -157,6 +157,9 @@ fn every_kernel_agrees_with_the_reference_on_odd_shapes() {
         ([2, 3, 4, 5], (7, 9)),
         ([1, 2, 1, 1], (3, 3)),
         ([1, 2, 6, 6], (3, 4)),
+        // NCSNv2's upsampling sizes
+        ([1, 2, 7, 7], (14, 14)),
+        ([1, 1, 14, 14], (28, 28)),
     ] {
         let s = rand(from, 9, 1.0, 0.0);
         close(

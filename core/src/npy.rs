@@ -131,20 +131,22 @@ impl NpyArray {
         })
     }
 
-    /// Interprets the array as images: HW -> [1,1,H,W], CHW -> [1,C,H,W], NCHW as is.
+    /// The array's shape read as images: HW -> [1,1,H,W], CHW -> [1,C,H,W], NCHW as is.
+    pub fn nchw_shape(&self) -> Result<[usize; 4]> {
+        match self.shape[..] {
+            [h, w] => Ok([1, 1, h, w]),
+            [c, h, w] => Ok([1, c, h, w]),
+            [n, c, h, w] => Ok([n, c, h, w]),
+            _ => Err(Error::shape(format!(
+                "array of shape {:?} is not an image batch (HW, CHW or NCHW)",
+                self.shape
+            ))),
+        }
+    }
+
+    /// Interprets the array as images ([`NpyArray::nchw_shape`]).
     pub fn into_nchw(self) -> Result<Tensor> {
-        let s = match self.shape[..] {
-            [h, w] => [1, 1, h, w],
-            [c, h, w] => [1, c, h, w],
-            [n, c, h, w] => [n, c, h, w],
-            _ => {
-                return Err(Error::shape(format!(
-                    "array of shape {:?} is not an image batch (HW, CHW or NCHW)",
-                    self.shape
-                )))
-            }
-        };
-        Tensor::from_vec(s, self.data)
+        Tensor::from_vec(self.nchw_shape()?, self.data)
     }
 
     /// Serialises f32 values of any shape as npy version 1.0.

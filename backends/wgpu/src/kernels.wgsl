@@ -357,18 +357,31 @@ fn resize_bilinear(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_wo
         + ty.l1 * (tx.l0 * in0[b + ty.i1 * w + tx.i0] + tx.l1 * in0[b + ty.i1 * w + tx.i1]);
 }
 
-// One invocation per input value: the sum over the outputs whose taps reach it, in the reference's order.
+// The outputs (along one axis) whose taps can reach input index `i`: src = scale * o must lie in
+// [i - 1, i + 1), widened by 2 for rounding; all of them when the output has one value.
+fn reach(out_len: u32, in_len: u32, i: u32) -> vec2<u32> {
+    if (out_len <= 1u || in_len <= 1u) { return vec2<u32>(0u, out_len); }
+    let scale = (f32(in_len) - 1.0) / (f32(out_len) - 1.0);
+    let lo = max(floor((f32(i) - 1.0) / scale) - 2.0, 0.0);
+    let hi = min(ceil((f32(i) + 1.0) / scale) + 2.0, f32(out_len));
+    return vec2<u32>(u32(lo), u32(hi));
+}
+
+// One invocation per input value: the sum over the outputs whose taps reach it, in the reference's order
+// (only the outputs in reach are visited; the tap tests below decide).
 @compute @workgroup_size(64)
 fn resize_bilinear_bwd(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let h = p.u0.y; let w = p.u0.z; let ho = p.u1.x; let wo = p.u1.y;
     let i = index(id, nw);
     if (i >= p.u0.x * h * w) { return; }
     let x = i % w; let y = (i / w) % h; let pl = i / (w * h);
+    let ry = reach(ho, h, y);
+    let rx = reach(wo, w, x);
     var s = 0.0;
-    for (var oy = 0u; oy < ho; oy++) {
+    for (var oy = ry.x; oy < ry.y; oy++) {
         let ty = taps(ho, h, oy);
         if (ty.i0 != y && ty.i1 != y) { continue; }
-        for (var ox = 0u; ox < wo; ox++) {
+        for (var ox = rx.x; ox < rx.y; ox++) {
             let tx = taps(wo, w, ox);
             let g = in0[pl * ho * wo + oy * wo + ox];
             if (ty.i0 == y && tx.i0 == x) { s += g * ty.l0 * tx.l0; }

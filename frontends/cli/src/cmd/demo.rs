@@ -9,7 +9,7 @@ use clap::Args;
 use jointdiff_core::metrics::{psnr, ssim};
 use jointdiff_core::npy::NpyArray;
 use jointdiff_core::operator::Operator;
-use jointdiff_core::plan::{DenoiseSpec, NetworkModel, NoisePrior, SignalPrior};
+use jointdiff_core::plan::{DenoisePlan, DenoiseSpec, NetworkModel, NoisePrior, SignalPrior};
 use jointdiff_core::sampler::PosteriorStats;
 use jointdiff_core::Tensor;
 use jointdiff_runtime::Runtime;
@@ -127,28 +127,24 @@ fn run_on(
         s.samples = a.samples;
         s
     };
-    let joint_spec = spec(NoisePrior::Network(nmodel.clone()));
-    let base_spec = spec(NoisePrior::Gaussian {
+    let plan = |noise: NoisePrior| spec(noise).plan([k, 1, 28, 28]).map_err(|e| anyhow!("{e}"));
+    let joint_plan = plan(NoisePrior::Network(nmodel.clone()))?;
+    let base_plan = plan(NoisePrior::Gaussian {
         std: DIGIT_TRAIN_STD as f64,
         mean: DIGIT_TRAIN_MEAN as f64,
-    });
-    let run = |spec: &DenoiseSpec, what: &str| -> Result<PosteriorStats> {
-        let plan = spec.plan([k, 1, 28, 28]).map_err(|e| anyhow!("{e}"))?;
+    })?;
+    let run = |plan: &DenoisePlan, what: &str| -> Result<PosteriorStats> {
         let pb = progress_bar(quiet, a.steps, what);
         let r = rt
-            .denoise(&plan, &y, a.seed, &mut args::step_progress(&pb))
+            .denoise(plan, &y, a.seed, &mut args::step_progress(&pb))
             .map_err(args::run_error);
         pb.finish_and_clear();
         r
     };
-    let (rule, lambda, mu) = {
-        let p = joint_spec
-            .plan([k, 1, 28, 28])
-            .map_err(|e| anyhow!("{e}"))?;
-        (p.config.rule, p.config.lambda, p.config.mu)
-    };
-    let joint = run(&joint_spec, "joint")?;
-    let base = run(&base_spec, "baseline")?;
+    let c = &joint_plan.config;
+    let (rule, lambda, mu) = (c.rule, c.lambda, c.mu);
+    let joint = run(&joint_plan, "joint")?;
+    let base = run(&base_plan, "baseline")?;
     let y_t = Tensor::from_vec([k, 1, 28, 28], y.clone()).map_err(|e| anyhow!("{e}"))?;
     let inverse = Tensor {
         shape: y_t.shape,

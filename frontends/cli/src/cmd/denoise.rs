@@ -139,8 +139,8 @@ pub fn run(a: DenoiseArgs, quiet: bool) -> Result<()> {
     let ypath = a.measurement.display().to_string();
     let y_arr = io::read_array(&a.measurement)?;
     // images: NCHW (CHW, HW); a matrix operator reads any layout as consecutive items of m values
-    let shape = match y_arr.clone().into_nchw() {
-        Ok(t) => t.shape,
+    let shape = match y_arr.nchw_shape() {
+        Ok(s) => s,
         Err(_) if a.op.is_matrix() => [1, 1, 1, y_arr.data.len()],
         Err(e) => bail!("{ypath}: {e}"),
     };
