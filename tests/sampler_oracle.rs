@@ -630,3 +630,49 @@ fn pigdm_stays_stable_under_vp_with_a_mis_scaled_score() {
         assert!((em - want).abs() < 0.1, "pigdm mean x[{j}]: {em} vs {want}");
     }
 }
+
+#[test]
+fn projection_with_a_large_operator_norm_stays_consistent() {
+    // compressed sensing: A 40 x 80 with entries N(0, 1/40), ||A||^2 about (1 + sqrt 2)^2 = 5.8. With the
+    // default weights lambda = mu = 0.5, the unnormalised step lambda ||A||^2 + mu alpha^2 is about 3.4 > 2
+    // and the loop diverges; normalised by max(1, ||A||^2) it is a contraction.
+    let (m, d) = (40, 80);
+    let op = jointdiff_core::baselines::gaussian_matrix(m, d, 3).unwrap();
+    let norm2 = op.norm2(d).unwrap();
+    assert!(norm2 > 4.0, "{norm2}");
+    let prior = GaussianPrior::new(vec![0.0], vec![1.0]).unwrap();
+    let mut rng = Rng::stream(9, 0, 0);
+    let x: Vec<f32> = (0..d).map(|_| rng.normal() as f32).collect();
+    let mut y = vec![0f32; m];
+    op.apply(&x, &mut y);
+    y.iter_mut().for_each(|v| *v += 0.1 * rng.normal() as f32);
+    let (lambda, mu) = Rule::Projection.default_weights();
+    let config = SamplerConfig {
+        sde: Sde::vp_default(),
+        steps: 200,
+        eps: 1e-3,
+        rule: Rule::Projection,
+        lambda,
+        mu,
+        alpha: 1.0,
+        clip: None,
+    };
+    let (xg, ng) = (
+        prior.on(&B, [1, 1, d]).unwrap(),
+        prior.on(&B, [1, 1, m]).unwrap(),
+    );
+    let sampler = JointSampler::new(&B, config, &op, None, &xg, &ng, [1, 1, d], [1, 1, m]).unwrap();
+    let post = sampler
+        .sample(&y, 1, &mut |_, _| true)
+        .expect("projection must not diverge on a large-norm operator");
+    // the estimate explains the measurement: ||A x + n - y|| well below ||y||
+    let mut ax = vec![0f32; m];
+    op.apply(&post.signal.data, &mut ax);
+    let res: f64 = (0..m)
+        .map(|j| ((ax[j] + post.noise.data[j] - y[j]) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let ny: f64 = y.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+    println!("residual {res:.4}, ||y|| {ny:.4}, ||A||^2 {norm2:.3}");
+    assert!(res < 0.3 * ny, "residual {res} vs ||y|| {ny}");
+}

@@ -10,6 +10,7 @@
 extern crate alloc;
 
 pub mod backend;
+pub mod baselines;
 #[cfg(feature = "default-models")]
 pub mod defaults;
 pub mod error;

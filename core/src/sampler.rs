@@ -111,7 +111,9 @@ fn clip<B: Backend>(b: &B, t: B::Tensor, range: Option<[f32; 2]>) -> B::Tensor {
 /// Data-consistency rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rule {
-    /// `r = y_t - (A x + alpha n)`, `x += lambda A^T r`, `n += mu alpha r` (the default; forward passes only).
+    /// `r = y_t - (A x + alpha n)`, `x += lambda A^T r / max(1, ||A||^2)`, `n += mu alpha r / max(1, alpha^2)`
+    /// (forward passes only). The normalisation keeps the step a contraction for `lambda, mu < 1` whatever
+    /// the operator's norm; it is 1 for every operator with `||A|| <= 1` and `alpha <= 1`.
     Projection,
     /// DPS: `x -= lambda grad_x ||rho||`, `n -= mu grad_n ||rho||` through Tweedie's estimates (one VJP of
     /// each score network per step), `rho = y - (A x0_hat + alpha n0_hat)`, norm per sample; as pigdm, the
@@ -367,6 +369,8 @@ pub struct JointSampler<'a, B: Backend> {
     noise_shape: [usize; 3],
     /// Values per measurement (`m`).
     m: usize,
+    /// Projection's step normalisation `(1 / max(1, ||A||^2), 1 / max(1, alpha^2))`.
+    projection_scale: (f32, f32),
 }
 
 impl<'a, B: Backend> JointSampler<'a, B> {
@@ -416,7 +420,15 @@ impl<'a, B: Backend> JointSampler<'a, B> {
             ),
             _ => None,
         };
+        let projection_scale = match config.rule {
+            Rule::Projection => (
+                (1.0 / operator.norm2(d)?.max(1.0)) as f32,
+                (1.0 / (config.alpha * config.alpha).max(1.0)) as f32,
+            ),
+            _ => (1.0, 1.0),
+        };
         Ok(JointSampler {
+            projection_scale,
             backend,
             config,
             operator: operator.on(backend, signal_shape)?,
@@ -532,12 +544,14 @@ impl<'a, B: Backend> JointSampler<'a, B> {
             match guidance {
                 None => {
                     let (a32, s32) = (sde.a(t) as f32, sde.s(t) as f32);
-                    // r = (a y + s xi) - (A x + alpha n); x += lambda A^T r; n += mu alpha r
+                    // r = (a y + s xi) - (A x + alpha n); x += lambda' A^T r; n += mu' alpha r, the
+                    // weights normalised by the operator's and alpha's norms
+                    let (sx, sn) = self.projection_scale;
                     let y_t = b.axpby(a32, &yd, s32, &b.upload(&xi));
                     let pred = b.axpby(1.0, &self.operator.apply(b, &xn, ns), alpha, &nn);
                     let r = b.axpby(1.0, &y_t, -1.0, &pred);
-                    x = b.axpby(1.0, &xn, lam, &self.operator.adjoint(b, &r, xs));
-                    n = b.axpby(1.0, &nn, mu * alpha, &r);
+                    x = b.axpby(1.0, &xn, lam * sx, &self.operator.adjoint(b, &r, xs));
+                    n = b.axpby(1.0, &nn, mu * sn * alpha, &r);
                 }
                 Some((gx, gn)) => {
                     x = b.axpby(1.0, &xn, lam, &gx);

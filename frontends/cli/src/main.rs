@@ -8,7 +8,7 @@ mod cmd;
 mod io;
 
 use clap::{Parser, Subcommand};
-use cmd::{backends, bench, corrupt, demo, denoise, info, sample, score, train};
+use cmd::{backends, bench, corrupt, demo, denoise, eval, info, sample, score, train};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -39,6 +39,8 @@ enum Cmd {
     Denoise(denoise::DenoiseArgs),
     /// The method's MNIST experiment on held-out data: PSNR/SSIM table and demo.png.
     Demo(demo::DemoArgs),
+    /// The method's experiments against classic and learned baselines (results.md, grid.png, summary.json).
+    Eval(eval::EvalArgs),
     /// Train a score model by denoising score matching (checkpoints, --resume, validation loss).
     Train(train::TrainArgs),
     /// List the compute backends of this build and the GPU adapters found.
@@ -106,6 +108,7 @@ fn main() -> ExitCode {
         Cmd::Denoise(a) => denoise::run(a, quiet),
         Cmd::Train(a) => train::run(a, quiet),
         Cmd::Demo(a) => demo::run(a, quiet),
+        Cmd::Eval(a) => eval::run(a, quiet),
         Cmd::Bench(c) => bench::run(c),
         Cmd::Backends(a) => backends::run(a),
     };

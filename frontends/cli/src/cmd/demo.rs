@@ -16,8 +16,8 @@ use jointdiff_runtime::Runtime;
 use std::path::PathBuf;
 
 /// Held-out data embedded in the binary (fixtures/data, see fixtures/README.md).
-const FASHION: &[u8] = include_bytes!("../../../../fixtures/data/fashion_t10k_200.npy");
-const DIGITS: &[u8] = include_bytes!("../../../../fixtures/data/digits_heldout_200.npy");
+pub const FASHION: &[u8] = include_bytes!("../../../../fixtures/data/fashion_t10k_200.npy");
+pub const DIGITS: &[u8] = include_bytes!("../../../../fixtures/data/digits_heldout_200.npy");
 /// Pairs available: item i blends Fashion-MNIST test image i with held-out digit i.
 const PAIRS: usize = 200;
 /// The demo's projection weight lambda = mu (the `denoise` default stays the method's 0.5).

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod corrupt;
 pub mod demo;
 pub mod denoise;
+pub mod eval;
 pub mod info;
 pub mod sample;
 pub mod score;
