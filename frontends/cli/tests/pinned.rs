@@ -121,7 +121,9 @@ fn cpu_outputs_are_pinned() {
     // (name, rule, K, extra arguments, sha-256). Moved on purpose: the two pigdm cases with a matrix operator
     // (were b710f228... and ca9dc5dd...): pigdm's solve with A A^T + alpha^2 I is now a product with the
     // inverse (f32, made once per plan from the f64 Cholesky factor) on the backend instead of two f64
-    // triangular solves on the host; docs/design-choices.md gives the PSNR check.
+    // triangular solves on the host; docs/design-choices.md gives the PSNR check. Moved on purpose with issue
+    // 14: proj_matrix (was 55f38d12...): projection's step is now normalised by max(1, ||A||^2), and this
+    // matrix has ||A|| > 1 (every case with ||A|| <= 1 and alpha <= 1 kept its bytes).
     let blend = ["--operator", "scale:0.5", "--alpha", "0.5"];
     #[rustfmt::skip]
     let cases: Vec<(&str, &str, usize, Vec<&str>, &str)> = vec![
@@ -132,7 +134,7 @@ fn cpu_outputs_are_pinned() {
         ("proj_sine_k3", "projection", 3, vec!["--measurement", &i.sine, "--noise", "sine:0.2", "--steps", "5"], "e340bdf3e10abc36251e6b7050843fe5d2ffcdb3610646107468e0b7332cb5fe"),
         ("dps_mask_gauss", "dps", 1, vec!["--measurement", &i.sine, "--operator", &mask, "--noise", "gaussian:0.2", "--steps", "4"], "b7cf642c5f7c74c4fb5de85a35ef11e34b74fc93080e6983f851894fb8eb8a48"),
         ("pigdm_stats_sine_k3", "pigdm", 3, vec!["--measurement", &i.sine, "--signal-stats", &stats, "--noise", "sine:0.2", "--steps", "20"], "e21ac748fe6baa98dcf6fad4747344d6f96dc65c7376c3b85de9ad79905d67bb"),
-        ("proj_matrix", "projection", 1, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--noise", "gaussian:0.1", "--steps", "4"], "55f38d12276616f8eac4a20ef3e253eb46f0ba8ad44b36f6e855866badd7b84e"),
+        ("proj_matrix", "projection", 1, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--noise", "gaussian:0.1", "--steps", "4"], "0e539993c151e7a813af715f47505a7eb6ca29b7ad28ead225e1c2f74b7c78a0"),
         ("dps_matrix_k3", "dps", 3, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--noise", "gaussian:0.1", "--steps", "3"], "b655e00ca552714c8fb939037fe5fe981fbdaeb5c21fc48516d2cb73b7217ec5"),
         ("pigdm_matrix", "pigdm", 1, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--noise", "gaussian:0.1", "--steps", "4"], "bec3d6c29fc6cc2c48172ac668f2fb1f6471ffef4787fb333d593270f4435101"),
         ("pigdm_stats_matrix", "pigdm", 1, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--signal-stats", &stats, "--noise", "gaussian:0.1", "--steps", "20"], "37e99c53191a3d0dae07afa999e3eb1d18df485761c515105e31d8524616b471"),

@@ -636,8 +636,50 @@ pub fn run(a: EvalArgs, quiet: bool) -> Result<()> {
         tuning,
         quiet,
     };
+    if ctx.exp.image {
+        write_reference_inputs(&ctx, count)?;
+    }
     rt.run(|| run_chunks(&ctx, &rt, count))?;
     summarize(&ctx, count)
+}
+
+/// The inputs of the optional BM3D reference (`tools/eval/bm3d_reference.py`, which this crate never runs): the
+/// mean-corrected inverse of the evaluated measurements, and of the first validation items with their
+/// clean signals (for its tuning).
+fn write_reference_inputs(ctx: &Ctx, count: usize) -> Result<()> {
+    let a = ctx.a;
+    let inv = |exp: &Experiment, range: std::ops::Range<usize>| -> Result<Vec<f32>> {
+        let off = (exp.alpha * exp.gauss.0) as f32;
+        let m = exp.y.data.len() / exp.len();
+        let mut out = Vec::new();
+        for yi in exp.y_items(range).chunks_exact(m) {
+            let yc: Vec<f32> = yi.iter().map(|v| v - off).collect();
+            out.extend(
+                baselines::pseudo_inverse(&exp.operator, &yc, 784)?
+                    .into_iter()
+                    .map(|v| v.clamp(0.0, 1.0)),
+            );
+        }
+        Ok(out)
+    };
+    let test = inv(&ctx.exp, a.start..a.start + count)?;
+    io::write_npy(
+        &a.out.join("reference_input.npy"),
+        &[count, 1, 28, 28],
+        &test,
+    )?;
+    let val = Experiment::load(ctx.exp.validation_name(), Split::Validation)?;
+    let k = TUNE_ITEMS.min(val.len());
+    io::write_npy(
+        &a.out.join("validation_input.npy"),
+        &[k, 1, 28, 28],
+        &inv(&val, 0..k)?,
+    )?;
+    io::write_npy(
+        &a.out.join("validation_clean.npy"),
+        &[k, 1, 28, 28],
+        &val.clean.data[..k * 784],
+    )
 }
 
 fn run_chunks(ctx: &Ctx, rt: &Runtime, count: usize) -> Result<()> {
@@ -820,6 +862,40 @@ fn summarize(ctx: &Ctx, count: usize) -> Result<()> {
                 "coverage_1std": cover.map(|c| c.0), "coverage_2std": cover.map(|c| c.1),
                 "parameter": ctx.tuning.get(&method_param_key(&ctx.methods.iter().find(|(n, _)| n == name).map(|(_, m)| m.clone()).unwrap_or(Method::Inverse))),
             }),
+        );
+    }
+    // the optional BM3D reference, when tools/eval/bm3d_reference.py has written its estimates here
+    let bm3d = a.out.join("bm3d.npy");
+    if bm3d.exists() {
+        let est = io::read_images(&bm3d)?;
+        if est.shape[0] != count {
+            bail!(
+                "{}: {} items, the evaluation has {count}",
+                bm3d.display(),
+                est.shape[0]
+            );
+        }
+        let info: Value = std::fs::read_to_string(a.out.join("bm3d.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(Value::Null);
+        let secs = info["seconds_per_image"].as_f64().unwrap_or(f64::NAN);
+        let ps: Vec<f64> = (0..count)
+            .map(|i| psnr(est.item(i), ctx.exp.clean.item(start + i), 1.0))
+            .collect();
+        let ss: Vec<f64> = (0..count)
+            .map(|i| ssim(est.item(i), ctx.exp.clean.item(start + i), 1, 28, 28, 1.0))
+            .collect();
+        let ((pm, psd), (sm, ssd)) = (mean_std(&ps), mean_std(&ss));
+        writeln!(
+            table,
+            "| bm3d (reference, tools/eval/bm3d_reference.py, sigma {}) | {count} | {pm:.2} ± {psd:.2} | {sm:.3} ± {ssd:.3} | {secs:.3} | - |",
+            info["sigma"]
+        )?;
+        summary.insert(
+            "bm3d".into(),
+            json!({"pairs": count, "psnr_mean": pm, "psnr_std": psd, "ssim_mean": sm, "ssim_std": ssd,
+                   "seconds_per_image": secs, "parameter": info["sigma"]}),
         );
     }
     let command = format!(
