@@ -53,6 +53,15 @@ pub enum NoisePrior {
     Sine { std: f64 },
 }
 
+/// The default rule of a denoise job, chosen by measurement on the validation pairs (docs/results.md,
+/// "How the defaults were chosen"): pigdm beat dps and projection at every step count.
+pub const DEFAULT_RULE: Rule = Rule::Pigdm;
+/// The default number of reverse-time steps (docs/results.md, "How the defaults were chosen").
+pub const DEFAULT_STEPS: usize = 200;
+/// The default number of posterior samples per measurement; the estimate is their mean (the MMSE estimate),
+/// and with two or more the per-value posterior std is there too.
+pub const DEFAULT_SAMPLES: usize = 2;
+
 /// Everything a denoise job is asked to do. `Default` is `jointdiff denoise`'s defaults with no prior set
 /// yet; [`DenoiseSpec::new`] sets both priors.
 #[derive(Debug, Clone)]
@@ -78,21 +87,21 @@ pub struct DenoiseSpec {
 }
 
 impl Default for DenoiseSpec {
-    /// The defaults: identity operator, alpha 1, projection with its tuned weights, the models' SDE,
-    /// 600 steps, eps 1e-3, one sample, clipped output.
+    /// The defaults: identity operator, alpha 1, [`DEFAULT_RULE`] with its tuned weights, the models' SDE,
+    /// [`DEFAULT_STEPS`] steps, eps 1e-3, [`DEFAULT_SAMPLES`] samples, clipped output.
     fn default() -> Self {
         DenoiseSpec {
             signal: None,
             noise: None,
             operator: Operator::Identity,
             alpha: 1.0,
-            rule: Rule::Projection,
+            rule: DEFAULT_RULE,
             lambda: None,
             mu: None,
             sde: None,
-            steps: 600,
+            steps: DEFAULT_STEPS,
             eps: 1e-3,
-            samples: 1,
+            samples: DEFAULT_SAMPLES,
             clip: true,
             signal_shape: None,
         }
@@ -507,10 +516,10 @@ mod tests {
             (p.items, p.signal_item, p.noise_item),
             (3, [1, 4, 4], [1, 4, 4])
         );
-        assert_eq!(
-            (p.config.lambda, p.config.mu),
-            Rule::Projection.default_weights()
-        );
+        // the defaults: pigdm with its tuned weights, 200 steps, 2 samples
+        assert_eq!(p.config.rule, Rule::Pigdm);
+        assert_eq!((p.config.lambda, p.config.mu), (0.93, 0.88));
+        assert_eq!((p.config.steps, p.samples), (200, 2));
         assert_eq!(p.config.clip, Some([0.0, 1.0]));
         // no priors
         let e = err(&DenoiseSpec::default(), [1, 1, 4, 4]);

@@ -89,6 +89,9 @@ static jd_status configure(jd_session *s, const jd_model *m, uint32_t steps) {
   if ((st = jd_session_set_noise_model(s, m)) != JD_OK) return st;
   if ((st = jd_session_set_operator_scale(s, 0.5f)) != JD_OK) return st;
   if ((st = jd_session_set_alpha(s, 0.5)) != JD_OK) return st;
+  /* projection with one sample (the defaults are pigdm and two samples) */
+  if ((st = jd_session_set_rule(s, JD_RULE_PROJECTION)) != JD_OK) return st;
+  if ((st = jd_session_set_samples(s, 1)) != JD_OK) return st;
   return jd_session_set_steps(s, steps);
 }
 

@@ -203,6 +203,10 @@ fn c_program_passes_and_matches_the_cli() {
             &steps.to_string(),
             "--seed",
             "9",
+            "--rule",
+            "projection",
+            "--samples",
+            "1",
         ])
         .arg("--out")
         .arg(&x)
@@ -298,8 +302,8 @@ fn c_api_matches_the_cli_for_every_rule_operator_and_prior() {
     #[rustfmt::skip]
     let cases: Vec<Twin<'_>> = vec![
         ("projection, models, scale", image, 1,
-         vec!["--signal-model", model, "--noise-model", model, "--operator", "scale:0.5", "--alpha", "0.5", "--steps", "3"],
-         vec!["--signal-model", model, "--noise-model", model, "--operator-scale", "0.5", "--alpha", "0.5", "--steps", "3"]),
+         vec!["--signal-model", model, "--noise-model", model, "--operator", "scale:0.5", "--alpha", "0.5", "--rule", "projection", "--steps", "3"],
+         vec!["--signal-model", model, "--noise-model", model, "--operator-scale", "0.5", "--alpha", "0.5", "--rule", "projection", "--steps", "3"]),
         ("dps, models, identity, K 2", image, 2,
          vec!["--signal-model", model, "--noise-model", model, "--rule", "dps", "--steps", "2"],
          vec!["--signal-model", model, "--noise-model", model, "--rule", "dps", "--steps", "2"]),
@@ -307,8 +311,8 @@ fn c_api_matches_the_cli_for_every_rule_operator_and_prior() {
          vec!["--signal-model", model, "--noise", "gaussian:0.2:0.1", "--operator", &mask_op, "--rule", "pigdm", "--steps", "3"],
          vec!["--signal-model", model, "--noise-gaussian", "0.2", "0.1", "--operator-mask", &mask_raw, "--rule", "pigdm", "--steps", "3"]),
         ("projection, stats and sine, K 2", image, 2,
-         vec!["--signal-stats", &stats_npy, "--noise", "sine:0.2", "--steps", "5", "--seed", "4"],
-         vec!["--signal-stats", &stats_raw, "1", "28", "28", "--noise-sine", "0.2", "--steps", "5", "--seed", "4"]),
+         vec!["--signal-stats", &stats_npy, "--noise", "sine:0.2", "--rule", "projection", "--steps", "5", "--seed", "4"],
+         vec!["--signal-stats", &stats_raw, "1", "28", "28", "--noise-sine", "0.2", "--rule", "projection", "--steps", "5", "--seed", "4"]),
         ("pigdm, model, matrix, signal shape", vector, 1,
          vec!["--signal-model", model, "--noise", "gaussian:0.1", "--operator", &matrix_op, "--signal-shape", "1,28,28", "--rule", "pigdm", "--steps", "3"],
          vec!["--signal-model", model, "--noise-gaussian", "0.1", "0", "--operator-matrix", &a_raw, "196", "784", "--signal-shape", "1", "28", "28", "--rule", "pigdm", "--steps", "3"]),

@@ -784,7 +784,7 @@ fn demo_and_denoise_run_on_the_embedded_default_models() {
     ]);
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
-        text.contains("joint (ours)") && text.contains("lambda 1, mu 1"),
+        text.contains("joint (ours)") && text.contains("rule pigdm (lambda 0.93, mu 0.88)"),
         "{text}"
     );
     let y = write(

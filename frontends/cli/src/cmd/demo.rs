@@ -2,7 +2,7 @@
 //! held-out handwritten digits, `y = 0.5 x + 0.5 n`, denoised by the joint method (signal and noise score
 //! models) and by the non-joint baseline (noise treated as Gaussian with the mean and std of the digit
 //! training data); a PSNR/SSIM table and demo.png.
-use crate::args::{self, progress_bar, BackendArgs, RuleArgs, RuleKind};
+use crate::args::{self, progress_bar, BackendArgs, RuleArgs};
 use crate::io;
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
@@ -10,7 +10,7 @@ use jointdiff_core::metrics::{psnr, ssim};
 use jointdiff_core::npy::NpyArray;
 use jointdiff_core::operator::Operator;
 use jointdiff_core::plan::{DenoisePlan, DenoiseSpec, NetworkModel, NoisePrior, SignalPrior};
-use jointdiff_core::sampler::PosteriorStats;
+use jointdiff_core::sampler::{PosteriorStats, Rule};
 use jointdiff_core::Tensor;
 use jointdiff_runtime::Runtime;
 use std::path::PathBuf;
@@ -113,7 +113,7 @@ fn run_on(
         .collect();
     // Projection weights tuned for this blend and these models (docs/results.md): lambda = mu = 1
     // (the method's 0.5 needs about 600 steps; 1.5 and above diverge at 100 steps).
-    let tuned = (a.rule.rule == RuleKind::Projection).then_some(DEMO_PROJECTION_WEIGHT);
+    let tuned = (a.rule.rule() == Rule::Projection).then_some(DEMO_PROJECTION_WEIGHT);
     let sde = smodel.file.meta.sde;
     let spec = |noise: NoisePrior| {
         let mut s = DenoiseSpec::new(SignalPrior::Network(smodel.clone()), noise);

@@ -37,7 +37,10 @@ pub struct DenoiseArgs {
     #[command(flatten)]
     rule: RuleArgs,
     #[command(flatten)]
-    sampling: SamplingArgs<600>,
+    sampling: SamplingArgs,
+    /// Reverse-time steps (the default was chosen by measurement: docs/results.md).
+    #[arg(long, default_value_t = jointdiff_core::plan::DEFAULT_STEPS)]
+    steps: usize,
     /// Signal estimate (NCHW float32).
     #[arg(long)]
     out: PathBuf,
@@ -46,7 +49,7 @@ pub struct DenoiseArgs {
     noise_out: Option<PathBuf>,
     /// Posterior samples per measurement (one RNG stream each); with K > 1, --out holds their mean
     /// (the MMSE estimate) and --std-out their per-pixel standard deviation.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = jointdiff_core::plan::DEFAULT_SAMPLES)]
     samples: usize,
     /// Per-pixel posterior standard deviation (with --samples K > 1).
     #[arg(long)]
@@ -123,7 +126,7 @@ fn spec(a: &DenoiseArgs, item: [usize; 3]) -> Result<DenoiseSpec> {
     spec.lambda = a.rule.lambda;
     spec.mu = a.rule.mu;
     spec.sde = a.sampling.sde();
-    spec.steps = a.sampling.steps;
+    spec.steps = a.steps;
     spec.eps = a.sampling.eps;
     spec.samples = a.samples;
     spec.clip = !a.no_clip;

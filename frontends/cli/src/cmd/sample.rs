@@ -14,7 +14,10 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 16)]
     count: usize,
     #[command(flatten)]
-    sampling: SamplingArgs<600>,
+    sampling: SamplingArgs,
+    /// Reverse-time steps.
+    #[arg(long, default_value_t = 600)]
+    steps: usize,
     #[arg(long)]
     out: PathBuf,
     /// Also write the samples as a PNG grid.
@@ -48,12 +51,12 @@ pub fn run(a: SampleArgs, quiet: bool) -> Result<()> {
     let s = &a.sampling;
     let config = SamplerConfig {
         sde: s.sde().unwrap_or(meta.sde),
-        steps: s.steps,
+        steps: a.steps,
         eps: s.eps,
         clip: Some(meta.data_range),
         ..SamplerConfig::default()
     };
-    let pb = progress_bar(quiet, s.steps, "sample");
+    let pb = progress_bar(quiet, a.steps, "sample");
     let out = rt
         .run(|| {
             rt.sample(
