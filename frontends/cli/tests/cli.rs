@@ -480,7 +480,7 @@ fn samples_k_gives_mean_and_std_of_k_streams() {
         std_p.to_str().unwrap(),
     ]);
     ok(&a);
-    let mut b = vec!["denoise", "--measurement", y3.as_str()];
+    let mut b = vec!["denoise", "--measurement", y3.as_str(), "--samples", "1"];
     b.extend_from_slice(&common);
     b.extend_from_slice(&["--out", each_p.to_str().unwrap()]);
     ok(&b);
@@ -506,6 +506,8 @@ fn samples_k_gives_mean_and_std_of_k_streams() {
             &stats,
             "--noise",
             "sine:0.2",
+            "--samples",
+            "1",
             "--std-out",
             "s.npy",
             "--out",

@@ -171,9 +171,12 @@ fn run_on(
         rows.push(("joint (ours)".into(), &joint.estimate.signal));
     }
     println!(
-        "{k} held-out pairs from {}, y = 0.5 x + 0.5 n, {} steps, rule {:?} (lambda {lambda}, mu {mu}), {kk} sample(s) \
+        "{k} held-out pairs from {}, y = 0.5 x + 0.5 n, {} steps, rule {} (lambda {lambda}, mu {mu}), {kk} sample(s) \
          per measurement, seed {}",
-        a.start, a.steps, rule, a.seed
+        a.start,
+        a.steps,
+        rule.name(),
+        a.seed
     );
     println!("{:<38} {:>16} {:>16}", "method", "PSNR dB", "SSIM");
     let mut csv = String::from("pair,method,psnr,ssim\n");
