@@ -270,6 +270,11 @@ pub fn step_progress(pb: &ProgressBar) -> impl FnMut(usize, usize) -> bool + '_ 
     }
 }
 
+/// Whether Ctrl-C has been pressed.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 /// A long run's error, said as an interruption when Ctrl-C stopped it.
 pub fn run_error(e: impl std::fmt::Display) -> anyhow::Error {
     if INTERRUPTED.load(Ordering::SeqCst) {

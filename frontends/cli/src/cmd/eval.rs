@@ -481,7 +481,18 @@ fn run_method(
             let seed = ctx.a.seed.wrapping_add(range.start as u64);
             let r = rt
                 .denoise(&plan, y, seed, &mut args::step_progress(&pb))
-                .map_err(args::run_error);
+                .map_err(|e| {
+                    let dir = chunk_dir(&ctx.a.out);
+                    if args::interrupted() {
+                        anyhow!(
+                            "interrupted (Ctrl-C) in {label}; the finished chunks are kept in {} and the \
+                             same command continues from there",
+                            dir.display()
+                        )
+                    } else {
+                        anyhow!("{label}: {e}")
+                    }
+                });
             pb.finish_and_clear();
             let r = r?;
             (r.estimate.signal.data, r.signal_std.map(|s| s.data))
