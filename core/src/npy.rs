@@ -65,7 +65,11 @@ impl NpyArray {
         } else if descr_s.starts_with("'|u1'") || descr_s.starts_with("'<u1'") {
             Descr::U1
         } else {
-            let d: String = descr_s.chars().take(8).collect();
+            // the quoted value alone ('<i4'), not what follows it in the header
+            let d: String = match descr_s.char_indices().skip(1).find(|(_, c)| *c == '\'') {
+                Some((end, _)) => descr_s[..=end].to_string(),
+                None => descr_s.chars().take(8).collect(),
+            };
             return Err(Error::format(format!(
                 "unsupported npy dtype {d}; expected float32 ('<f4'), float64 ('<f8') or uint8 ('|u1')"
             )));

@@ -31,6 +31,8 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let x = io::read_images(&a.input)?;
     check_image_fits(&model.file, &a.model, x.shape, &a.input)?;
     io::check_writable([Some(a.out.as_path())])?;
+    // the network is built (and its tensors checked) first, so that a model error is not put on the input
+    rt.run(|| rt.prepare(&model)).map_err(|e| anyhow!("{e}"))?;
     let out = rt
         .run(|| rt.forward(&model, &x))
         .map_err(|e| anyhow!("{}: {e}", a.input.display()))?;
