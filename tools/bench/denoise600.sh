@@ -42,7 +42,7 @@ first_image fixtures/data/digits_heldout_16.npy "$TMP/n.npy"
   --out "$TMP/y.npy" --quiet
 run() {
   RAYON_NUM_THREADS="$1" /usr/bin/time -v "$JD" denoise --measurement "$TMP/y.npy" --operator scale:0.5 \
-    --alpha 0.5 --steps 600 --seed 0 --out "$TMP/out$1.npy" --quiet 2>&1 |
+    --alpha 0.5 --rule projection --steps 600 --seed 0 --out "$TMP/out$1.npy" --quiet 2>&1 |
     sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): \(.*\)/\1/p; s/.*Maximum resident set size (kbytes): \(.*\)/\1/p' |
     paste -sd' ' | awk -v t="$1" '{printf "threads=%s wall %s peak RSS %.1f MB\n", t, $1, $2 / 1024}'
 }
