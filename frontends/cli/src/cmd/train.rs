@@ -74,11 +74,26 @@ pub struct TrainArgs {
 fn read_idx(path: &Path) -> Result<Tensor> {
     let raw = io::read_bytes(path)?;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        // decompress the 16-byte header first, then no more than the data it claims (at most 2 GiB): a
+        // small file that inflates without end allocates nothing its header does not announce
+        let gz_err = || format!("{}: not a readable gzip file", path.display());
+        let mut dec = flate2::read::GzDecoder::new(&raw[..]);
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .take(1 << 31)
+        (&mut dec)
+            .take(16)
             .read_to_end(&mut out)
-            .with_context(|| format!("{}: not a readable gzip file", path.display()))?;
+            .with_context(gz_err)?;
+        if out.len() == 16 && out[..4] == [0, 0, 8, 3] {
+            let dim = |i: usize| {
+                u32::from_be_bytes([out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]])
+                    as u64
+            };
+            let claim = dim(1)
+                .saturating_mul(dim(2))
+                .saturating_mul(dim(3))
+                .min(1 << 31);
+            dec.take(claim).read_to_end(&mut out).with_context(gz_err)?;
+        }
         out
     } else {
         raw
