@@ -434,6 +434,21 @@ impl DenoisePlan {
         seed: u64,
         progress: &mut Progress<'_>,
     ) -> Result<PosteriorStats> {
+        self.run_from(b, nets, y, seed, 0, progress)
+    }
+
+    /// As [`DenoisePlan::run`] for measurements numbered from `first` (their RNG streams follow
+    /// [`JointSampler::sample_k_from`]): a long list of measurements run in pieces gives the same bits as
+    /// one run over all of them.
+    pub fn run_from<B: Backend>(
+        &self,
+        b: &B,
+        nets: PlanNets<'_, B>,
+        y: &[f32],
+        seed: u64,
+        first: u64,
+        progress: &mut Progress<'_>,
+    ) -> Result<PosteriorStats> {
         if y.len() != self.noise_len() {
             return Err(Error::shape(format!(
                 "measurement has {} values, the plan is for {}",
@@ -459,7 +474,7 @@ impl DenoisePlan {
             self.signal_item,
             self.noise_item,
         )?;
-        sampler.sample_k(y, self.samples, seed, progress)
+        sampler.sample_k_from(y, self.samples, seed, first, progress)
     }
 }
 

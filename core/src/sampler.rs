@@ -452,6 +452,18 @@ impl<'a, B: Backend> JointSampler<'a, B> {
     /// Samples `p(x, n | y)` once per measurement. `y` holds `N` items of `m` values each.
     /// Item `i` draws all its randomness from stream `i` of `seed`, so results do not depend on batching.
     pub fn sample(&self, y: &[f32], seed: u64, progress: &mut Progress<'_>) -> Result<Posterior> {
+        self.sample_from(y, seed, 0, progress)
+    }
+
+    /// As [`JointSampler::sample`], with item `i` on stream `first + i`: a batch cut into pieces gives the
+    /// same bits as the whole batch when each piece starts at its first item's stream.
+    pub fn sample_from(
+        &self,
+        y: &[f32],
+        seed: u64,
+        first: u64,
+        progress: &mut Progress<'_>,
+    ) -> Result<Posterior> {
         let cfg = &self.config;
         let b = self.backend;
         let m = self.m;
@@ -474,7 +486,7 @@ impl<'a, B: Backend> JointSampler<'a, B> {
             self.shape_of(items, self.noise_shape),
         );
         let mut rngs: Vec<Rng> = (0..items)
-            .map(|i| Rng::stream(seed, purpose::SAMPLER, i as u64))
+            .map(|i| Rng::stream(seed, purpose::SAMPLER, first.wrapping_add(i as u64)))
             .collect();
         // the initial state, drawn per item (x then n) and scaled by the prior's std, goes up once
         let ps = sde.prior_std() as f32;
@@ -710,11 +722,25 @@ impl<B: Backend> JointSampler<'_, B> {
         seed: u64,
         progress: &mut Progress<'_>,
     ) -> Result<PosteriorStats> {
+        self.sample_k_from(y, k, seed, 0, progress)
+    }
+
+    /// As [`JointSampler::sample_k`] for measurements numbered from `first`: measurement `first + i`'s
+    /// sample `j` uses stream `(first + i) k + j`, so measurements cut into pieces give the same bits.
+    pub fn sample_k_from(
+        &self,
+        y: &[f32],
+        k: usize,
+        seed: u64,
+        first: u64,
+        progress: &mut Progress<'_>,
+    ) -> Result<PosteriorStats> {
+        let stream0 = first.wrapping_mul(k as u64);
         if k == 0 {
             return Err(Error::invalid("samples must be at least 1"));
         }
         if k == 1 {
-            let estimate = self.sample(y, seed, progress)?;
+            let estimate = self.sample_from(y, seed, stream0, progress)?;
             return Ok(PosteriorStats {
                 first_signal: estimate.signal.clone(),
                 estimate,
@@ -734,7 +760,7 @@ impl<B: Backend> JointSampler<'_, B> {
                 ys.extend_from_slice(yi);
             }
         }
-        let post = self.sample(&ys, seed, progress)?;
+        let post = self.sample_from(&ys, seed, stream0, progress)?;
         let (signal, signal_std) = group_stats(&post.signal, k);
         let (noise, _) = group_stats(&post.noise, k);
         let [_, c, h, w] = post.signal.shape;

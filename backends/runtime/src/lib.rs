@@ -267,6 +267,18 @@ impl Runtime {
         seed: u64,
         progress: &mut Progress<'_>,
     ) -> Result<PosteriorStats> {
+        self.denoise_from(plan, y, seed, 0, progress)
+    }
+
+    /// As [`Runtime::denoise`] for measurements numbered from `first` ([`DenoisePlan::run_from`]).
+    pub fn denoise_from(
+        &self,
+        plan: &DenoisePlan,
+        y: &[f32],
+        seed: u64,
+        first: u64,
+        progress: &mut Progress<'_>,
+    ) -> Result<PosteriorStats> {
         dispatch!(self, |b| {
             let [s, n] = plan.networks();
             let s = s.map(|m| net(b, self.kind, m)).transpose()?;
@@ -275,7 +287,7 @@ impl Runtime {
                 signal: s.as_deref(),
                 noise: n.as_deref(),
             };
-            plan.run(b, nets, y, seed, progress)
+            plan.run_from(b, nets, y, seed, first, progress)
         })
     }
 

@@ -142,6 +142,25 @@ fn eval_writes_its_outputs_resumes_and_scores_the_inverse_independently() {
         .unwrap();
     assert_eq!(before, after, "a finished chunk was recomputed");
     assert_eq!(pairs(&dir), rows);
+    // chunks do not change any pair's result: one chunk of 3 gives the same estimates as chunks of 2 + 1
+    let dir3 = std::env::temp_dir().join(format!("jointdiff-eval3-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir3);
+    let mut one_chunk = args.to_vec();
+    one_chunk[11] = "3"; // --chunk
+    let last = one_chunk.len() - 1;
+    one_chunk[last] = dir3.to_str().unwrap();
+    let o = run(&one_chunk);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sorted = |mut v: Vec<(usize, String, f64, f64)>| {
+        v.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        v
+    };
+    assert_eq!(
+        sorted(pairs(&dir3)),
+        sorted(rows.clone()),
+        "chunking changed a result"
+    );
+    let _ = std::fs::remove_dir_all(&dir3);
     // other options into the same folder: a clear error, nothing overwritten
     let mut other = args.to_vec();
     other[13] = "3"; // --steps

@@ -478,9 +478,10 @@ fn run_method(
                 .plan([k, c, h, w])
                 .map_err(|e| anyhow!("{label}: {e}"))?;
             let pb = progress_bar(ctx.quiet, plan.config.steps, label);
-            let seed = ctx.a.seed.wrapping_add(range.start as u64);
+            // measurement i uses the streams it would have in one run over all pairs: chunking and
+            // --start do not change any pair's result
             let r = rt
-                .denoise(&plan, y, seed, &mut args::step_progress(&pb))
+                .denoise_from(&plan, y, ctx.a.seed, range.start as u64, &mut args::step_progress(&pb))
                 .map_err(|e| {
                     let dir = chunk_dir(&ctx.a.out);
                     if args::interrupted() {
