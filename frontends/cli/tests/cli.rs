@@ -1009,6 +1009,124 @@ fn ctrl_c_stops_a_denoise_with_a_clear_line() {
     assert!(!out.exists(), "an interrupted run wrote its output");
 }
 
+/// `denoise --chunk N` gives the bytes of one run over all measurements, and a run stopped by Ctrl-C keeps the
+/// measurements it finished: `--out` then holds a prefix of what the whole run writes.
+#[test]
+fn chunked_denoise_keeps_finished_measurements() {
+    let x = read_npy(&root().join("fixtures/data/fashion_t10k_16_sine02.npy"));
+    let y = write(
+        "chunk_y.npy",
+        &NpyArray::to_bytes(&[4, 1, 28, 28], &x.data[..4 * 784]),
+    );
+    let stats = fx("data/fashion_train_stats.npy");
+    let denoise = |extra: &[&str], tag: &str| -> [Vec<u8>; 3] {
+        let (o, n, s) = (
+            tmp(&format!("{tag}_o.npy")),
+            tmp(&format!("{tag}_n.npy")),
+            tmp(&format!("{tag}_s.npy")),
+        );
+        let mut a = vec![
+            "denoise",
+            "--measurement",
+            &y,
+            "--signal-stats",
+            &stats,
+            "--noise",
+            "sine:0.2",
+            "--steps",
+            "30",
+            "--samples",
+            "2",
+            "--out",
+            o.to_str().unwrap(),
+            "--noise-out",
+            n.to_str().unwrap(),
+            "--std-out",
+            s.to_str().unwrap(),
+            "--quiet",
+        ];
+        a.extend_from_slice(extra);
+        ok(&a);
+        [o, n, s].map(|p| std::fs::read(p).unwrap())
+    };
+    let whole = denoise(&[], "whole");
+    assert_eq!(denoise(&["--chunk", "3"], "chunk3"), whole);
+    assert_eq!(denoise(&["--chunk", "1"], "chunk1"), whole);
+    // stopped after the first measurement: the output holds it, equal to a run over that one alone
+    let out = tmp("partial.npy");
+    let _ = std::fs::remove_file(&out);
+    let steps = "20000";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jointdiff"))
+        .args([
+            "denoise",
+            "--measurement",
+            &y,
+            "--signal-stats",
+            &stats,
+            "--noise",
+            "sine:0.2",
+            "--steps",
+            steps,
+            "--chunk",
+            "1",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !out.exists() {
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "no measurement finished in 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let part = read_npy(&out);
+    let k = part.shape[0];
+    if status.success() {
+        // the machine finished all four before the signal arrived: nothing to check about stopping
+        assert_eq!(k, 4);
+        return;
+    }
+    assert!((1..4).contains(&k), "{k} measurements kept");
+    assert!(
+        err.contains("interrupted (Ctrl-C)") && err.contains(&format!("the first {k} of 4")),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let y_k = write(
+        "chunk_yk.npy",
+        &NpyArray::to_bytes(&[k, 1, 28, 28], &x.data[..k * 784]),
+    );
+    let alone = tmp("alone.npy");
+    ok(&[
+        "denoise",
+        "--measurement",
+        &y_k,
+        "--signal-stats",
+        &stats,
+        "--noise",
+        "sine:0.2",
+        "--steps",
+        steps,
+        "--quiet",
+        "--out",
+        alone.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&alone).unwrap());
+}
+
 /// A training run killed with SIGKILL (at any moment, possibly while it writes a checkpoint) leaves its last
 /// complete checkpoint, and `--resume` from it gives the bytes of a run that was never interrupted.
 #[test]

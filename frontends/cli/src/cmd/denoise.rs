@@ -66,6 +66,11 @@ pub struct DenoiseArgs {
     /// Do not clip the estimate to the data range.
     #[arg(long)]
     no_clip: bool,
+    /// Denoise N measurements at a time and write the outputs after each piece: a run stopped by Ctrl-C
+    /// (or killed) keeps every finished measurement in --out, --noise-out and --std-out. The result is the
+    /// same bits as one run over all measurements.
+    #[arg(long)]
+    chunk: Option<usize>,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -155,25 +160,83 @@ pub fn run(a: DenoiseArgs, quiet: bool) -> Result<()> {
         a.std_out.as_deref(),
         a.png.as_deref(),
     ])?;
-    let pb = progress_bar(quiet, plan.config.steps, "denoise");
-    let post = rt
-        .run(|| rt.denoise(&plan, &y_arr.data, a.sampling.seed, &mut step_progress(&pb)))
-        .map_err(|e| args::run_error(format!("{ypath}: {e}")))?;
-    pb.finish_and_clear();
-    let (post, std) = (post.estimate, post.signal_std);
-    io::write_npy(&a.out, &post.signal.shape, &post.signal.data)?;
-    if let (Some(p), Some(s)) = (&a.std_out, &std) {
-        io::write_npy(p, &s.shape, &s.data)?;
+    let (items, m) = (plan.items, plan.noise_len() / plan.items);
+    let chunk = a.chunk.unwrap_or(items);
+    if chunk == 0 {
+        bail!("--chunk must be at least 1");
     }
-    if let Some(p) = &a.noise_out {
-        io::write_npy(p, &post.noise.shape, &post.noise.data)?;
+    // the outputs grow piece by piece; each write is whole (temporary file and rename)
+    let (mut sig, mut noi, mut sd) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut sig_shape, mut noi_shape) = ([0; 4], [0; 4]);
+    let mut start = 0;
+    while start < items {
+        let end = (start + chunk).min(items);
+        let piece = if end - start == items {
+            plan.clone()
+        } else {
+            spec.plan([end - start, shape[1], shape[2], shape[3]])
+                .map_err(|e| anyhow!("{ypath}: {e}"))?
+        };
+        let what = if chunk < items {
+            format!("denoise {start}-{end} of {items}")
+        } else {
+            "denoise".to_string()
+        };
+        let pb = progress_bar(quiet, plan.config.steps, &what);
+        let r = rt
+            .run(|| {
+                rt.denoise_from(
+                    &piece,
+                    &y_arr.data[start * m..end * m],
+                    a.sampling.seed,
+                    start as u64,
+                    &mut step_progress(&pb),
+                )
+            })
+            .map_err(|e| {
+                if start > 0 && args::interrupted() {
+                    anyhow!(
+                        "interrupted (Ctrl-C) in measurements {start}-{end}: the outputs hold the first \
+                         {start} of {items} measurements"
+                    )
+                } else {
+                    args::run_error(format!("{ypath}: {e}"))
+                }
+            })?;
+        pb.finish_and_clear();
+        sig.extend_from_slice(&r.estimate.signal.data);
+        noi.extend_from_slice(&r.estimate.noise.data);
+        if let Some(s) = &r.signal_std {
+            sd.extend_from_slice(&s.data);
+        }
+        let [_, c, h, w] = r.estimate.signal.shape;
+        sig_shape = [end, c, h, w];
+        let [_, c, h, w] = r.estimate.noise.shape;
+        noi_shape = [end, c, h, w];
+        io::write_npy(&a.out, &sig_shape, &sig)?;
+        if let (Some(p), true) = (&a.std_out, !sd.is_empty()) {
+            io::write_npy(p, &sig_shape, &sd)?;
+        }
+        if let Some(p) = &a.noise_out {
+            io::write_npy(p, &noi_shape, &noi)?;
+        }
+        start = end;
     }
+    let t = |shape, data| Tensor::from_vec(shape, data).map_err(|e| anyhow!("{e}"));
+    let post = jointdiff_core::sampler::Posterior {
+        signal: t(sig_shape, sig)?,
+        noise: t(noi_shape, noi)?,
+    };
+    let std = if sd.is_empty() {
+        None
+    } else {
+        Some(t(sig_shape, sd)?)
+    };
     let clean = a
         .clean
         .as_ref()
         .map(|p| io::read_images(p).map(|t| (p, t)))
         .transpose()?;
-    let (items, m) = (plan.items, plan.noise_len() / plan.items);
     if let Some((p, c)) = &clean {
         if c.shape != post.signal.shape {
             bail!(
