@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes jointdiff's readers with libFuzzer (cargo-fuzz, nightly): the safetensors model reader, the npy
-# reader and the C ABI's jd_model_load_buffer. Each target runs SECONDS (default 60) from the committed seeds
+# reader, the C ABI's jd_model_load_buffer, the CLI's PNG, IDX and mnist-json readers and its --noise and
+# --operator parsers. Each target runs SECONDS (default 60) from the committed seeds
 # (fuzz/seeds/TARGET) and its growing corpus (fuzz/corpus/TARGET, not committed), with a 512 MB RSS limit;
 # a crash, timeout, leak or out-of-memory stops it and leaves the input in fuzz/artifacts/TARGET/.
 #
@@ -11,7 +12,7 @@ cd "$ROOT/fuzz"
 SECS="${1:-60}"
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(model_file npy capi_load_buffer)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(model_file npy capi_load_buffer png idx mnist_json cli_specs)
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 for t in "${TARGETS[@]}"; do
   mkdir -p "corpus/$t"

@@ -534,7 +534,7 @@ mod tests {
         );
         // the defaults: pigdm with its tuned weights, 400 steps, one sample
         assert_eq!(p.config.rule, Rule::Pigdm);
-        assert_eq!((p.config.lambda, p.config.mu), (0.93, 0.88));
+        assert_eq!((p.config.lambda, p.config.mu), (1.2, 1.2));
         assert_eq!((p.config.steps, p.samples), (400, 1));
         assert_eq!(p.config.clip, Some([0.0, 1.0]));
         // no priors

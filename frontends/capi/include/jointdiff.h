@@ -200,7 +200,7 @@ void jd_model_destroy(jd_model **model);
 
 /**
  * Creates a session with the defaults of `jointdiff denoise`: pigdm rule, 400 steps, eps 1e-3, the
- * rule's tuned lambda and mu (pigdm 0.93 / 0.88), alpha 1, identity operator, the models' SDE, CPU
+ * rule's tuned lambda and mu (pigdm 1.2 / 1.2), alpha 1, identity operator, the models' SDE, CPU
  * backend, one sample, output clipped to the data range. A signal prior (`jd_session_set_signal_model` or
  * `jd_session_set_signal_gaussian`) and a noise prior must be set before `jd_denoise`.
  */

@@ -90,10 +90,10 @@ pub struct RuleArgs {
     #[arg(long, value_enum)]
     pub rule: Option<RuleKind>,
     /// Consistency weight of the signal (default: the rule's tuned value: projection 0.5, dps 12.7,
-    /// pigdm 0.93).
+    /// pigdm 1.2).
     #[arg(long)]
     pub lambda: Option<f64>,
-    /// Consistency weight of the noise (default: projection 0.5, dps 16.7, pigdm 0.88).
+    /// Consistency weight of the noise (default: projection 0.5, dps 16.7, pigdm 1.2).
     #[arg(long)]
     pub mu: Option<f64>,
 }

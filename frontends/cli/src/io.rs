@@ -67,7 +67,8 @@ pub fn read_images(path: &Path) -> Result<Tensor> {
     Ok(t)
 }
 
-fn decode_png(bytes: &[u8]) -> std::result::Result<Tensor, String> {
+/// A PNG file's bytes as `[1, C, H, W]` in [0, 1] (gray: 1 channel, color: 3).
+pub fn decode_png(bytes: &[u8]) -> std::result::Result<Tensor, String> {
     let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
         .map_err(|e| format!("not a readable PNG: {e}"))?;
     let (w, h) = (img.width() as usize, img.height() as usize);

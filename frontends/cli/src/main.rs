@@ -1,14 +1,12 @@
 //! `jointdiff`: remove structured noise from measurements with joint diffusion posterior sampling.
 //!
-//! One module per command (`cmd/`), the argument groups they share in `args.rs`, file I/O in `io.rs`. A
-//! command builds what core plans (a `DenoiseSpec` for a denoise job) and runs it on the backend the
-//! runtime picks; it never matches on a backend.
-mod args;
-mod cmd;
-mod io;
-
+//! The commands live in the library (`src/lib.rs`); this file parses the command line, sets up the process
+//! (allocator, Ctrl-C, XDG_RUNTIME_DIR) and prints the one-line error.
 use clap::{Parser, Subcommand};
-use cmd::{backends, bench, corrupt, demo, denoise, eval, info, sample, score, train};
+use jointdiff_cli::args;
+use jointdiff_cli::cmd::{
+    backends, bench, corrupt, demo, denoise, eval, info, sample, score, train,
+};
 use std::process::ExitCode;
 
 #[derive(Parser)]

