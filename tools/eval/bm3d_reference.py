@@ -14,7 +14,7 @@ import json, os, sys, time
 import numpy as np
 import bm3d
 
-GRID = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6]
+GRID = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
 
 
 def psnr(a, b):
