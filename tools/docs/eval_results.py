@@ -133,6 +133,8 @@ def main():
     if os.path.exists(sweep):
         out += ["## How the defaults were chosen (validation pairs only)", ""]
         out += open(os.path.join(ROOT, "docs", "results", "defaults_sweep.md")).read().splitlines()
+        out += ["", "![PSNR against steps](results/defaults_steps.png)", "",
+                "(`python3 tools/docs/plot_defaults.py`, from docs/results/defaults_sweep.csv.)"]
         out += ["", "| rule | steps | samples K | lambda | mu | PSNR dB | s / pair (1 thread) |", "|---|---|---|---|---|---|---|"]
         for r in csv.DictReader(open(sweep)):
             out.append(f"| {r['rule']} | {r['steps']} | {r['samples']} | {r['lambda']} | {r['mu']} | {float(r['psnr']):.2f} | {float(r['seconds_per_pair']):.1f} |")
