@@ -67,7 +67,7 @@ impl NpyArray {
         } else {
             // the quoted value alone ('<i4'), not what follows it in the header
             let d: String = match descr_s.char_indices().skip(1).find(|(_, c)| *c == '\'') {
-                Some((end, _)) => descr_s[..=end].to_string(),
+                Some((end, _)) => String::from(&descr_s[..=end]),
                 None => descr_s.chars().take(8).collect(),
             };
             return Err(Error::format(format!(
