@@ -153,15 +153,10 @@ fn in_approximation(r: usize, c: usize, h: usize, w: usize, levels: usize) -> bo
     r < (h >> levels) && c < (w >> levels)
 }
 
-/// `||A||^2`, the largest eigenvalue of `A^T A` ([`Operator::norm2`]).
-pub fn operator_norm2(op: &Operator, d: usize) -> Result<f64> {
-    op.norm2(d)
-}
-
 /// LASSO in the Haar basis, `min_x 1/2 ||A x + offset - y||^2 + lambda ||(W x)_detail||_1` for one item
 /// `[c, h, w]` (each channel its own 2-D transform; the coarsest approximation band is not penalised), by
 /// FISTA (Beck and Teboulle) on the coefficients `W x` with step `1 / (1.01 L)`, `L = ||A||^2`
-/// ([`operator_norm2`]), from the zero start, `iters` iterations. `offset` is the known mean of the noise
+/// ([`Operator::norm2`]), from the zero start, `iters` iterations. `offset` is the known mean of the noise
 /// term (`alpha E[n]`), one measurement item.
 pub struct HaarLasso {
     op: Operator,
@@ -174,7 +169,7 @@ impl HaarLasso {
     pub fn new(op: Operator, item: [usize; 3]) -> Result<Self> {
         let [c, h, w] = item;
         let d = c * h * w;
-        let l = operator_norm2(&op, d)?;
+        let l = op.norm2(d)?;
         if l.is_nan() || l <= 0.0 {
             return Err(Error::invalid("the operator is zero: nothing to invert"));
         }
@@ -608,10 +603,10 @@ mod tests {
             d: 3,
             a: vec![3.0, 0.0, 0.0, 0.0, 1.0, 0.0],
         };
-        assert!((operator_norm2(&op, 3).unwrap() - 9.0).abs() < 1e-6);
+        assert!((op.norm2(3).unwrap() - 9.0).abs() < 1e-6);
         // Gaussian N(0, 1/m) m = d/2: about (1 + sqrt 2)^2 = 5.83
         let g = gaussian_matrix(392, 784, 0).unwrap();
-        let l = operator_norm2(&g, 784).unwrap();
+        let l = g.norm2(784).unwrap();
         assert!(l > 5.0 && l < 6.5, "{l}");
     }
 }

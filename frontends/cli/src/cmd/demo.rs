@@ -61,14 +61,15 @@ pub struct DemoArgs {
     backend: BackendArgs,
 }
 
-fn embedded(bytes: &[u8], what: &str) -> Result<Tensor> {
+/// An embedded npy array as NCHW images.
+pub fn embedded(bytes: &[u8], what: &str) -> Result<Tensor> {
     NpyArray::parse(bytes)
         .and_then(|a| a.into_nchw())
         .map_err(|e| anyhow!("embedded {what}: {e}"))
 }
 
 /// Mean and std over images of a per-image score.
-fn stats(v: &[f64]) -> (f64, f64) {
+pub fn stats(v: &[f64]) -> (f64, f64) {
     let n = v.len().max(1) as f64;
     let m = v.iter().sum::<f64>() / n;
     (

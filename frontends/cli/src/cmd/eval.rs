@@ -2,14 +2,13 @@
 //! splits (fixtures/data), resumable by chunks. Each chunk's estimates and scores are files under
 //! `--out`; the summary (results.md, summary.json, grid.png, coverage.png) is rebuilt from them every run.
 use crate::args::{self, progress_bar, BackendArgs};
-use crate::cmd::demo::{DIGITS, DIGIT_TRAIN_MEAN, DIGIT_TRAIN_STD, FASHION};
+use crate::cmd::demo::{embedded, stats, DIGITS, DIGIT_TRAIN_MEAN, DIGIT_TRAIN_STD, FASHION};
 use crate::io;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use jointdiff_core::baselines::{self, HaarLasso};
 use jointdiff_core::metrics::{psnr, ssim};
 use jointdiff_core::noise;
-use jointdiff_core::npy::NpyArray;
 use jointdiff_core::operator::Operator;
 use jointdiff_core::plan::{DenoiseSpec, NetworkModel, NoisePrior, SignalPrior};
 use jointdiff_core::sampler::Rule;
@@ -110,12 +109,6 @@ struct Experiment {
 enum JointNoise {
     Digits,
     Prior(NoisePrior),
-}
-
-fn embedded(bytes: &[u8], what: &str) -> Result<Tensor> {
-    NpyArray::parse(bytes)
-        .and_then(|a| a.into_nchw())
-        .map_err(|e| anyhow!("embedded {what}: {e}"))
 }
 
 fn blend(x: &Tensor, n: &Tensor) -> Result<Tensor> {
@@ -263,6 +256,23 @@ impl Experiment {
         let m = self.y.data.len() / self.len();
         &self.y.data[range.start * m..range.end * m]
     }
+
+    /// Measurement items (`m` values each) with the known noise mean taken out, inverted and clipped: the
+    /// input of NLM and of the BM3D reference.
+    fn mean_corrected_inverse(&self, y: &[f32]) -> Result<Vec<f32>> {
+        let off = (self.alpha * self.gauss.0) as f32;
+        let m = self.y.data.len() / self.len();
+        let mut out = Vec::with_capacity(y.len() / m * 784);
+        for yi in y.chunks_exact(m) {
+            let yc: Vec<f32> = yi.iter().map(|v| v - off).collect();
+            out.extend(
+                baselines::pseudo_inverse(&self.operator, &yc, 784)?
+                    .into_iter()
+                    .map(|v| v.clamp(0.0, 1.0)),
+            );
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -357,16 +367,6 @@ impl Ctx<'_> {
         s.signal_shape = Some([1, 28, 28]);
         s
     }
-
-    /// The measurement with the known noise mean taken out, inverted and clipped: the input of NLM.
-    fn mean_corrected_inverse(&self, y: &[f32]) -> Result<Vec<f32>> {
-        let off = (self.exp.alpha * self.exp.gauss.0) as f32;
-        let yc: Vec<f32> = y.iter().map(|v| v - off).collect();
-        Ok(baselines::pseudo_inverse(&self.exp.operator, &yc, 784)?
-            .into_iter()
-            .map(|v| v.clamp(0.0, 1.0))
-            .collect())
-    }
 }
 
 /// A method's estimate of a chunk: signal items, and the posterior std where the method samples (K >= 2).
@@ -377,13 +377,7 @@ struct Estimate {
 }
 
 /// Runs a classic baseline on every item of `y` (items of `m` values) with parameter `p`.
-fn classic(
-    exp: &Experiment,
-    ctx_inverse: &dyn Fn(&[f32]) -> Result<Vec<f32>>,
-    method: &Method,
-    y: &[f32],
-    p: f64,
-) -> Result<Vec<f32>> {
+fn classic(exp: &Experiment, method: &Method, y: &[f32], p: f64) -> Result<Vec<f32>> {
     let m = exp.y.data.len() / exp.len();
     let mut out = Vec::with_capacity(y.len() / m * 784);
     let lasso = match method {
@@ -401,7 +395,14 @@ fn classic(
                 .into_iter()
                 .map(|v| v as f32)
                 .collect(),
-            Method::Nlm => baselines::nlm(&ctx_inverse(yi)?, 28, 28, NLM_PATCH, NLM_SEARCH, p),
+            Method::Nlm => baselines::nlm(
+                &exp.mean_corrected_inverse(yi)?,
+                28,
+                28,
+                NLM_PATCH,
+                NLM_SEARCH,
+                p,
+            ),
             Method::Sampler { .. } => bail!("not a classic method"),
         };
         out.extend(x.into_iter().map(|v| v.clamp(0.0, 1.0)));
@@ -430,14 +431,6 @@ fn tune(exp: &Experiment, method: &Method, quiet: bool) -> Result<(f64, Vec<(f64
     let k = TUNE_ITEMS.min(val.len());
     let y = val.y_items(0..k);
     let clean = &val.clean.data[..k * 784];
-    let off = (val.alpha * val.gauss.0) as f32;
-    let inv = |yi: &[f32]| -> Result<Vec<f32>> {
-        let yc: Vec<f32> = yi.iter().map(|v| v - off).collect();
-        Ok(baselines::pseudo_inverse(&val.operator, &yc, 784)?
-            .into_iter()
-            .map(|v| v.clamp(0.0, 1.0))
-            .collect())
-    };
     let grid: &[f64] = match method {
         Method::LassoHaar => &LASSO_GRID,
         Method::Nlm => &NLM_GRID,
@@ -446,7 +439,7 @@ fn tune(exp: &Experiment, method: &Method, quiet: bool) -> Result<(f64, Vec<(f64
     let pb = progress_bar(quiet, grid.len(), "tuning on validation");
     let mut curve = Vec::new();
     for (i, &p) in grid.iter().enumerate() {
-        let est = classic(&val, &inv, method, y, p)?;
+        let est = classic(&val, method, y, p)?;
         curve.push((p, mean_psnr(&est, clean)));
         pb.set_position(i as u64 + 1);
     }
@@ -500,8 +493,7 @@ fn run_method(
         }
         m => {
             let p = ctx.tuning.get(&method_param_key(m)).copied().unwrap_or(0.0);
-            let inv = |yi: &[f32]| ctx.mean_corrected_inverse(yi);
-            (classic(exp, &inv, m, y, p)?, None)
+            (classic(exp, m, y, p)?, None)
         }
     };
     let seconds = t0.elapsed().as_secs_f64();
@@ -660,21 +652,9 @@ pub fn run(a: EvalArgs, quiet: bool) -> Result<()> {
 /// clean signals (for its tuning).
 fn write_reference_inputs(ctx: &Ctx, count: usize) -> Result<()> {
     let a = ctx.a;
-    let inv = |exp: &Experiment, range: std::ops::Range<usize>| -> Result<Vec<f32>> {
-        let off = (exp.alpha * exp.gauss.0) as f32;
-        let m = exp.y.data.len() / exp.len();
-        let mut out = Vec::new();
-        for yi in exp.y_items(range).chunks_exact(m) {
-            let yc: Vec<f32> = yi.iter().map(|v| v - off).collect();
-            out.extend(
-                baselines::pseudo_inverse(&exp.operator, &yc, 784)?
-                    .into_iter()
-                    .map(|v| v.clamp(0.0, 1.0)),
-            );
-        }
-        Ok(out)
-    };
-    let test = inv(&ctx.exp, a.start..a.start + count)?;
+    let test = ctx
+        .exp
+        .mean_corrected_inverse(ctx.exp.y_items(a.start..a.start + count))?;
     io::write_npy(
         &a.out.join("reference_input.npy"),
         &[count, 1, 28, 28],
@@ -685,7 +665,7 @@ fn write_reference_inputs(ctx: &Ctx, count: usize) -> Result<()> {
     io::write_npy(
         &a.out.join("validation_input.npy"),
         &[k, 1, 28, 28],
-        &inv(&val, 0..k)?,
+        &val.mean_corrected_inverse(val.y_items(0..k))?,
     )?;
     io::write_npy(
         &a.out.join("validation_clean.npy"),
@@ -745,15 +725,6 @@ fn run_chunks(ctx: &Ctx, rt: &Runtime, count: usize) -> Result<()> {
     Ok(())
 }
 
-fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len().max(1) as f64;
-    let m = v.iter().sum::<f64>() / n;
-    (
-        m,
-        (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / n).sqrt(),
-    )
-}
-
 /// Bins of the posterior std for the calibration table (upper edges).
 const STD_BINS: [f32; 6] = [0.02, 0.05, 0.1, 0.15, 0.25, f32::INFINITY];
 
@@ -805,8 +776,8 @@ fn summarize(ctx: &Ctx, count: usize) -> Result<()> {
             rows.iter().filter(|r| &r.1 == name).collect();
         let ps: Vec<f64> = r.iter().map(|r| r.2).collect();
         let ss: Vec<f64> = r.iter().map(|r| r.3).collect();
-        let secs = mean_std(&r.iter().map(|r| r.4).collect::<Vec<_>>()).0;
-        let ((pm, psd), (sm, ssd)) = (mean_std(&ps), mean_std(&ss));
+        let secs = stats(&r.iter().map(|r| r.4).collect::<Vec<_>>()).0;
+        let ((pm, psd), (sm, ssd)) = (stats(&ps), stats(&ss));
         let mut pts: Vec<(f32, f32)> = Vec::new();
         for (cs, _, stem) in &chunks {
             let p = dir.join(format!("{stem}_{name}_std.npy"));
@@ -898,7 +869,7 @@ fn summarize(ctx: &Ctx, count: usize) -> Result<()> {
         let ss: Vec<f64> = (0..count)
             .map(|i| ssim(est.item(i), ctx.exp.clean.item(start + i), 1, 28, 28, 1.0))
             .collect();
-        let ((pm, psd), (sm, ssd)) = (mean_std(&ps), mean_std(&ss));
+        let ((pm, psd), (sm, ssd)) = (stats(&ps), stats(&ss));
         writeln!(
             table,
             "| bm3d (reference, tools/eval/bm3d_reference.py, sigma {}) | {count} | {pm:.2} ± {psd:.2} | {sm:.3} ± {ssd:.3} | {secs:.3} | - |",
@@ -1065,15 +1036,5 @@ fn write_coverage_png(path: &Path, panels: &[(String, Vec<(f32, f32)>)]) -> Resu
             }
         }
     }
-    let mut png = std::io::Cursor::new(Vec::new());
-    image::write_buffer_with_format(
-        &mut png,
-        &img,
-        gw as u32,
-        gh as u32,
-        image::ColorType::Rgb8,
-        image::ImageFormat::Png,
-    )
-    .with_context(|| format!("{}: cannot encode PNG", path.display()))?;
-    io::write_atomic(path, &png.into_inner())
+    io::write_png_rgb(path, &img, gw, gh)
 }
