@@ -4,6 +4,8 @@
 # --operator parsers. Each target runs SECONDS (default 60) from the committed seeds
 # (fuzz/seeds/TARGET) and its growing corpus (fuzz/corpus/TARGET, not committed), with a 512 MB RSS limit;
 # a crash, timeout, leak or out-of-memory stops it and leaves the input in fuzz/artifacts/TARGET/.
+# FUZZ_RUNS=N stops a target after N executions when that comes first (issue 15's long runs:
+# FUZZ_RUNS=10000000 bash tools/fuzz.sh 3600).
 #
 #   bash tools/fuzz.sh [SECONDS] [TARGET...]
 set -euo pipefail
@@ -18,6 +20,6 @@ for t in "${TARGETS[@]}"; do
   mkdir -p "corpus/$t"
   echo "== $t (${SECS} s)"
   cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
-    -max_total_time="$SECS" -rss_limit_mb=512 -max_len=262144 -timeout=10 -print_final_stats=1 2>&1 |
-    grep -E "stat::number_of_executed_units|stat::peak_rss_mb|ERROR|SUMMARY|Done" || true
+    -max_total_time="$SECS" -runs="${FUZZ_RUNS:--1}" -rss_limit_mb=512 -max_len=262144 -timeout=10 -print_final_stats=1 2>&1 |
+    grep -E "stat::number_of_executed_units|stat::average_exec_per_sec|stat::peak_rss_mb|ERROR|SUMMARY|Done" || true
 done

@@ -23,46 +23,83 @@ pub fn gaussian_matrix(m: usize, d: usize, seed: u64) -> Result<Operator> {
 
 /// The least-norm inverse `A^+ y` of one measurement item (`d` signal values): `y / b` for a scale,
 /// `y_j / m_j` where the mask is non-zero (0 elsewhere), `A^T (A A^T)^-1 y` for a full-row-rank matrix.
+/// Factorises a matrix's `A A^T` on each call: build a [`PseudoInverse`] once for many items.
 pub fn pseudo_inverse(op: &Operator, y: &[f32], d: usize) -> Result<Vec<f32>> {
-    let m = op.out_len(d)?;
-    if y.len() != m {
-        return Err(Error::shape(format!(
-            "measurement item has {} values, the operator gives {m}",
-            y.len()
-        )));
+    PseudoInverse::new(op, d)?.apply(y)
+}
+
+/// [`pseudo_inverse`] made once for an operator and `d` signal values (a dense matrix's `(A A^T)^-1` from
+/// one Cholesky factorisation in f64), applied to any number of measurement items.
+#[derive(Debug, Clone)]
+pub struct PseudoInverse {
+    op: Operator,
+    d: usize,
+    m: usize,
+    /// `(A A^T)^-1`, row-major `m x m`, for a dense matrix.
+    gram_inv: Option<Vec<f32>>,
+}
+
+impl PseudoInverse {
+    pub fn new(op: &Operator, d: usize) -> Result<Self> {
+        let m = op.out_len(d)?;
+        let gram_inv = match op {
+            Operator::Matrix { .. } => match GramInverse::new(op, d, 0.0)? {
+                GramInverse::Inverse { a, .. } => Some(a),
+                GramInverse::Diagonal(_) => return Err(Error::invalid("expected a dense inverse")),
+            },
+            _ => None,
+        };
+        Ok(PseudoInverse {
+            op: op.clone(),
+            d,
+            m,
+            gram_inv,
+        })
     }
-    Ok(match op {
-        Operator::Identity => y.to_vec(),
-        Operator::Scale(b) => {
-            if *b == 0.0 {
-                vec![0.0; d]
-            } else {
-                y.iter().map(|v| v / b).collect()
+
+    /// `A^+ y` of one measurement item (`m` values).
+    pub fn apply(&self, y: &[f32]) -> Result<Vec<f32>> {
+        let (m, d) = (self.m, self.d);
+        if y.len() != m {
+            return Err(Error::shape(format!(
+                "measurement item has {} values, the operator gives {m}",
+                y.len()
+            )));
+        }
+        Ok(match &self.op {
+            Operator::Identity => y.to_vec(),
+            Operator::Scale(b) => {
+                if *b == 0.0 {
+                    vec![0.0; d]
+                } else {
+                    y.iter().map(|v| v / b).collect()
+                }
             }
-        }
-        Operator::Mask(mk) => y
-            .iter()
-            .zip(mk)
-            .map(|(v, k)| if *k == 0.0 { 0.0 } else { v / k })
-            .collect(),
-        Operator::Matrix { .. } => {
-            let GramInverse::Inverse { a: inv, .. } = GramInverse::new(op, d, 0.0)? else {
-                return Err(Error::invalid("expected a dense inverse"));
-            };
-            let v: Vec<f32> = inv
-                .chunks_exact(m)
-                .map(|row| {
-                    row.iter()
-                        .zip(y)
-                        .map(|(p, q)| (*p as f64 * *q as f64) as f32)
-                        .sum()
-                })
-                .collect();
-            let mut x = vec![0f32; d];
-            op.adjoint(&v, &mut x);
-            x
-        }
-    })
+            Operator::Mask(mk) => y
+                .iter()
+                .zip(mk)
+                .map(|(v, k)| if *k == 0.0 { 0.0 } else { v / k })
+                .collect(),
+            Operator::Matrix { .. } => {
+                let inv = self
+                    .gram_inv
+                    .as_ref()
+                    .ok_or_else(|| Error::invalid("expected a dense inverse"))?;
+                let v: Vec<f32> = inv
+                    .chunks_exact(m)
+                    .map(|row| {
+                        row.iter()
+                            .zip(y)
+                            .map(|(p, q)| (*p as f64 * *q as f64) as f32)
+                            .sum()
+                    })
+                    .collect();
+                let mut x = vec![0f32; d];
+                self.op.adjoint(&v, &mut x);
+                x
+            }
+        })
+    }
 }
 
 /// Levels of the 2-D Haar transform on an `h x w` image: halvings while both sides are even, at most 3.
@@ -588,6 +625,15 @@ mod tests {
         for (a, b) in back.iter().zip(&x) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }
+        // made once, applied to several items: each is recovered; a wrong-length item is an error
+        let pinv = PseudoInverse::new(&op, 12).unwrap();
+        for scale in [1.0f32, -2.5] {
+            let ys: Vec<f32> = y.iter().map(|v| v * scale).collect();
+            for (a, b) in pinv.apply(&ys).unwrap().iter().zip(&x) {
+                assert!((a - b * scale).abs() < 1e-4, "{a} vs {}", b * scale);
+            }
+        }
+        assert!(pinv.apply(&y[..4]).is_err());
         let mk = Operator::Mask(vec![1.0, 0.0, 2.0]);
         assert_eq!(
             pseudo_inverse(&mk, &[1.0, 5.0, 4.0], 3).unwrap(),

@@ -6,7 +6,7 @@ use crate::cmd::demo::{embedded, stats, DIGITS, DIGIT_TRAIN_MEAN, DIGIT_TRAIN_ST
 use crate::io;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
-use jointdiff_core::baselines::{self, HaarLasso};
+use jointdiff_core::baselines::{self, HaarLasso, PseudoInverse};
 use jointdiff_core::metrics::{psnr, ssim};
 use jointdiff_core::noise;
 use jointdiff_core::operator::Operator;
@@ -262,14 +262,11 @@ impl Experiment {
     fn mean_corrected_inverse(&self, y: &[f32]) -> Result<Vec<f32>> {
         let off = (self.alpha * self.gauss.0) as f32;
         let m = self.y.data.len() / self.len();
+        let pinv = PseudoInverse::new(&self.operator, 784)?;
         let mut out = Vec::with_capacity(y.len() / m * 784);
         for yi in y.chunks_exact(m) {
             let yc: Vec<f32> = yi.iter().map(|v| v - off).collect();
-            out.extend(
-                baselines::pseudo_inverse(&self.operator, &yc, 784)?
-                    .into_iter()
-                    .map(|v| v.clamp(0.0, 1.0)),
-            );
+            out.extend(pinv.apply(&yc)?.into_iter().map(|v| v.clamp(0.0, 1.0)));
         }
         Ok(out)
     }
@@ -384,10 +381,17 @@ fn classic(exp: &Experiment, method: &Method, y: &[f32], p: f64) -> Result<Vec<f
         Method::LassoHaar => Some(HaarLasso::new(exp.operator.clone(), [1, 28, 28])?),
         _ => None,
     };
+    let pinv = match method {
+        Method::Inverse => Some(PseudoInverse::new(&exp.operator, 784)?),
+        _ => None,
+    };
     let offset = vec![(exp.alpha * exp.gauss.0) as f32; m];
     for yi in y.chunks_exact(m) {
         let x: Vec<f32> = match method {
-            Method::Inverse => baselines::pseudo_inverse(&exp.operator, yi, 784)?,
+            Method::Inverse => pinv
+                .as_ref()
+                .ok_or_else(|| anyhow!("no inverse"))?
+                .apply(yi)?,
             Method::LassoHaar => lasso
                 .as_ref()
                 .ok_or_else(|| anyhow!("no solver"))?
