@@ -119,7 +119,14 @@ def main():
               "`--samples 2`."),
              ("k8_fashion-digits", "## Uncertainty with K = 8 samples (fashion-digits)",
               "16 test pairs, 100 steps, K = 8, pigdm with the weights that were its default when this ran "
-              "(0.93/0.88). The question: is the per-pixel posterior std a trustworthy error bar?")]
+              "(0.93/0.88). The question: is the per-pixel posterior std a trustworthy error bar?"),
+             ("k8_cs-sine", "## Uncertainty with K = 8 samples (cs-sine)",
+              "8 test pairs, 100 steps, K = 8, pigdm with its default weights (1.2/1.2)."),
+             ("k8_ood", "## Uncertainty with K = 8 samples (ood)",
+              "8 test pairs, 100 steps, K = 8, pigdm with its default weights (1.2/1.2)."),
+             ("k8_gaussian", "## Uncertainty with K = 8 samples (gaussian, std 0.1)",
+              "8 test pairs, 100 steps, K = 8, pigdm with its default weights (1.2/1.2); the joint and the "
+              "non-joint sampler coincide here (the noise prior is the exact Gaussian).")]
     for name, title, text in extra:
         d = os.path.join(EVAL, name)
         if not os.path.exists(os.path.join(d, "results.md")):

@@ -76,6 +76,9 @@ fn read_idx(path: &Path) -> Result<Tensor> {
     parse_idx(&raw).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
+/// The most a gzip-compressed IDX file may inflate (over its compressed size, plus 1 MiB).
+pub const MAX_GZIP_RATIO: u64 = 100;
+
 /// An IDX image file's bytes (gzip-compressed or not) as [N, 1, H, W] in [0, 1].
 pub fn parse_idx(raw: &[u8]) -> std::result::Result<Tensor, String> {
     let inflated;
@@ -95,6 +98,18 @@ pub fn parse_idx(raw: &[u8]) -> std::result::Result<Tensor, String> {
                 .saturating_mul(dim(2))
                 .saturating_mul(dim(3))
                 .min(1 << 31);
+            // real image sets compress 3-6x (MNIST 4.7x); a header that claims far more than the
+            // compressed bytes could hold is refused before anything is inflated (a gzip bomb)
+            let most = (raw.len() as u64)
+                .saturating_mul(MAX_GZIP_RATIO)
+                .saturating_add(1 << 20);
+            if claim > most {
+                return Err(format!(
+                    "the gzip IDX header claims {claim} bytes of images, more than {MAX_GZIP_RATIO} times \
+                     the {} compressed bytes: refusing it (decompress it with gunzip if it is real)",
+                    raw.len()
+                ));
+            }
             dec.take(claim).read_to_end(&mut out).map_err(gz_err)?;
         }
         inflated = out;
@@ -407,4 +422,49 @@ fn run_on<B: Backend>(b: &B, a: TrainArgs, quiet: bool) -> Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn idx(n: u32, h: u32, w: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = vec![0u8, 0, 8, 3];
+        for d in [n, h, w] {
+            v.extend(d.to_be_bytes());
+        }
+        v.extend(data);
+        v
+    }
+
+    #[test]
+    fn gzip_idx_reads_and_a_bomb_is_refused_before_inflating() {
+        // a real (small) gzip file: same tensor as the raw one
+        let data: Vec<u8> = (0..2 * 3 * 4).map(|i| (i * 11 % 256) as u8).collect();
+        let raw = parse_idx(&idx(2, 3, 4, &data)).unwrap();
+        let gz = parse_idx(&gzip(&idx(2, 3, 4, &data))).unwrap();
+        assert_eq!(raw.shape, [2, 1, 3, 4]);
+        assert_eq!(raw.data, gz.data);
+        assert_eq!(raw.data[1], 11.0 / 255.0);
+        // 16 MiB of zeros compress to about 16 KiB (ratio ~1000): the header's claim is refused
+        let zeros = vec![0u8; 16 << 20];
+        let bomb = gzip(&idx(16 << 10, 32, 32, &zeros));
+        assert!(bomb.len() < 100 << 10, "{}", bomb.len());
+        let err = parse_idx(&bomb).unwrap_err();
+        assert!(
+            err.contains("gzip IDX header claims 16777216 bytes"),
+            "{err}"
+        );
+        // the same ratio within the 1 MiB allowance is accepted (a small all-black set)
+        let small = parse_idx(&gzip(&idx(1000, 28, 28, &vec![0u8; 784_000]))).unwrap();
+        assert_eq!(small.shape, [1000, 1, 28, 28]);
+        assert!(small.data.iter().all(|&v| v == 0.0));
+    }
 }
