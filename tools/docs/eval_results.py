@@ -86,7 +86,7 @@ def main():
         "parameters were chosen on validation pairs (fixtures/README.md). `joint` and `gauss` run the **default**",
         "options of `denoise` (pigdm, 400 steps, one sample) unless a section says otherwise. PSNR and SSIM against",
         "the clean signal (data range 1, SSIM as `tf.image.ssim`); seconds per image on the 2-core machine of",
-        "the run, one thread per evaluation (two evaluations ran side by side).",
+        "the run, one thread per evaluation (two or three evaluations ran side by side).",
         "",
     ]
     for exp in ORDER:
