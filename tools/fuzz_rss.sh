@@ -2,8 +2,8 @@
 # Peak resident memory of each fuzz target over its corpus (issue 15 item 2): builds the targets without a
 # sanitizer (ASan's shadow memory and quarantine would dominate) and runs every input of
 # fuzz/corpus/TARGET and fuzz/seeds/TARGET once, in batches of 200 inputs per process, under /usr/bin/time.
-# Prints per target: inputs, largest input, the largest input's inflated size for gzip IDX, the peak RSS of
-# a run on one empty input (the binary, its embedded models and libFuzzer) and the peak RSS over the corpus.
+# Prints per target: inputs, largest input, the peak RSS of a run on one empty input (the binary, its
+# embedded models and libFuzzer) and the peak RSS over the corpus.
 #
 #   bash tools/fuzz_rss.sh [TARGET...]
 set -euo pipefail

@@ -257,12 +257,11 @@ impl Experiment {
         &self.y.data[range.start * m..range.end * m]
     }
 
-    /// Measurement items (`m` values each) with the known noise mean taken out, inverted and clipped: the
-    /// input of NLM and of the BM3D reference.
-    fn mean_corrected_inverse(&self, y: &[f32]) -> Result<Vec<f32>> {
+    /// Measurement items (`m` values each) with the known noise mean taken out, inverted by `pinv` (this
+    /// experiment's operator, made once by the caller) and clipped: the input of NLM and of the BM3D reference.
+    fn mean_corrected_inverse(&self, pinv: &PseudoInverse, y: &[f32]) -> Result<Vec<f32>> {
         let off = (self.alpha * self.gauss.0) as f32;
         let m = self.y.data.len() / self.len();
-        let pinv = PseudoInverse::new(&self.operator, 784)?;
         let mut out = Vec::with_capacity(y.len() / m * 784);
         for yi in y.chunks_exact(m) {
             let yc: Vec<f32> = yi.iter().map(|v| v - off).collect();
@@ -382,16 +381,14 @@ fn classic(exp: &Experiment, method: &Method, y: &[f32], p: f64) -> Result<Vec<f
         _ => None,
     };
     let pinv = match method {
-        Method::Inverse => Some(PseudoInverse::new(&exp.operator, 784)?),
+        Method::Inverse | Method::Nlm => Some(PseudoInverse::new(&exp.operator, 784)?),
         _ => None,
     };
     let offset = vec![(exp.alpha * exp.gauss.0) as f32; m];
     for yi in y.chunks_exact(m) {
+        let pinv = || pinv.as_ref().ok_or_else(|| anyhow!("no inverse"));
         let x: Vec<f32> = match method {
-            Method::Inverse => pinv
-                .as_ref()
-                .ok_or_else(|| anyhow!("no inverse"))?
-                .apply(yi)?,
+            Method::Inverse => pinv()?.apply(yi)?,
             Method::LassoHaar => lasso
                 .as_ref()
                 .ok_or_else(|| anyhow!("no solver"))?
@@ -400,7 +397,7 @@ fn classic(exp: &Experiment, method: &Method, y: &[f32], p: f64) -> Result<Vec<f
                 .map(|v| v as f32)
                 .collect(),
             Method::Nlm => baselines::nlm(
-                &exp.mean_corrected_inverse(yi)?,
+                &exp.mean_corrected_inverse(pinv()?, yi)?,
                 28,
                 28,
                 NLM_PATCH,
@@ -656,9 +653,10 @@ pub fn run(a: EvalArgs, quiet: bool) -> Result<()> {
 /// clean signals (for its tuning).
 fn write_reference_inputs(ctx: &Ctx, count: usize) -> Result<()> {
     let a = ctx.a;
-    let test = ctx
-        .exp
-        .mean_corrected_inverse(ctx.exp.y_items(a.start..a.start + count))?;
+    let test = ctx.exp.mean_corrected_inverse(
+        &PseudoInverse::new(&ctx.exp.operator, 784)?,
+        ctx.exp.y_items(a.start..a.start + count),
+    )?;
     io::write_npy(
         &a.out.join("reference_input.npy"),
         &[count, 1, 28, 28],
@@ -669,7 +667,7 @@ fn write_reference_inputs(ctx: &Ctx, count: usize) -> Result<()> {
     io::write_npy(
         &a.out.join("validation_input.npy"),
         &[k, 1, 28, 28],
-        &val.mean_corrected_inverse(val.y_items(0..k))?,
+        &val.mean_corrected_inverse(&PseudoInverse::new(&val.operator, 784)?, val.y_items(0..k))?,
     )?;
     io::write_npy(
         &a.out.join("validation_clean.npy"),
