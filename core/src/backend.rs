@@ -177,4 +177,42 @@ pub trait Backend: Send + Sync {
         a();
         b();
     }
+
+    /// How many images of the batch `shape` a network forward runs at a time: a larger batch runs in parts
+    /// of this size ([`Backend::batch_slice`], [`Backend::batch_concat`]), the parts through
+    /// [`Backend::join`]. The whole batch by default. The CPU backend runs one image at a time, so that an
+    /// image's activations stay in cache through the network and its threads share a batch by images.
+    /// Parts change no value: every network operation computes each image on its own.
+    fn forward_part(&self, shape: [usize; 4]) -> usize {
+        shape[0]
+    }
+
+    /// Images `[start, start + len)` of `x` (through the host by default).
+    fn batch_slice(
+        &self,
+        x: &Self::Tensor,
+        start: usize,
+        len: usize,
+    ) -> crate::error::Result<Self::Tensor> {
+        let t = self.download(x)?;
+        let [_, c, h, w] = t.shape;
+        let per = c * h * w;
+        Ok(self.upload(&Tensor {
+            shape: [len, c, h, w],
+            data: t.data[start * per..(start + len) * per].to_vec(),
+        }))
+    }
+
+    /// The images of `parts`, in order, as one batch (through the host by default). `parts` is not empty
+    /// and its tensors agree in all but the batch size.
+    fn batch_concat(&self, parts: &[Self::Tensor]) -> crate::error::Result<Self::Tensor> {
+        let mut data = alloc::vec::Vec::new();
+        let mut shape = [0; 4];
+        for p in parts {
+            let t = self.download(p)?;
+            shape = [shape[0] + t.shape[0], t.shape[1], t.shape[2], t.shape[3]];
+            data.extend_from_slice(&t.data);
+        }
+        Ok(self.upload(&Tensor { shape, data }))
+    }
 }

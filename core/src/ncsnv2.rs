@@ -490,9 +490,51 @@ impl<B: Backend> Ncsnv2<B> {
     }
 
     /// `net(x)` for a batch `x` of shape `[N, C, H, W]` already on the backend.
+    ///
+    /// A batch larger than the backend's [`Backend::forward_part`] runs in parts of that size, the parts
+    /// through [`Backend::join`]; the result is the same (each operation computes each image on its own).
     pub fn forward_device(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        self.config.check_input(b.shape(x))?;
-        Ok(self.run(b, x, false).0)
+        let shape = b.shape(x);
+        self.config.check_input(shape)?;
+        let part = b.forward_part(shape).max(1);
+        if part >= shape[0] {
+            return Ok(self.run(b, x, false).0);
+        }
+        let mut outs: Vec<Option<Result<B::Tensor>>> =
+            (0..shape[0].div_ceil(part)).map(|_| None).collect();
+        self.forward_parts(b, x, shape[0], part, 0, &mut outs);
+        let outs = outs
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(Error::invalid("a batch part did not run"))))
+            .collect::<Result<Vec<_>>>()?;
+        b.batch_concat(&outs)
+    }
+
+    /// Parts `first..first + slots.len()` of a batch of `n` images (`part` each) into `slots`, halves side by
+    /// side through [`Backend::join`].
+    fn forward_parts(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        n: usize,
+        part: usize,
+        first: usize,
+        slots: &mut [Option<Result<B::Tensor>>],
+    ) {
+        if let [slot] = slots {
+            let start = first * part;
+            *slot = Some(
+                b.batch_slice(x, start, part.min(n - start))
+                    .map(|xs| self.run(b, &xs, false).0),
+            );
+            return;
+        }
+        let mid = slots.len() / 2;
+        let (left, right) = slots.split_at_mut(mid);
+        b.join(
+            &mut || self.forward_parts(b, x, n, part, first, left),
+            &mut || self.forward_parts(b, x, n, part, first + mid, right),
+        );
     }
 
     /// The network graph, written once: `keep` records what the backward pass needs (a [`Tape`]).

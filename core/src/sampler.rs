@@ -469,7 +469,7 @@ impl<'a, B: Backend> JointSampler<'a, B> {
         let cfg = &self.config;
         let b = self.backend;
         let m = self.m;
-        if y.is_empty() || y.len() % m != 0 {
+        if y.is_empty() || !y.len().is_multiple_of(m) {
             return Err(Error::shape(format!(
                 "measurement has {} values, not a multiple of the {m} values per item",
                 y.len()
@@ -750,7 +750,7 @@ impl<B: Backend> JointSampler<'_, B> {
             });
         }
         let m = self.m;
-        if y.len() % m != 0 {
+        if !y.len().is_multiple_of(m) {
             return Err(Error::shape(format!(
                 "measurement has {} values, not a multiple of the {m} values per item",
                 y.len()

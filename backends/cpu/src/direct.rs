@@ -1,4 +1,4 @@
-//! Direct convolution for x86-64 with AVX2 + FMA (selected at run time): no im2col, no GEMM packing.
+//! Direct convolution for x86-64 (AVX2 + FMA or AVX-512F, selected at run time): no im2col, no GEMM packing.
 //!
 //! Why: with im2col + `matrixmultiply`, a 3x3 convolution copies its input twice (the 9x im2col matrix, then
 //! the crate's own packing of it), and on the small images jointdiff ships (28x28, 32 channels) those copies
@@ -8,43 +8,32 @@
 //! * the input is copied once into a zero-padded buffer (`Hp x Wp` per channel), so that the input value
 //!   output pixel `(y, x)` needs for channel `c` and tap `(ky, kx)` sits at
 //!   `c * Hp * Wp + (y + ky * d) * Wp + (x + kx * d)`: a per-pixel base plus a per-tap offset;
-//! * the weights are repacked as `[co / 16][ci * kh * kw][16]` (zero columns pad `co` to a multiple of 16);
-//! * a 6 x 16 micro-kernel (12 AVX accumulators) runs the whole reduction over `ci * kh * kw` for 6 output
-//!   pixels and 16 output channels: per step 2 loads of weights, 6 broadcasts of input values, 12 FMAs.
-//!   The 6 pixels are any 6 consecutive output pixels (they may span rows), so no work is wasted on padding
-//!   columns; the bias is the accumulators' starting value.
+//! * the weights are repacked as `[co / NR][ci * kh * kw][NR]` (zero columns pad `co` to a multiple of NR);
+//! * the micro-kernel ([`micro`], one source for both widths, `crate::simd`) runs the reduction over
+//!   `ci * kh * kw` for MR output pixels and NR output channels: per step 2 loads of weights, MR broadcasts
+//!   of input values, 2 MR FMAs. The MR pixels are any MR consecutive output pixels (they may span rows), so
+//!   no work is wasted on padding columns; the bias is the accumulators' starting value;
+//! * a deep layer's reduction (NCSNv2 at ngf 128 reaches 256 channels x 9 taps = 2304) runs in chunks of
+//!   [`KC_FLOATS`]` / NR` entries, so that one chunk's weights stay in L1/L2 while the job's pixels pass over
+//!   them; the accumulators go to a per-job buffer between chunks and start the next chunk from there.
 //!
-//! Every output value is the same sequence of FMAs whatever the thread count or tiling, so results are
-//! bit-identical with 1 or many threads.
+//! Every output value is its bias plus the same FMAs in the same order whatever the thread count, the tiling,
+//! the chunking or the vector width, so results are bit-identical across all of them.
+use crate::simd::{self, Kernel, Simd};
 use crate::{CpuTensor, OutPtr};
 use jointdiff_core::backend::Conv2dParams;
 use jointdiff_core::reference;
 use jointdiff_core::Tensor;
 use rayon::prelude::*;
-use std::sync::OnceLock;
 
-/// Output pixels per micro-kernel block.
-pub(crate) const MR: usize = 6;
-/// Output channels per micro-kernel block (2 AVX vectors).
-pub(crate) const NR: usize = 16;
+/// One reduction chunk's weights, in floats (`KC_FLOATS / NR` reduction entries of NR channels): 36 KB, so
+/// that they stay in L1/L2 while a job's pixel blocks pass over them.
+pub(crate) const KC_FLOATS: usize = 9216;
 
-/// Whether the CPU has AVX2 and FMA (checked once; `JOINTDIFF_CPU_KERNEL=portable` turns the path off).
+/// Whether the direct and Winograd kernels run here (AVX2 + FMA, and `JOINTDIFF_CPU_KERNEL` is not
+/// `portable`).
 pub(crate) fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        let wanted = std::env::var("JOINTDIFF_CPU_KERNEL").map_or(true, |v| v != "portable");
-        wanted && detect()
-    })
-}
-
-#[cfg(target_arch = "x86_64")]
-fn detect() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn detect() -> bool {
-    false
+    simd::kernel() != Kernel::Portable
 }
 
 /// A thread's reusable buffers for one call.
@@ -58,6 +47,8 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
+    /// A job's accumulators between reduction chunks (taken and put back per job).
+    static ACC: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// What every job of one convolution shares.
@@ -71,26 +62,44 @@ struct Plan<'a> {
     offs: &'a [u32],
     /// base of each output pixel in the padded plane
     bases: &'a [u32],
-    /// `[co16 / 16][kk][16]`
+    /// `[co_nr / NR][kk][NR]`
     packed: &'a [f32],
-    /// `co16` floats, zero beyond `co`
+    /// `co_nr` floats, zero beyond `co`
     bias: &'a [f32],
 }
 
-/// Stride-1 convolution (any kernel size, padding, dilation) by the direct AVX2 kernel.
+/// Stride-1 convolution (any kernel size, padding, dilation) by the direct kernel of this process's width
+/// ([`simd::kernel`]).
 ///
 /// # Panics
 /// If `available()` is false (callers check it first).
 pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
-    assert!(available(), "direct convolution needs AVX2 + FMA");
+    conv2d_with(simd::kernel(), x, w, bias, p)
+}
+
+/// [`conv2d`] with the given kernels (tests compare the widths).
+///
+/// # Panics
+/// If the CPU cannot run `k`, or `k` is `Portable`.
+pub(crate) fn conv2d_with(
+    k: Kernel,
+    x: &Tensor,
+    w: &CpuTensor,
+    bias: Option<&Tensor>,
+    p: Conv2dParams,
+) -> Tensor {
+    assert!(
+        k != Kernel::Portable && k.supported(),
+        "direct convolution needs AVX2 + FMA"
+    );
+    let (mr, nr) = (k.mr(), k.nr());
     let [n, ci, h, wd] = x.shape;
     let [co, _, kh, kw] = w.shape;
     let ho = reference::conv_out(h, kh, p);
     let wo = reference::conv_out(wd, kw, p);
-    let mut out = crate::pool::zeros([n, co, ho, wo]);
     let hw = ho * wo;
     if hw == 0 || co == 0 {
-        return out;
+        return crate::pool::zeros([n, co, ho, wo]);
     }
     let (pad, d) = (p.padding, p.dilation);
     let (hp, wp) = (h + 2 * pad, wd + 2 * pad);
@@ -100,7 +109,7 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2d
     let Scratch {
         mut offs,
         mut bases,
-        bias: mut bias16,
+        bias: mut bias_nr,
         mut padded,
     } = SCRATCH.with(|s| s.take());
     offs.clear();
@@ -115,17 +124,15 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2d
     for y in 0..ho {
         bases.extend((y * wp..y * wp + wo).map(|b| b as u32));
     }
-    let co16 = co.next_multiple_of(NR);
-    bias16.clear();
-    bias16.resize(co16, 0.0);
+    let co_nr = co.next_multiple_of(nr);
+    bias_nr.clear();
+    bias_nr.resize(co_nr, 0.0);
     if let Some(b) = bias {
-        bias16[..co].copy_from_slice(&b.data[..co]);
+        bias_nr[..co].copy_from_slice(&b.data[..co]);
     }
-    // packed once per weight tensor (it is immutable), kept with it
-    let packed = w
-        .packs()
-        .direct
-        .get_or_init(|| pack_weights(&w.data[..co * kk], co, kk));
+    // packed once per weight tensor and width (it is immutable), kept with it
+    let packed = w.packs().direct[crate::width_slot(k)]
+        .get_or_init(|| pack_weights(&w.data[..co * kk], co, kk, nr));
     // zero-padded input, one `ci x hp x wp` block per image
     let per_image = ci * plane;
     padded.clear();
@@ -147,23 +154,27 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2d
         offs: &offs,
         bases: &bases,
         packed,
-        bias: &bias16,
+        bias: &bias_nr,
     };
     // Jobs: runs of pixel blocks of one image, all output channels each; an image has at least 4 runs when
-    // it has that many blocks, so that two threads share even one small image.
-    let blocks = hw.div_ceil(MR);
-    let run_blocks = blocks.div_ceil(4).clamp(1, 64);
+    // it has that many blocks, so that two threads share even one small image. A run holds at most 384
+    // pixels, so that its accumulators (384 x NR floats) stay in L2.
+    let blocks = hw.div_ceil(mr);
+    let run_blocks = blocks.div_ceil(4).clamp(1, 384 / mr);
     let runs = blocks.div_ceil(run_blocks);
-    let optr = OutPtr(out.data.as_mut_ptr());
+    // every output value is written below (the runs cover each image's pixels, the blocks every channel)
+    let len = n * co * hw;
+    let mut data: Vec<f32> = crate::pool::with_capacity(len);
+    let optr = OutPtr(data.as_mut_ptr());
     let job = |j: usize| {
         let (b, r) = (j / runs, j % runs);
-        let q0 = r * run_blocks * MR;
-        let q1 = (q0 + run_blocks * MR).min(hw);
+        let q0 = r * run_blocks * mr;
+        let q1 = (q0 + run_blocks * mr).min(hw);
         let src = &padded[b * per_image..(b + 1) * per_image];
-        // SAFETY: AVX2 + FMA are present (asserted above); every base + offset is inside the padded image
-        // (valid output pixels read only the padded input); this job writes only image b's pixels
-        // [q0, q1) of every output channel, which no other job writes.
-        unsafe { run_avx2(&plan, src, q0, q1, optr.at(b * co * hw)) };
+        // SAFETY: the CPU runs `k` (asserted above); every base + offset is inside the padded image (valid
+        // output pixels read only the padded input); this job writes only image b's pixels [q0, q1) of
+        // every output channel, which no other job writes.
+        unsafe { run(k, &plan, src, q0, q1, optr.at(b * co * hw)) };
     };
     let jobs = n * runs;
     if jobs > 1 && co * kk * hw * n >= 1 << 18 {
@@ -175,109 +186,166 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2d
         s.set(Scratch {
             offs,
             bases,
-            bias: bias16,
+            bias: bias_nr,
             padded,
         })
     });
-    out
+    // SAFETY: the jobs wrote all `len` values (see above).
+    unsafe { data.set_len(len) };
+    Tensor {
+        shape: [n, co, ho, wo],
+        data,
+    }
 }
 
-/// `[co][kk]` row-major weights → `[co16 / 16][kk][16]`, zero columns beyond `co`.
-fn pack_weights(w: &[f32], co: usize, kk: usize) -> Vec<f32> {
-    let co16 = co.next_multiple_of(NR);
-    let mut packed = vec![0f32; co16 * kk];
+/// `[co][kk]` row-major weights → `[co_nr / nr][kk][nr]`, zero columns beyond `co`.
+fn pack_weights(w: &[f32], co: usize, kk: usize, nr: usize) -> Vec<f32> {
+    let co_nr = co.next_multiple_of(nr);
+    let mut packed = vec![0f32; co_nr * kk];
     for o in 0..co {
-        let (blk, j) = (o / NR, o % NR);
-        let dst = &mut packed[blk * kk * NR..(blk + 1) * kk * NR];
+        let (blk, j) = (o / nr, o % nr);
+        let dst = &mut packed[blk * kk * nr..(blk + 1) * kk * nr];
         for (k, &v) in w[o * kk..(o + 1) * kk].iter().enumerate() {
-            dst[k * NR + j] = v;
+            dst[k * nr + j] = v;
         }
     }
     packed
 }
 
-/// Output pixels `[q0, q1)` of one image, all channels, written to `out` (`[co][hw]`).
+/// Output pixels `[q0, q1)` of one image, all channels, written to `out` (`[co][hw]`), at width `k`.
 ///
 /// # Safety
-/// Needs AVX2 + FMA; `src` is the image's padded input, `out` its output block.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2(plan: &Plan, src: &[f32], q0: usize, q1: usize, out: *mut f32) {
-    debug_assert!(plan.bases[q0..q1]
-        .iter()
-        .all(|&b| b as usize + *plan.offs.last().unwrap_or(&0) as usize <= src.len()));
-    let mut tile = [[0f32; NR]; MR];
-    for cb in 0..plan.co.div_ceil(NR) {
-        let w = plan.packed.as_ptr().add(cb * plan.kk * NR);
-        let bias = plan.bias.as_ptr().add(cb * NR);
-        let nch = (plan.co - cb * NR).min(NR);
-        let mut q = q0;
-        while q < q1 {
-            let npx = (q1 - q).min(MR);
-            // the pixels' input pointers; a short last block repeats its last pixel
-            let mut ptrs = [src.as_ptr(); MR];
-            for (r, p) in ptrs.iter_mut().enumerate() {
-                *p = src.as_ptr().add(plan.bases[q + r.min(npx - 1)] as usize);
-            }
-            micro_6x16(
-                plan.kk,
-                w,
-                plan.offs.as_ptr(),
-                &ptrs,
-                bias,
-                tile.as_mut_ptr().cast(),
-                NR,
-            );
-            for (j, ch) in (cb * NR..cb * NR + nch).enumerate() {
-                let row = out.add(ch * plan.hw + q);
-                for (r, t) in tile.iter().enumerate().take(npx) {
-                    *row.add(r) = t[j];
-                }
-            }
-            q += npx;
+/// The CPU runs `k` (not `Portable`); `src` is the image's padded input, `out` its output block.
+unsafe fn run(k: Kernel, plan: &Plan, src: &[f32], q0: usize, q1: usize, out: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(plan: &Plan, src: &[f32], q0: usize, q1: usize, out: *mut f32) {
+            run_pixels::<simd::Avx2, { simd::MR_AVX2 }>(plan, src, q0, q1, out)
         }
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn avx512(plan: &Plan, src: &[f32], q0: usize, q1: usize, out: *mut f32) {
+            run_pixels::<simd::Avx512, { simd::MR_AVX512 }>(plan, src, q0, q1, out)
+        }
+        match k {
+            Kernel::Avx2 => avx2(plan, src, q0, q1, out),
+            Kernel::Avx512 => avx512(plan, src, q0, q1, out),
+            Kernel::Portable => unreachable!("the direct kernel needs AVX2"),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (k, plan, src, q0, q1, out);
+        unreachable!("direct convolution is x86-64 only")
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn run_avx2(_: &Plan, _: &[f32], _: usize, _: usize, _: *mut f32) {
-    unreachable!("direct convolution is x86-64 only")
+/// [`run`] at `S`'s width with `MR` pixels per block (inlined into the width's `target_feature` function).
+#[inline(always)]
+unsafe fn run_pixels<S: Simd, const MR: usize>(
+    plan: &Plan,
+    src: &[f32],
+    q0: usize,
+    q1: usize,
+    out: *mut f32,
+) {
+    let nr = 2 * S::LANES;
+    debug_assert!(plan.bases[q0..q1]
+        .iter()
+        .all(|&b| b as usize + *plan.offs.last().unwrap_or(&0) as usize <= src.len()));
+    let blocks = (q1 - q0).div_ceil(MR);
+    // accumulators of the whole run, [blocks * MR][nr] (a short last block fills its rows past q1 with a
+    // repeat of its last pixel; they are never read out)
+    let mut acc = ACC.with(|a| a.take());
+    acc.resize(acc.len().max(blocks * MR * nr), 0.0);
+    let kc = (KC_FLOATS / nr).max(1);
+    for cb in 0..plan.co.div_ceil(nr) {
+        let w = plan.packed.as_ptr().add(cb * plan.kk * nr);
+        let bias = plan.bias.as_ptr().add(cb * nr);
+        let nch = (plan.co - cb * nr).min(nr);
+        let mut k0 = 0;
+        loop {
+            let len = kc.min(plan.kk - k0);
+            for blk in 0..blocks {
+                let q = q0 + blk * MR;
+                let npx = (q1 - q).min(MR);
+                // the pixels' input pointers; a short last block repeats its last pixel
+                let ptrs: [*const f32; MR] = std::array::from_fn(|r| {
+                    src.as_ptr().add(plan.bases[q + r.min(npx - 1)] as usize)
+                });
+                let tile = acc.as_mut_ptr().add(blk * MR * nr);
+                // the first chunk starts from the bias (the same row for every pixel), the others from
+                // the accumulators the chunk before left
+                let (init, ldi) = if k0 == 0 {
+                    (bias, 0)
+                } else {
+                    (tile.cast_const(), nr)
+                };
+                micro::<S, MR>(
+                    len,
+                    w.add(k0 * nr),
+                    plan.offs.as_ptr().add(k0),
+                    &ptrs,
+                    init,
+                    ldi,
+                    tile,
+                    nr,
+                );
+            }
+            k0 += len;
+            if k0 >= plan.kk {
+                break;
+            }
+        }
+        // [pixel][channel] → out[channel][pixel]
+        for j in 0..nch {
+            let row = out.add((cb * nr + j) * plan.hw + q0);
+            for r in 0..q1 - q0 {
+                *row.add(r) = *acc.get_unchecked(r * nr + j);
+            }
+        }
+    }
+    ACC.with(|a| a.set(acc));
 }
 
-/// `c[r * ldc + j] = bias[j] + sum_k w[k][j] * ptrs[r][offs[k]]` for 6 pixels r and 16 channels j.
+/// `c[r * ldc + j] = init[r * ldi + j] + sum_k w[k * NR + j] * ptrs[r][offs[k]]` for MR pixels `r` and
+/// `NR = 2 * S::LANES` channels `j`, the sum in the order of `k`. `ldi = 0` starts every row from the same
+/// values (a bias); `init` may be `c` (a chunk continuing where the last one stopped).
 ///
 /// # Safety
-/// Needs AVX2 + FMA; `w` covers `kk * 16` floats, `offs` `kk` entries, `ptrs[r] + offs[k]` must be
-/// readable, `bias` 16 floats, `c` 6 rows of 16 floats `ldc` apart.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-pub(crate) unsafe fn micro_6x16(
+/// Needs `S`'s CPU features (inlined into a function compiled for them); `w` covers `kk * NR` floats, `offs`
+/// `kk` entries, `ptrs[r] + offs[k]` must be readable, `init` MR rows of NR floats `ldi` apart, `c` MR rows
+/// of NR floats `ldc` apart.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn micro<S: Simd, const MR: usize>(
     kk: usize,
     w: *const f32,
     offs: *const u32,
     ptrs: &[*const f32; MR],
-    bias: *const f32,
+    init: *const f32,
+    ldi: usize,
     c: *mut f32,
     ldc: usize,
 ) {
-    use std::arch::x86_64::*;
-    let (b0, b1) = (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)));
-    let mut acc = [b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1];
-    let [p0, p1, p2, p3, p4, p5] = *ptrs;
+    let l = S::LANES;
+    let mut acc: [[S::V; 2]; MR] = std::array::from_fn(|r| {
+        let row = init.add(r * ldi);
+        [S::load(row), S::load(row.add(l))]
+    });
     for k in 0..kk {
         let o = *offs.add(k) as usize;
-        let wk = w.add(k * NR);
-        let (w0, w1) = (_mm256_loadu_ps(wk), _mm256_loadu_ps(wk.add(8)));
-        for (r, p) in [p0, p1, p2, p3, p4, p5].into_iter().enumerate() {
-            let s = _mm256_broadcast_ss(&*p.add(o));
-            acc[2 * r] = _mm256_fmadd_ps(s, w0, acc[2 * r]);
-            acc[2 * r + 1] = _mm256_fmadd_ps(s, w1, acc[2 * r + 1]);
+        let wk = w.add(k * 2 * l);
+        let (w0, w1) = (S::load(wk), S::load(wk.add(l)));
+        for (a, p) in acc.iter_mut().zip(ptrs) {
+            let s = S::splat(p.add(o));
+            a[0] = S::fmadd(s, w0, a[0]);
+            a[1] = S::fmadd(s, w1, a[1]);
         }
     }
-    for r in 0..MR {
+    for (r, a) in acc.iter().enumerate() {
         let row = c.add(r * ldc);
-        _mm256_storeu_ps(row, acc[2 * r]);
-        _mm256_storeu_ps(row.add(8), acc[2 * r + 1]);
+        S::store(row, a[0]);
+        S::store(row.add(l), a[1]);
     }
 }

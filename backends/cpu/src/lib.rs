@@ -1,11 +1,13 @@
 //! jointdiff-cpu: the CPU backend every command uses by default.
 //!
-//! Convolutions are tiled im2col + GEMM (the `matrixmultiply` crate, AVX2/FMA kernels selected at run time):
-//! the output columns of each image are cut into tiles whose size depends only on the layer's shape; each
-//! tile packs its own im2col block into thread-local scratch and runs one GEMM, and rayon spreads the tiles
-//! (and the batch items) over the threads. Every output value is computed by the same sequential code
-//! whatever the thread count, so results are bit-identical with 1 or many threads. 1x1 convolutions are a
-//! plain GEMM. InstanceNorm++ is fused with the ELU that always follows it; max pooling is separable.
+//! Convolutions run on the direct and Winograd kernels (`direct`, `winograd`) where the CPU has AVX2 + FMA,
+//! at 8 or 16 lanes (`simd`: one micro-kernel source for both widths, chosen at run time), whatever the
+//! layer's depth. Elsewhere (other CPUs, `JOINTDIFF_CPU_KERNEL=portable`) they are tiled im2col + GEMM (the
+//! `matrixmultiply` crate): the output columns of each image are cut into tiles whose size depends only on
+//! the layer's shape; each tile packs its own im2col block into thread-local scratch and runs one GEMM, and
+//! rayon spreads the tiles (and the batch items) over the threads. Every output value is computed by the
+//! same sequential code whatever the thread count, so results are bit-identical with 1 or many threads.
+//! InstanceNorm++ is fused with the ELU that always follows it; max pooling is separable.
 use jointdiff_core::backend::{Backend, Conv2dParams};
 use jointdiff_core::reference::{self, ops};
 use jointdiff_core::Tensor;
@@ -15,7 +17,10 @@ use std::sync::OnceLock;
 
 mod direct;
 mod pool;
+mod simd;
 mod winograd;
+
+pub use simd::{kernel, Kernel};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
@@ -170,14 +175,14 @@ fn im2col_tile(
     }
 }
 
-/// Convolution. Where the CPU has AVX2 + FMA and the reduction `ci * kh * kw` is at most
-/// [`DIRECT_MAX_K`] (short enough for its weights and input rows to stay in cache): Winograd F(2x2, 3x3) for
-/// "same" 3x3 convolutions with input channels a multiple of 8, else the direct kernel. Otherwise tiled
-/// im2col + GEMM, whose cache blocking wins on deep layers. `JOINTDIFF_CPU_KERNEL=direct` turns Winograd
-/// off and `JOINTDIFF_CPU_KERNEL=portable` both AVX2 paths (for comparisons).
+/// Convolution. Where the CPU has AVX2 + FMA, at any depth: Winograd F(2x2, 3x3) for "same" 3x3 convolutions
+/// with input channels a multiple of 8, else the direct kernel (both block deep reductions, see their
+/// modules). Otherwise tiled im2col + GEMM. `JOINTDIFF_CPU_KERNEL=direct` turns Winograd off and
+/// `JOINTDIFF_CPU_KERNEL=portable` both (for comparisons).
 fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
     let [co, ci, kh, kw] = w.shape;
-    if direct::available() && ci * kh * kw <= DIRECT_MAX_K {
+    layers::record(x.shape, w.shape, p);
+    if direct::available() {
         if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) && winograd::enabled() {
             return winograd::conv2d(x, w, bias, p.dilation);
         }
@@ -187,11 +192,82 @@ fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2dParams) -> 
     }
 }
 
-/// Longest reduction the direct kernel takes: 128 input channels of a 3x3 kernel. Measured with
-/// `jointdiff bench forward` (best of alternating runs, 2 threads): raising it from 576 to 1152 made
-/// 28x28x1 ngf 64 22% faster and left the ngf 128 configs level; with 2304 as well (every layer direct),
-/// 32x32x3 ngf 128 was 15-20% slower than im2col + GEMM.
-const DIRECT_MAX_K: usize = 1152;
+/// The convolutions a computation runs and each path timed on its own (`examples/conv_layers.rs`: the per-layer
+/// figures of BENCHMARKS.md). Not a stable API.
+#[doc(hidden)]
+pub mod layers {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// One convolution: input shape, weight shape, parameters.
+    pub type Call = ([usize; 4], [usize; 4], Conv2dParams);
+
+    static RECORDING: Mutex<Option<Vec<Call>>> = Mutex::new(None);
+
+    pub(crate) fn record(x: [usize; 4], w: [usize; 4], p: Conv2dParams) {
+        if let Ok(mut r) = RECORDING.try_lock() {
+            if let Some(v) = r.as_mut() {
+                v.push((x, w, p));
+            }
+        }
+    }
+
+    /// Runs `f` and lists the convolutions the backend ran meanwhile (any thread), in order.
+    pub fn recorded<R>(f: impl FnOnce() -> R) -> (R, Vec<Call>) {
+        *RECORDING.lock().unwrap() = Some(Vec::new());
+        let r = f();
+        let calls = RECORDING.lock().unwrap().take().unwrap_or_default();
+        (r, calls)
+    }
+
+    /// The convolution paths that can run `(x, w, p)` on this CPU, by name: `im2col`, then `direct` and
+    /// `winograd` (where eligible) at each width the CPU runs (`avx2`, `avx512`).
+    pub fn paths(w: [usize; 4], p: Conv2dParams) -> Vec<&'static str> {
+        let [co, ci, kh, kw] = w;
+        let mut v = vec!["im2col"];
+        for (k, d, wg) in [
+            (Kernel::Avx2, "direct avx2", "winograd avx2"),
+            (Kernel::Avx512, "direct avx512", "winograd avx512"),
+        ] {
+            if k.supported() {
+                v.push(d);
+                if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
+                    v.push(wg);
+                }
+            }
+        }
+        v
+    }
+
+    /// The convolution by one of [`paths`].
+    ///
+    /// # Panics
+    /// On a name `paths` did not give for this convolution.
+    pub fn run(
+        path: &str,
+        x: &Tensor,
+        w: &CpuTensor,
+        b: Option<&Tensor>,
+        p: Conv2dParams,
+    ) -> Tensor {
+        let k = if path.ends_with("avx512") {
+            Kernel::Avx512
+        } else {
+            Kernel::Avx2
+        };
+        match path.split(' ').next() {
+            Some("im2col") => conv2d_im2col(x, w, b, p),
+            Some("direct") => direct::conv2d_with(k, x, w, b, p),
+            Some("winograd") => winograd::conv2d_with(k, x, w, b, p.dilation),
+            _ => panic!("no convolution path {path}"),
+        }
+    }
+}
+
+/// Which of a weight tensor's packed forms a width uses (their column counts differ).
+pub(crate) fn width_slot(k: Kernel) -> usize {
+    usize::from(k == Kernel::Avx512)
+}
 
 /// The portable convolution: tiled im2col + `matrixmultiply`.
 fn conv2d_im2col(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
@@ -575,8 +651,10 @@ pub struct CpuTensor {
 /// The repacked forms of one weight tensor.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Packs {
-    pub(crate) direct: OnceLock<Vec<f32>>,
-    pub(crate) winograd: OnceLock<Vec<f32>>,
+    /// per width ([`width_slot`])
+    pub(crate) direct: [OnceLock<Vec<f32>>; 2],
+    /// per width ([`width_slot`])
+    pub(crate) winograd: [OnceLock<Vec<f32>>; 2],
     /// The flipped, transposed kernel whose forward convolution is this one's input gradient.
     pub(crate) backward: OnceLock<Box<CpuTensor>>,
 }
@@ -680,34 +758,22 @@ impl Backend for CpuBackend {
         instance_norm_plus_act(x, a, g, b, true).into()
     }
     fn elu(&self, x: &CpuTensor) -> CpuTensor {
-        let mut out = pool::zeros(x.shape);
-        wide(|| {
-            for (o, &v) in out.data.iter_mut().zip(&x.data) {
-                *o = elu1(v);
-            }
-        });
-        out.into()
+        pool::map(x.shape, |data| {
+            wide(|| data.extend(x.data.iter().map(|&v| elu1(v))))
+        })
     }
     fn resize_bilinear(&self, x: &CpuTensor, h: usize, w: usize) -> CpuTensor {
         resize_bilinear(x, h, w).into()
     }
     fn add(&self, a: &CpuTensor, b: &CpuTensor) -> CpuTensor {
-        let mut out = pool::zeros(a.shape);
-        wide(|| {
-            for ((o, &u), &v) in out.data.iter_mut().zip(&a.data).zip(&b.data) {
-                *o = u + v;
-            }
-        });
-        out.into()
+        pool::map(a.shape, |data| {
+            wide(|| data.extend(a.data.iter().zip(&b.data).map(|(&u, &v)| u + v)))
+        })
     }
     fn affine(&self, x: &CpuTensor, scale: f32, shift: f32) -> CpuTensor {
-        let mut out = pool::zeros(x.shape);
-        wide(|| {
-            for (o, &v) in out.data.iter_mut().zip(&x.data) {
-                *o = scale * v + shift;
-            }
-        });
-        out.into()
+        pool::map(x.shape, |data| {
+            wide(|| data.extend(x.data.iter().map(|&v| scale * v + shift)))
+        })
     }
     fn conv2d_backward(
         &self,
@@ -840,6 +906,40 @@ impl Backend for CpuBackend {
     /// the other. Measured against running each side serially on its own thread (`denoise`, 300 steps,
     /// 2 threads, alternating runs): the same for two networks, 20% faster for one network and a Gaussian
     /// noise prior.
+    /// One image at a time: its activations stay in cache through the network, and the images of a batch
+    /// spread over the threads (each image's operations still split their own work when threads are free).
+    fn forward_part(&self, _shape: [usize; 4]) -> usize {
+        1
+    }
+    fn batch_slice(
+        &self,
+        x: &CpuTensor,
+        start: usize,
+        len: usize,
+    ) -> jointdiff_core::Result<CpuTensor> {
+        let [_, c, h, w] = x.shape;
+        let per = c * h * w;
+        let mut data = pool::with_capacity(len * per);
+        data.extend_from_slice(&x.data[start * per..(start + len) * per]);
+        Ok(Tensor {
+            shape: [len, c, h, w],
+            data,
+        }
+        .into())
+    }
+    fn batch_concat(&self, parts: &[CpuTensor]) -> jointdiff_core::Result<CpuTensor> {
+        let n = parts.iter().map(|p| p.shape[0]).sum();
+        let [_, c, h, w] = parts.first().map_or([0; 4], |p| p.shape);
+        let mut data = pool::with_capacity(n * c * h * w);
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
+        Ok(Tensor {
+            shape: [n, c, h, w],
+            data,
+        }
+        .into())
+    }
     fn join(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
         rayon::join(a, b);
     }
@@ -1008,6 +1108,11 @@ mod tests {
             // a whole run of a tile can fall into the padding
             (256, 8, 3, Conv2dParams::same3(4), 14),
             (256, 8, 3, Conv2dParams::same3(2), 9),
+            // deep reductions in chunks (direct: 576 or 288 entries, Winograd: 128 channels), the last
+            // chunk short: 264 channels x 9 taps, and 1x1 over 700 channels
+            (264, 40, 3, Conv2dParams::same3(1), 10),
+            (264, 24, 3, Conv2dParams::same3(2), 7),
+            (700, 20, 1, Conv2dParams::pointwise(), 6),
             // a 5x5 kernel with padding 1; no padding
             (
                 6,
@@ -1050,7 +1155,8 @@ mod tests {
         }
     }
 
-    /// Both convolution paths this CPU has: the portable one always, the direct one where AVX2 + FMA are.
+    /// Every convolution path this CPU has: the portable one always; the direct and (where eligible)
+    /// Winograd kernels at each width the CPU runs (8 lanes with AVX2 + FMA, 16 with AVX-512F).
     fn conv_paths(
         x: &Tensor,
         w: &Tensor,
@@ -1059,16 +1165,59 @@ mod tests {
     ) -> Vec<(&'static str, Tensor)> {
         let mut v = vec![("im2col", conv2d_im2col(x, w, b, p))];
         let w = &CpuTensor::from(w.clone());
-        if direct::available() {
-            v.push(("direct", direct::conv2d(x, w, b, p)));
-            let [co, ci, kh, kw] = w.shape;
-            if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
-                v.push(("winograd", winograd::conv2d(x, w, b, p.dilation)));
+        let [co, ci, kh, kw] = w.shape;
+        for (k, direct_name, winograd_name) in [
+            (Kernel::Avx2, "direct avx2", "winograd avx2"),
+            (Kernel::Avx512, "direct avx512", "winograd avx512"),
+        ] {
+            if !k.supported() {
+                eprintln!("this CPU cannot run {k:?}: its kernels are not tested here");
+                continue;
             }
-        } else {
-            eprintln!("no AVX2 + FMA here: the direct path is not tested");
+            v.push((direct_name, direct::conv2d_with(k, x, w, b, p)));
+            if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
+                v.push((winograd_name, winograd::conv2d_with(k, x, w, b, p.dilation)));
+            }
         }
         v
+    }
+
+    fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+        a.shape == b.shape
+            && a.data
+                .iter()
+                .zip(&b.data)
+                .all(|(u, v)| u.to_bits() == v.to_bits())
+    }
+
+    #[test]
+    fn both_widths_give_the_same_bits() {
+        // the same FMAs in the same order at 8 and 16 lanes: identical outputs, for shallow and deep
+        // reductions (several chunks, a short last one), co not a multiple of either NR
+        if !Kernel::Avx512.supported() {
+            eprintln!("no AVX-512F here: the 16-lane kernels are not compared (the 8-lane ones are tested)");
+            return;
+        }
+        for (ci, co, k, hw, p) in [
+            (8, 16, 3, 9, Conv2dParams::same3(1)),
+            (64, 40, 3, 28, Conv2dParams::same3(1)),
+            (264, 48, 3, 8, Conv2dParams::same3(2)),
+            (256, 3, 3, 16, Conv2dParams::same3(1)),
+            (700, 33, 1, 7, Conv2dParams::pointwise()),
+        ] {
+            let x = rand([2, ci, hw, hw], 1);
+            let w = CpuTensor::from(rand([co, ci, k, k], 2));
+            let b = rand([1, co, 1, 1], 3);
+            let (kh, kw) = (k, k);
+            let d8 = direct::conv2d_with(Kernel::Avx2, &x, &w, Some(&b), p);
+            let d16 = direct::conv2d_with(Kernel::Avx512, &x, &w, Some(&b), p);
+            assert!(same_bits(&d8, &d16), "direct {ci}->{co} {p:?}");
+            if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
+                let w8 = winograd::conv2d_with(Kernel::Avx2, &x, &w, Some(&b), p.dilation);
+                let w16 = winograd::conv2d_with(Kernel::Avx512, &x, &w, Some(&b), p.dilation);
+                assert!(same_bits(&w8, &w16), "winograd {ci}->{co} {p:?}");
+            }
+        }
     }
 
     #[test]

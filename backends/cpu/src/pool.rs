@@ -48,9 +48,28 @@ pub(crate) fn with_capacity(len: usize) -> Vec<f32> {
 
 /// A tensor holding a copy of `src`.
 pub(crate) fn copy(src: &Tensor) -> Tensor {
-    let mut t = zeros(src.shape);
-    t.data.copy_from_slice(&src.data);
-    t
+    let mut data = with_capacity(src.data.len());
+    data.extend_from_slice(&src.data);
+    Tensor {
+        shape: src.shape,
+        data,
+    }
+}
+
+/// A tensor of `shape` whose values `fill` appends to an empty pooled vector (no zeroing first).
+///
+/// # Panics
+/// If `fill` does not append exactly one value per element.
+pub(crate) fn map(shape: [usize; 4], fill: impl FnOnce(&mut Vec<f32>)) -> crate::CpuTensor {
+    let len: usize = shape.iter().product();
+    let mut data = with_capacity(len);
+    fill(&mut data);
+    assert_eq!(
+        data.len(),
+        len,
+        "an elementwise operation wrote the wrong length"
+    );
+    Tensor { shape, data }.into()
 }
 
 /// Takes `v` back into this thread's pool (or frees it when the pool is full).

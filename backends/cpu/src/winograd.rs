@@ -1,24 +1,35 @@
-//! Winograd F(2x2, 3x3) convolution for x86-64 with AVX2 + FMA: 3x3 kernels, stride 1, padding equal to
-//! the dilation ("same"), input channels a multiple of 8. These are most of NCSNv2's arithmetic.
+//! Winograd F(2x2, 3x3) convolution for x86-64 (AVX2 + FMA, its products at AVX-512 where that runs): 3x3
+//! kernels, stride 1, padding equal to the dilation ("same"), input channels a multiple of 8. These are most
+//! of NCSNv2's arithmetic, deep layers (256 channels at ngf 128) included.
 //!
 //! Each 2x2 block of output pixels ("tile") comes from a 4x4 block of input. With the transforms of Lavin &
 //! Gray (2016), `Y = A^T [ sum_c (G g_c G^T) ⊙ (B^T d_c B) ] A`, the 36 multiplications per output pair
 //! (tile, input channel) of a direct 3x3 convolution become 16: the reduction over input channels turns into
 //! 16 independent products `M_xi[tile][co] = sum_c V_xi[tile][c] U_xi[c][co]`, one per position xi of the
-//! 4x4 transform, which run on the direct path's 6 x 16 micro-kernel. The transforms are exact in binary
-//! (they only add, subtract and halve); rounding differs from the direct sum by a few ulps.
+//! 4x4 transform, which run on the direct path's micro-kernel (`direct::micro`, MR tiles x NR channels at
+//! the process's vector width). The transforms are exact in binary (they only add, subtract and halve);
+//! rounding differs from the direct sum by a few ulps. The transforms run 8 channels per vector at either
+//! width (they are a small part of the time), so the two widths give the same bits.
+//!
+//! Deep layers: the reduction over input channels runs in chunks of at most [`CC`] channels. A chunk's
+//! transformed input (`16 x TB x CC`) stays in L2, and its products start from the sums the chunk before
+//! left in `M`, so the result is the same sequence of FMAs as one pass.
 //!
 //! Layout: the input is copied into a zero-padded, channel-last buffer so that the input transform works on
 //! 8 channels per AVX vector; the transformed weights `U` are kept with the weight tensor ([`CpuTensor`]).
 //! Tiles run in blocks (each block's `V` and `M` stay in L2), blocks in parallel; every output value is the
 //! same sequence of operations whatever the thread count.
-use crate::direct::{self, micro_6x16, MR, NR};
+use crate::direct::micro;
+use crate::simd::{self, Kernel, Simd};
 use crate::{CpuTensor, OutPtr};
 use jointdiff_core::Tensor;
 use rayon::prelude::*;
 
-/// Tiles per block.
+/// Tiles per block (a multiple of both widths' MR, 6 and 8).
 const TB: usize = 24;
+
+/// Input channels per reduction chunk.
+pub(crate) const CC: usize = 128;
 
 thread_local! {
     /// The padded channel-last input of the convolution this thread runs (taken and put back per call).
@@ -45,13 +56,13 @@ pub(crate) fn eligible(
     padding: usize,
     dil: usize,
 ) -> bool {
-    kh == 3 && kw == 3 && dil >= 1 && padding == dil && ci % 8 == 0 && ci > 0 && co >= 8
+    kh == 3 && kw == 3 && dil >= 1 && padding == dil && ci.is_multiple_of(8) && ci > 0 && co >= 8
 }
 
-/// `U = G g G^T` for every (co, ci), packed as `[16][co16 / 16][ci][16]` (zero columns beyond `co`).
-fn transform_weights(w: &[f32], co: usize, ci: usize) -> Vec<f32> {
-    let co16 = co.next_multiple_of(NR);
-    let mut u = vec![0f32; 16 * co16 * ci];
+/// `U = G g G^T` for every (co, ci), packed as `[16][co_nr / nr][ci][nr]` (zero columns beyond `co`).
+fn transform_weights(w: &[f32], co: usize, ci: usize, nr: usize) -> Vec<f32> {
+    let co_nr = co.next_multiple_of(nr);
+    let mut u = vec![0f32; 16 * co_nr * ci];
     for o in 0..co {
         for c in 0..ci {
             let g = &w[(o * ci + c) * 9..(o * ci + c + 1) * 9];
@@ -74,7 +85,7 @@ fn transform_weights(w: &[f32], co: usize, ci: usize) -> Vec<f32> {
                 ];
                 for (j, &v) in row.iter().enumerate() {
                     let xi = i * 4 + j;
-                    u[((xi * (co16 / NR) + o / NR) * ci + c) * NR + o % NR] = v;
+                    u[((xi * (co_nr / nr) + o / nr) * ci + c) * nr + o % nr] = v;
                 }
             }
         }
@@ -92,24 +103,37 @@ fn transform_weights(w: &[f32], co: usize, ci: usize) -> Vec<f32> {
 /// # Panics
 /// If AVX2 + FMA are missing or the convolution is not `eligible`.
 pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, d: usize) -> Tensor {
+    conv2d_with(simd::kernel(), x, w, bias, d)
+}
+
+/// [`conv2d`] at the given width (tests compare the widths).
+///
+/// # Panics
+/// If the CPU cannot run `k`, `k` is `Portable` or the convolution is not `eligible`.
+pub(crate) fn conv2d_with(
+    k: Kernel,
+    x: &Tensor,
+    w: &CpuTensor,
+    bias: Option<&Tensor>,
+    d: usize,
+) -> Tensor {
     let [n, ci, h, wd] = x.shape;
     let [co, _, kh, kw] = w.shape;
-    assert!(direct::available() && eligible(ci, co, kh, kw, d, d));
+    assert!(k != Kernel::Portable && k.supported() && eligible(ci, co, kh, kw, d, d));
+    let nr = k.nr();
     if h * wd == 0 {
         return Tensor::zeros([n, co, h, wd]);
     }
-    let co16 = co.next_multiple_of(NR);
-    // transformed once per weight tensor (it is immutable), kept with it
-    let u = w
-        .packs()
-        .winograd
-        .get_or_init(|| transform_weights(&w.data[..co * ci * 9], co, ci));
-    // this thread's small buffers (bias padded to co16, tile origins), taken and put back
-    let (mut bias16, mut origins) = SMALL.with(|s| s.take());
-    bias16.clear();
-    bias16.resize(co16, 0.0);
+    let co_nr = co.next_multiple_of(nr);
+    // transformed once per weight tensor and width (it is immutable), kept with it
+    let u = w.packs().winograd[crate::width_slot(k)]
+        .get_or_init(|| transform_weights(&w.data[..co * ci * 9], co, ci, nr));
+    // this thread's small buffers (bias padded to co_nr, tile origins), taken and put back
+    let (mut bias_nr, mut origins) = SMALL.with(|s| s.take());
+    bias_nr.clear();
+    bias_nr.resize(co_nr, 0.0);
     if let Some(b) = bias {
-        bias16[..co].copy_from_slice(&b.data[..co]);
+        bias_nr[..co].copy_from_slice(&b.data[..co]);
     }
     // tile origins (y, x), sub-image by sub-image
     origins.clear();
@@ -154,16 +178,16 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, d: usize)
         let geo = Geo {
             ci,
             co,
-            co16,
+            co_nr,
             h,
             wd,
             wp,
             d,
             origins: &origins[t0..t1],
         };
-        // SAFETY: AVX2 + FMA are present (asserted); this job writes only the output pixels of its own
-        // tiles of image b, which no other job writes.
-        unsafe { block_avx2(&geo, src, u, &bias16, optr.at(b * co * h * wd)) };
+        // SAFETY: the CPU runs `k` (asserted); this job writes only the output pixels of its own tiles of
+        // image b, which no other job writes.
+        unsafe { block(k, &geo, src, u, &bias_nr, optr.at(b * co * h * wd)) };
     };
     let jobs = n * blocks;
     if jobs > 1 && co * ci * 9 * h * wd * n >= 1 << 18 {
@@ -172,7 +196,7 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, d: usize)
         (0..jobs).for_each(job);
     }
     PADDED.with(|p| p.set(padded));
-    SMALL.with(|s| s.set((bias16, origins)));
+    SMALL.with(|s| s.set((bias_nr, origins)));
     // SAFETY: the jobs wrote all `len` values (see above).
     unsafe { data.set_len(len) };
     Tensor {
@@ -185,7 +209,8 @@ pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, d: usize)
 struct Geo<'a> {
     ci: usize,
     co: usize,
-    co16: usize,
+    /// `co` padded to the micro-kernel's NR
+    co_nr: usize,
     h: usize,
     wd: usize,
     /// padded width in pixels
@@ -221,7 +246,7 @@ fn to_channel_last(
             let rows: [&[f32]; 8] =
                 std::array::from_fn(|i| &src[((c0 + i) * h + y) * w..((c0 + i) * h + y + 1) * w]);
             let drow = &mut dst[((y + pad) * wp + pad) * ci..((y + pad) * wp + pad + w) * ci];
-            // SAFETY: `direct::available()` (checked by `conv2d`) means AVX2; 8 rows of w floats in,
+            // SAFETY: `conv2d_with` checked that the CPU runs AVX2 kernels; 8 rows of w floats in,
             // w pixels of ci floats out, channels c0..c0 + 8 <= ci.
             let done = unsafe { transpose8_avx2(&rows, w, drow, ci, c0) };
             for x in done..w {
@@ -290,78 +315,123 @@ unsafe fn transpose8_avx2(_: &[&[f32]; 8], _: usize, _: &mut [f32], _: usize, _:
     0
 }
 
-/// The tiles `g.origins` of one image: input transform, the 16 products, output transform into `out`
-/// (`[co][h][w]`).
+/// The tiles `g.origins` of one image at width `k`: input transform, the 16 products, output transform into
+/// `out` (`[co][h][w]`).
 ///
 /// # Safety
-/// Needs AVX2 + FMA; `src` is the image's padded channel-last input, `u` the transformed weights.
+/// The CPU runs `k` (not `Portable`); `src` is the image's padded channel-last input, `u` the transformed
+/// weights at `k`'s NR.
+unsafe fn block(k: Kernel, g: &Geo, src: &[f32], u: &[f32], bias: &[f32], out: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(g: &Geo, src: &[f32], u: &[f32], bias: &[f32], out: *mut f32) {
+            block_tiles::<simd::Avx2, { simd::MR_AVX2 }>(g, src, u, bias, out)
+        }
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn avx512(g: &Geo, src: &[f32], u: &[f32], bias: &[f32], out: *mut f32) {
+            block_tiles::<simd::Avx512, { simd::MR_AVX512 }>(g, src, u, bias, out)
+        }
+        match k {
+            Kernel::Avx2 => avx2(g, src, u, bias, out),
+            Kernel::Avx512 => avx512(g, src, u, bias, out),
+            Kernel::Portable => unreachable!("Winograd convolution needs AVX2"),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (k, g, src, u, bias, out);
+        unreachable!("Winograd convolution is x86-64 only")
+    }
+}
+
+/// [`block`] with products at `S`'s width, `MR` tiles per micro-kernel call (inlined into the width's
+/// `target_feature` function; the transforms use AVX2, which both widths have).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2(g: &Geo, src: &[f32], u: &[f32], bias: &[f32], out: *mut f32) {
+#[inline(always)]
+unsafe fn block_tiles<S: Simd, const MR: usize>(
+    g: &Geo,
+    src: &[f32],
+    u: &[f32],
+    bias: &[f32],
+    out: *mut f32,
+) {
     use std::arch::x86_64::*;
+    let nr = 2 * S::LANES;
     let nt = g.origins.len();
     let d = g.d;
     let ci = g.ci;
-    // V: [16][TB][ci], M: [16][TB][co16], and the identity offsets 0..ci, in this thread's scratch (every
-    // element read below is written first, so it is not cleared)
+    let cc_max = ci.min(CC);
+    // V: [16][TB][cc] (one chunk of input channels), M: [16][TB][co_nr], and the identity offsets 0..cc, in
+    // this thread's scratch (every element read below is written first, so it is not cleared)
     let mut guard = SCRATCH.with(|s| s.take());
-    let (v_len, m_len) = (16 * TB * ci, 16 * TB * g.co16);
+    let (v_len, m_len) = (16 * TB * cc_max, 16 * TB * g.co_nr);
     if guard.0.len() < v_len + m_len {
         guard.0.resize(v_len + m_len, 0.0);
     }
-    if guard.1.len() < ci {
-        guard.1 = (0..ci as u32).collect();
+    if guard.1.len() < cc_max {
+        guard.1 = (0..cc_max as u32).collect();
     }
     let (v, m) = guard.0.split_at_mut(v_len);
     let offs = &guard.1;
-    // input transform, 8 channels per vector: V = B^T d B
-    for (t, &(y0, x0)) in g.origins.iter().enumerate() {
-        let (y0, x0) = (y0 as usize, x0 as usize);
-        for c in (0..ci).step_by(8) {
-            let at = |i: usize, j: usize| {
-                _mm256_loadu_ps(
-                    src.as_ptr()
-                        .add(((y0 + d * i) * g.wp + x0 + d * j) * ci + c),
-                )
-            };
-            let d: [[__m256; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| at(i, j)));
-            // rows: B^T d
-            let r = [
-                std::array::from_fn::<__m256, 4, _>(|j| _mm256_sub_ps(d[0][j], d[2][j])),
-                std::array::from_fn(|j| _mm256_add_ps(d[1][j], d[2][j])),
-                std::array::from_fn(|j| _mm256_sub_ps(d[2][j], d[1][j])),
-                std::array::from_fn(|j| _mm256_sub_ps(d[1][j], d[3][j])),
-            ];
-            for (i, ri) in r.iter().enumerate() {
-                let cols = [
-                    _mm256_sub_ps(ri[0], ri[2]),
-                    _mm256_add_ps(ri[1], ri[2]),
-                    _mm256_sub_ps(ri[2], ri[1]),
-                    _mm256_sub_ps(ri[1], ri[3]),
+    let zeros = [0f32; 32];
+    for c0 in (0..ci).step_by(CC) {
+        let cc = (ci - c0).min(CC);
+        // input transform of channels [c0, c0 + cc), 8 channels per vector: V = B^T d B
+        for (t, &(y0, x0)) in g.origins.iter().enumerate() {
+            let (y0, x0) = (y0 as usize, x0 as usize);
+            for c in (0..cc).step_by(8) {
+                let at = |i: usize, j: usize| {
+                    _mm256_loadu_ps(
+                        src.as_ptr()
+                            .add(((y0 + d * i) * g.wp + x0 + d * j) * ci + c0 + c),
+                    )
+                };
+                let d: [[__m256; 4]; 4] =
+                    std::array::from_fn(|i| std::array::from_fn(|j| at(i, j)));
+                // rows: B^T d
+                let r = [
+                    std::array::from_fn::<__m256, 4, _>(|j| _mm256_sub_ps(d[0][j], d[2][j])),
+                    std::array::from_fn(|j| _mm256_add_ps(d[1][j], d[2][j])),
+                    std::array::from_fn(|j| _mm256_sub_ps(d[2][j], d[1][j])),
+                    std::array::from_fn(|j| _mm256_sub_ps(d[1][j], d[3][j])),
                 ];
-                for (j, col) in cols.into_iter().enumerate() {
-                    let xi = i * 4 + j;
-                    _mm256_storeu_ps(v.as_mut_ptr().add((xi * TB + t) * ci + c), col);
+                for (i, ri) in r.iter().enumerate() {
+                    let cols = [
+                        _mm256_sub_ps(ri[0], ri[2]),
+                        _mm256_add_ps(ri[1], ri[2]),
+                        _mm256_sub_ps(ri[2], ri[1]),
+                        _mm256_sub_ps(ri[1], ri[3]),
+                    ];
+                    for (j, col) in cols.into_iter().enumerate() {
+                        let xi = i * 4 + j;
+                        _mm256_storeu_ps(v.as_mut_ptr().add((xi * TB + t) * cc + c), col);
+                    }
                 }
             }
         }
-    }
-    // the 16 products, 6 tiles x 16 output channels per micro-kernel call
-    let zeros = [0f32; NR];
-    for xi in 0..16 {
-        let vx = v.as_ptr().add(xi * TB * ci);
-        for cb in 0..g.co16 / NR {
-            let w = u.as_ptr().add((xi * (g.co16 / NR) + cb) * ci * NR);
-            let mut t = 0;
-            while t < nt {
-                let rows = (nt - t).min(MR);
-                let ptrs: [*const f32; MR] =
-                    std::array::from_fn(|r| vx.add((t + r.min(rows - 1)) * ci));
-                // straight into M: a short last block writes rows up to t + 6 <= TB (t is a multiple
-                // of 6), which the output transform never reads
-                let dst = m.as_mut_ptr().add((xi * TB + t) * g.co16 + cb * NR);
-                micro_6x16(ci, w, offs.as_ptr(), &ptrs, zeros.as_ptr(), dst, g.co16);
-                t += rows;
+        // the 16 products, MR tiles x NR output channels per micro-kernel call; the first chunk starts
+        // from zero, the others from the sums in M
+        for xi in 0..16 {
+            let vx = v.as_ptr().add(xi * TB * cc);
+            for cb in 0..g.co_nr / nr {
+                let w = u.as_ptr().add(((xi * (g.co_nr / nr) + cb) * ci + c0) * nr);
+                let mut t = 0;
+                while t < nt {
+                    let rows = (nt - t).min(MR);
+                    let ptrs: [*const f32; MR] =
+                        std::array::from_fn(|r| vx.add((t + r.min(rows - 1)) * cc));
+                    // straight into M: a short last block writes rows up to t + MR <= TB (t is a
+                    // multiple of MR, which divides TB), which the output transform never reads
+                    let dst = m.as_mut_ptr().add((xi * TB + t) * g.co_nr + cb * nr);
+                    let (init, ldi) = if c0 == 0 {
+                        (zeros.as_ptr(), 0)
+                    } else {
+                        (dst.cast_const(), g.co_nr)
+                    };
+                    micro::<S, MR>(cc, w, offs.as_ptr(), &ptrs, init, ldi, dst, g.co_nr);
+                    t += rows;
+                }
             }
         }
     }
@@ -370,11 +440,11 @@ unsafe fn block_avx2(g: &Geo, src: &[f32], u: &[f32], bias: &[f32], out: *mut f3
     let mut y = [[0f32; 8]; 4];
     for (t, &(y0, x0)) in g.origins.iter().enumerate() {
         let (y0, x0) = (y0 as usize, x0 as usize);
-        for c in (0..g.co16).step_by(8) {
+        for c in (0..g.co_nr).step_by(8) {
             if c >= g.co {
                 break;
             }
-            let at = |xi: usize| _mm256_loadu_ps(m.as_ptr().add((xi * TB + t) * g.co16 + c));
+            let at = |xi: usize| _mm256_loadu_ps(m.as_ptr().add((xi * TB + t) * g.co_nr + c));
             // s = A^T M (2 x 4), A^T = [[1,1,1,0],[0,1,-1,-1]]
             let s0: [__m256; 4] =
                 std::array::from_fn(|j| _mm256_add_ps(_mm256_add_ps(at(j), at(4 + j)), at(8 + j)));
@@ -400,10 +470,4 @@ unsafe fn block_avx2(g: &Geo, src: &[f32], u: &[f32], bias: &[f32], out: *mut f3
         }
     }
     SCRATCH.with(|s| s.set(guard));
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx2(_: &Geo, _: &[f32], _: &[f32], _: &[f32], _: *mut f32) {
-    unreachable!("Winograd convolution is x86-64 only")
 }

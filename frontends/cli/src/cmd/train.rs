@@ -189,7 +189,7 @@ pub fn parse_digits_json(bytes: &[u8]) -> std::result::Result<Vec<f32>, String> 
     }
     let v: Digits =
         serde_json::from_slice(bytes).map_err(|e| format!("not an mnist digits file: {e}"))?;
-    if v.data.len() % 784 != 0 || v.data.is_empty() {
+    if !v.data.len().is_multiple_of(784) || v.data.is_empty() {
         return Err(format!(
             "{} values is not a whole number of 28x28 images",
             v.data.len()

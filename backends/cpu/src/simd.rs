@@ -1,0 +1,184 @@
+//! The vector widths the convolution kernels run at, and which one this CPU uses.
+//!
+//! The micro-kernel (`micro`) is written once, generic over [`Simd`]: 8 lanes on AVX2 + FMA ([`Avx2`]), 16
+//! on AVX-512F ([`Avx512`]). Its block is `MR` output pixels by two vectors of output channels
+//! (`NR = 2 * LANES`): 6 x 16 on AVX2 (12 accumulators of 16 registers), 8 x 32 on AVX-512 (16 of 32; at
+//! 12 x 32, 24 accumulators, LLVM spilled some of them to the stack and the kernel ran slower).
+//! Every output value is its starting value plus the same FMAs in the same order at either width, so the two
+//! instances give the same bits (tested where the CPU has both).
+//!
+//! Which width runs ([`kernel`]) is chosen once per process from the CPU's features and
+//! `JOINTDIFF_CPU_KERNEL`:
+//!
+//! | value | kernels |
+//! |---|---|
+//! | unset | AVX2 where the CPU has AVX2 + FMA, else the portable im2col + GEMM |
+//! | `avx512` | AVX-512 where the CPU has AVX-512F (else as unset) |
+//! | `avx2` | AVX2 even where AVX-512 is |
+//! | `direct` | as unset, without Winograd |
+//! | `portable` | im2col + GEMM only |
+
+/// A vector of `LANES` f32 and the operations the micro-kernel needs.
+///
+/// # Safety
+/// The methods need the CPU features of their width; callers run them inside a function compiled for them.
+pub(crate) trait Simd {
+    const LANES: usize;
+    type V: Copy;
+    /// `LANES` floats from `p` (unaligned).
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// `*p` in every lane.
+    unsafe fn splat(p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// `a * b + c`, rounded once.
+    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+}
+
+/// AVX2 + FMA: 8 lanes.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for Avx2 {
+    const LANES: usize = 8;
+    type V = std::arch::x86_64::__m256;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn splat(p: *const f32) -> Self::V {
+        std::arch::x86_64::_mm256_broadcast_ss(&*p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        std::arch::x86_64::_mm256_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_fmadd_ps(a, b, c)
+    }
+}
+
+/// AVX-512F: 16 lanes.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for Avx512 {
+    const LANES: usize = 16;
+    type V = std::arch::x86_64::__m512;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn splat(p: *const f32) -> Self::V {
+        std::arch::x86_64::_mm512_set1_ps(*p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        std::arch::x86_64::_mm512_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_fmadd_ps(a, b, c)
+    }
+}
+
+/// Output pixels per micro-kernel block at 8 lanes.
+pub(crate) const MR_AVX2: usize = 6;
+/// Output pixels per micro-kernel block at 16 lanes.
+pub(crate) const MR_AVX512: usize = 8;
+
+/// The convolution kernels of this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// im2col + GEMM for every convolution.
+    Portable,
+    /// Direct and Winograd kernels at 8 lanes.
+    Avx2,
+    /// Direct and Winograd kernels at 16 lanes.
+    Avx512,
+}
+
+impl Kernel {
+    /// Output pixels per micro-kernel block.
+    pub(crate) fn mr(self) -> usize {
+        match self {
+            Kernel::Avx512 => MR_AVX512,
+            _ => MR_AVX2,
+        }
+    }
+    /// Output channels per micro-kernel block (two vectors; the packed weights' column count).
+    pub(crate) fn nr(self) -> usize {
+        match self {
+            Kernel::Avx512 => 32,
+            _ => 16,
+        }
+    }
+    /// Whether this CPU can run it.
+    pub fn supported(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            Kernel::Avx2 => has_avx2(),
+            Kernel::Avx512 => has_avx2() && has_avx512(),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx2() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx512() -> bool {
+    false
+}
+
+/// The kernels `JOINTDIFF_CPU_KERNEL` (`var`) asks for on a CPU with these features.
+fn choose(var: Option<&str>, avx2: bool, avx512: bool) -> Kernel {
+    match var {
+        Some("portable") => Kernel::Portable,
+        _ if !avx2 => Kernel::Portable,
+        Some("avx512") if avx512 => Kernel::Avx512,
+        _ => Kernel::Avx2,
+    }
+}
+
+/// This process's convolution kernels (chosen once; see the module's table).
+pub fn kernel() -> Kernel {
+    static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let var = std::env::var("JOINTDIFF_CPU_KERNEL").ok();
+        choose(var.as_deref(), has_avx2(), has_avx2() && has_avx512())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_variable_and_the_features_choose_the_kernel() {
+        assert_eq!(choose(None, true, true), Kernel::Avx2);
+        assert_eq!(choose(Some("avx512"), true, true), Kernel::Avx512);
+        assert_eq!(choose(Some("avx512"), true, false), Kernel::Avx2);
+        assert_eq!(choose(Some("avx2"), true, true), Kernel::Avx2);
+        assert_eq!(choose(Some("direct"), true, true), Kernel::Avx2);
+        assert_eq!(choose(Some("portable"), true, true), Kernel::Portable);
+        assert_eq!(choose(None, false, false), Kernel::Portable);
+        assert_eq!(choose(Some("avx512"), false, true), Kernel::Portable);
+    }
+}
