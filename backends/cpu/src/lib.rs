@@ -1257,27 +1257,92 @@ mod tests {
     #[test]
     fn conv_is_bit_identical_with_one_and_two_threads() {
         // large enough for the parallel paths; odd sizes so that tiles and pixel blocks end mid-row;
-        // dilation 1 and 32 input channels so that the Winograd path runs too
-        let x = rand([2, 32, 29, 31], 1);
-        let w = rand([37, 32, 3, 3], 2);
-        let b = rand([1, 37, 1, 1], 3);
-        let p = Conv2dParams::same3(1);
+        // dilation 1 and 32 input channels so that the Winograd path runs too; then a deep layer (264
+        // channels: reductions in several chunks on both paths)
+        for (ci, co, h, w) in [(32, 37, 29, 31), (264, 40, 9, 11)] {
+            let x = rand([2, ci, h, w], 1);
+            let wt = rand([co, ci, 3, 3], 2);
+            let b = rand([1, co, 1, 1], 3);
+            let p = Conv2dParams::same3(1);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| conv_paths(&x, &wt, Some(&b), p))
+            };
+            for ((path, one), (_, two)) in run(1).into_iter().zip(run(2)) {
+                assert!(
+                    same_bits(&one, &two),
+                    "{path} {ci}->{co}: 1 and 2 threads differ"
+                );
+            }
+        }
+    }
+
+    /// A small NCSNv2 with random weights (the same on every backend).
+    fn small_net<B: Backend>(
+        b: &B,
+        channels: usize,
+        ngf: usize,
+    ) -> jointdiff_core::ncsnv2::Ncsnv2<B> {
+        use jointdiff_core::ncsnv2::{Ncsnv2, Ncsnv2Config};
+        let cfg = Ncsnv2Config {
+            channels,
+            ngf,
+            input_map: true,
+        };
+        Ncsnv2::from_fn(b, cfg, |s| {
+            let n: usize = s.shape.iter().product();
+            let mut r = Rng::stream(5, 6, n as u64);
+            let base = if s.name.ends_with("alpha") || s.name.ends_with("gamma") {
+                1.0
+            } else {
+                0.0
+            };
+            (0..n).map(|_| base + 0.1 * r.normal() as f32).collect()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_batch_in_parts_gives_each_image_its_own_forward() {
+        // the CPU backend runs a batch's forward one image at a time (forward_part = 1), the images side by
+        // side: the result must be each image's own forward, bit for bit, with 1 and 2 threads, and agree
+        // with the reference backend's whole-batch forward
+        let b = CpuBackend;
+        let net = small_net(&b, 1, 8);
+        let x = rand([5, 1, 12, 12], 4);
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            pool.install(|| conv_paths(&x, &w, Some(&b), p))
+            pool.install(|| net.forward(&b, &x).unwrap())
         };
-        for ((path, one), (_, two)) in run(1).into_iter().zip(run(2)) {
+        let (one, two) = (run(1), run(2));
+        assert_eq!(one.shape, [5, 1, 12, 12]);
+        assert!(same_bits(&one, &two), "1 and 2 threads differ");
+        let per = 144;
+        for i in 0..5 {
+            let xi = Tensor {
+                shape: [1, 1, 12, 12],
+                data: x.data[i * per..(i + 1) * per].to_vec(),
+            };
+            let alone = net.forward(&b, &xi).unwrap();
             assert!(
-                one.data
+                alone
+                    .data
                     .iter()
-                    .zip(&two.data)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{path}: 1 and 2 threads differ"
+                    .zip(&one.data[i * per..(i + 1) * per])
+                    .all(|(u, v)| u.to_bits() == v.to_bits()),
+                "image {i} differs from its own forward"
             );
         }
+        let r = jointdiff_core::RefBackend;
+        let want = small_net(&r, 1, 8).forward(&r, &x).unwrap();
+        let e = rel_max_err(&one.data, &want.data);
+        assert!(e < 1e-4, "cpu vs reference: {e}");
     }
 
     #[test]
