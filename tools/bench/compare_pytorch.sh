@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Side-by-side NCSNv2 forward speed: PyTorch CPU (tools/reference, 2 threads) vs `jointdiff bench forward`
-# (cpu backend, RAYON_NUM_THREADS=2), same configs, same invocation. Writes the table into BENCHMARKS.md
-# between the markers <!-- compare_pytorch:begin --> and <!-- compare_pytorch:end -->. Not part of CI.
+# Side-by-side NCSNv2 forward speed: PyTorch CPU (tools/reference, THREADS threads, default 2) vs
+# `jointdiff bench forward` (cpu backend, RAYON_NUM_THREADS=THREADS), same configs, same invocation. Writes
+# the table into BENCHMARKS.md between the markers <!-- compare_pytorch:begin --> and
+# <!-- compare_pytorch:end --> (with THREADS other than 2: compare_pytorch_tN). Not part of CI.
 #
-#   bash tools/bench/compare_pytorch.sh [ITERS] [ROUNDS]
+#   [THREADS=N] [JOINTDIFF_CPU_KERNEL=avx2] bash tools/bench/compare_pytorch.sh [ITERS] [ROUNDS]
 #
 # Each config runs ROUNDS times (default 3), PyTorch and jointdiff alternating, and the table keeps the best
 # round of each: on a shared virtual machine the speed drifts by up to 40% over minutes, and alternating
@@ -14,6 +15,9 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
 ITERS="${1:-20}"
 ROUNDS="${2:-3}"
+THREADS="${THREADS:-2}"
+TAG="compare_pytorch"
+[ "$THREADS" = 2 ] || TAG="compare_pytorch_t$THREADS"
 VENV="${JOINTDIFF_TORCH_VENV:-$ROOT/tools/reference/.venv}"
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   python3 -m venv "$VENV"
@@ -21,12 +25,12 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch" 2>/dev/
 fi
 cargo build --release -q -p jointdiff-cli
 JD="$ROOT/target/release/jointdiff"
-CONFIGS=("28 1 32 1" "28 1 64 1" "32 3 128 1" "64 3 128 1" "28 1 32 8")
+CONFIGS=("28 1 32 1" "28 1 64 1" "32 3 128 1" "64 3 128 1" "28 1 32 8" "28 1 32 64")
 OUT="$(mktemp)"
 {
-  echo "Command: \`bash tools/bench/compare_pytorch.sh $ITERS $ROUNDS\` on $(date -u +%Y-%m-%d), \`nproc\` = $(nproc),"
+  echo "Command: \`THREADS=$THREADS bash tools/bench/compare_pytorch.sh $ITERS $ROUNDS\` on $(date -u +%Y-%m-%d), \`nproc\` = $(nproc),"
   echo "CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1), flags: $(grep -o -w 'avx512f\|avx2\|fma' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-  echo "PyTorch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') with torch.set_num_threads(2); jointdiff cpu backend with RAYON_NUM_THREADS=2."
+  echo "PyTorch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') with torch.set_num_threads($THREADS); jointdiff cpu backend with RAYON_NUM_THREADS=$THREADS, JOINTDIFF_CPU_KERNEL=${JOINTDIFF_CPU_KERNEL:-unset (16 lanes where the CPU has AVX-512F, else 8)}."
   echo "Median of $ITERS forwards per round, best of $ROUNDS alternating rounds each, random weights; both in this invocation."
   echo
   echo "| config | batch | GFLOP | PyTorch ms | jointdiff ms | PyTorch images/s | jointdiff images/s | jointdiff GFLOP/s | ratio (images/s) |"
@@ -35,8 +39,8 @@ OUT="$(mktemp)"
     read -r S C G B <<<"$cfg"
     PTS=(); JDS=()
     for _ in $(seq "$ROUNDS"); do
-      PTS+=("$("$VENV/bin/python" tools/reference/bench_torch.py --size "$S" --channels "$C" --ngf "$G" --batch "$B" --iters "$ITERS" --threads 2)")
-      JDS+=("$(RAYON_NUM_THREADS=2 "$JD" bench forward --size "$S" --channels "$C" --ngf "$G" --batch "$B" --iters "$ITERS" --json)")
+      PTS+=("$("$VENV/bin/python" tools/reference/bench_torch.py --size "$S" --channels "$C" --ngf "$G" --batch "$B" --iters "$ITERS" --threads "$THREADS")")
+      JDS+=("$(RAYON_NUM_THREADS="$THREADS" "$JD" bench forward --size "$S" --channels "$C" --ngf "$G" --batch "$B" --iters "$ITERS" --json)")
     done
     python3 - "$S" "$C" "$G" "$B" "${PTS[@]}" "${JDS[@]}" <<'PY'
 import json, sys
@@ -51,16 +55,17 @@ PY
   done
 } > "$OUT"
 cat "$OUT"
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "$TAG" "$THREADS" <<'PY'
 import sys, re
 table = open(sys.argv[1]).read()
+tag, threads = sys.argv[2], sys.argv[3]
 path = "BENCHMARKS.md"
 doc = open(path).read()
-begin, end = "<!-- compare_pytorch:begin -->", "<!-- compare_pytorch:end -->"
+begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
 block = f"{begin}\n{table}{end}"
 if begin in doc:
     doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: block, doc, flags=re.S)
 else:
-    doc += f"\n## NCSNv2 forward: jointdiff vs PyTorch (tools/bench/compare_pytorch.sh)\n{block}\n"
+    doc += f"\n## NCSNv2 forward: jointdiff vs PyTorch, {threads} threads (tools/bench/compare_pytorch.sh)\n{block}\n"
 open(path, "w").write(doc)
 PY

@@ -8,13 +8,16 @@
 //! instances give the same bits (tested where the CPU has both).
 //!
 //! Which width runs ([`kernel`]) is chosen once per process from the CPU's features and
-//! `JOINTDIFF_CPU_KERNEL`:
+//! `JOINTDIFF_CPU_KERNEL`. The 16-lane kernels are the default where the CPU has them since they were
+//! checked on such a CPU (an Intel Xeon with AVX-512F, Sapphire Rapids flags): the convolution tests against
+//! the reference, the same bits as the 8-lane kernels (`both_widths_give_the_same_bits`), the pinned CLI
+//! outputs unchanged; NCSNv2 forwards there ran 1.13-1.22x faster than at 8 lanes (BENCHMARKS.md).
 //!
 //! | value | kernels |
 //! |---|---|
-//! | unset | AVX2 where the CPU has AVX2 + FMA, else the portable im2col + GEMM |
-//! | `avx512` | AVX-512 where the CPU has AVX-512F (else as unset) |
-//! | `avx2` | AVX2 even where AVX-512 is |
+//! | unset | AVX-512 where the CPU has AVX-512F, else AVX2 where it has AVX2 + FMA, else the portable im2col + GEMM |
+//! | `avx512` | as unset |
+//! | `avx2` | AVX2 even where AVX-512 is (for comparisons) |
 //! | `direct` | as unset, without Winograd |
 //! | `portable` | im2col + GEMM only |
 
@@ -152,7 +155,8 @@ fn choose(var: Option<&str>, avx2: bool, avx512: bool) -> Kernel {
     match var {
         Some("portable") => Kernel::Portable,
         _ if !avx2 => Kernel::Portable,
-        Some("avx512") if avx512 => Kernel::Avx512,
+        Some("avx2") => Kernel::Avx2,
+        _ if avx512 => Kernel::Avx512,
         _ => Kernel::Avx2,
     }
 }
@@ -172,11 +176,12 @@ mod tests {
 
     #[test]
     fn the_variable_and_the_features_choose_the_kernel() {
-        assert_eq!(choose(None, true, true), Kernel::Avx2);
+        assert_eq!(choose(None, true, true), Kernel::Avx512);
+        assert_eq!(choose(None, true, false), Kernel::Avx2);
         assert_eq!(choose(Some("avx512"), true, true), Kernel::Avx512);
         assert_eq!(choose(Some("avx512"), true, false), Kernel::Avx2);
         assert_eq!(choose(Some("avx2"), true, true), Kernel::Avx2);
-        assert_eq!(choose(Some("direct"), true, true), Kernel::Avx2);
+        assert_eq!(choose(Some("direct"), true, true), Kernel::Avx512);
         assert_eq!(choose(Some("portable"), true, true), Kernel::Portable);
         assert_eq!(choose(None, false, false), Kernel::Portable);
         assert_eq!(choose(Some("avx512"), false, true), Kernel::Portable);

@@ -168,12 +168,16 @@ pub(crate) fn conv2d_with(
     // every output value is written below (the tiles cover the image, the channels run to co)
     let len = n * co * h * wd;
     let mut data: Vec<f32> = crate::pool::with_capacity(len);
-    let blocks = tiles.div_ceil(TB);
+    // Blocks of at most TB tiles, at least 4 per image where the image has 4 micro-kernel rows of tiles, so
+    // that two threads share even one small image evenly (a 16x16 image, 64 tiles: 4 blocks of 16 or 18
+    // rather than 24 + 24 + 16). A multiple of MR, so that a short block's last rows stay within TB.
+    let tb = tiles.div_ceil(4).next_multiple_of(k.mr()).min(TB);
+    let blocks = tiles.div_ceil(tb);
     let optr = OutPtr(data.as_mut_ptr());
     let job = |j: usize| {
         let (b, blk) = (j / blocks, j % blocks);
-        let t0 = blk * TB;
-        let t1 = (t0 + TB).min(tiles);
+        let t0 = blk * tb;
+        let t1 = (t0 + tb).min(tiles);
         let src = &padded[b * per_image..(b + 1) * per_image];
         let geo = Geo {
             ci,
