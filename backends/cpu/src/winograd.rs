@@ -18,7 +18,11 @@
 //! Layout: the input is copied into a zero-padded, channel-last buffer so that the input transform works on
 //! 8 channels per AVX vector; the transformed weights `U` are kept with the weight tensor ([`CpuTensor`]).
 //! Tiles run in blocks (each block's `V` and `M` stay in L2), blocks in parallel; every output value is the
-//! same sequence of operations whatever the thread count.
+//! same sequence of operations whatever the thread count. The output transform writes a channel-last
+//! buffer (one vector store per pixel and 8 channels), and one 8x8-transpose pass writes it to `[co][h][w]`:
+//! stored straight into the planes, the 8 channels of a pixel fell into one L1 set, and that scatter was
+//! 18% of a 128-channel 32x32 layer. The 16 positions' slices of `V` and `M` are a cache line longer than
+//! their data, for the same reason (the input transform took 3x longer without it).
 use crate::direct::micro;
 use crate::simd::{self, Kernel, Simd};
 use crate::{CpuTensor, OutPtr};
@@ -34,6 +38,8 @@ pub(crate) const CC: usize = 128;
 thread_local! {
     /// The padded channel-last input of the convolution this thread runs (taken and put back per call).
     static PADDED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The channel-last output of the convolution this thread runs, before its transpose to `[co][h][w]`.
+    static STAGED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     /// The bias padded to a multiple of 16 channels and the tile origins of the call this thread runs.
     #[allow(clippy::type_complexity)]
     static SMALL: std::cell::Cell<(Vec<f32>, Vec<(u32, u32)>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
@@ -165,15 +171,19 @@ pub(crate) fn conv2d_with(
         let src = &x.data[b * ci * h * wd..(b + 1) * ci * h * wd];
         to_channel_last(src, ci, h, wd, wp, d, dst);
     }
-    // every output value is written below (the tiles cover the image, the channels run to co)
-    let len = n * co * h * wd;
-    let mut data: Vec<f32> = crate::pool::with_capacity(len);
+    // The output transform writes channel-last (`[h][w][co8]`, 8 channels per vector store): written to
+    // `[co][h][w]` directly, the 8 channels of one pixel are a plane apart (4 KB at 32x32) and share an L1
+    // set. One transpose pass at the end writes the planes row by row.
+    let co8 = co.next_multiple_of(8);
+    let (hw, per_out) = (h * wd, h * wd * co8);
+    let mut staged = STAGED.with(|p| p.take());
+    staged.resize(staged.len().max(n * per_out), 0.0);
     // Blocks of at most TB tiles, at least 4 per image where the image has 4 micro-kernel rows of tiles, so
     // that two threads share even one small image evenly (a 16x16 image, 64 tiles: 4 blocks of 16 or 18
     // rather than 24 + 24 + 16). A multiple of MR, so that a short block's last rows stay within TB.
     let tb = tiles.div_ceil(4).next_multiple_of(k.mr()).min(TB);
     let blocks = tiles.div_ceil(tb);
-    let optr = OutPtr(data.as_mut_ptr());
+    let sptr = OutPtr(staged.as_mut_ptr());
     let job = |j: usize| {
         let (b, blk) = (j / blocks, j % blocks);
         let t0 = blk * tb;
@@ -181,17 +191,17 @@ pub(crate) fn conv2d_with(
         let src = &padded[b * per_image..(b + 1) * per_image];
         let geo = Geo {
             ci,
-            co,
             co_nr,
+            co8,
             h,
             wd,
             wp,
             d,
             origins: &origins[t0..t1],
         };
-        // SAFETY: the CPU runs `k` (asserted); this job writes only the output pixels of its own tiles of
+        // SAFETY: the CPU runs `k` (asserted); this job writes only the staged pixels of its own tiles of
         // image b, which no other job writes.
-        unsafe { block(k, &geo, src, u, &bias_nr, optr.at(b * co * h * wd)) };
+        unsafe { block(k, &geo, src, u, &bias_nr, sptr.at(b * per_out)) };
     };
     let jobs = n * blocks;
     if jobs > 1 && co * ci * 9 * h * wd * n >= 1 << 18 {
@@ -201,7 +211,26 @@ pub(crate) fn conv2d_with(
     }
     PADDED.with(|p| p.set(padded));
     SMALL.with(|s| s.set((bias_nr, origins)));
-    // SAFETY: the jobs wrote all `len` values (see above).
+    // every staged value of channels below co8 was written (the tiles cover the image); each transpose job
+    // writes 8 channel planes of one image (fewer at the end of `co`), which no other job writes
+    let len = n * co * hw;
+    let mut data: Vec<f32> = crate::pool::with_capacity(len);
+    let optr = OutPtr(data.as_mut_ptr());
+    let groups = co8 / 8;
+    let staged_ref = &staged;
+    let tjob = |j: usize| {
+        let (b, g) = (j / groups, j % groups);
+        let src = &staged_ref[b * per_out..(b + 1) * per_out];
+        // SAFETY: `conv2d_with` runs only where the CPU has AVX2; see above for the writes.
+        unsafe { from_channel_last(src, hw, co8, co, 8 * g, optr.at(b * co * hw)) };
+    };
+    if n * groups > 1 && len >= 1 << 16 {
+        (0..n * groups).into_par_iter().for_each(tjob);
+    } else {
+        (0..n * groups).for_each(tjob);
+    }
+    STAGED.with(|p| p.set(staged));
+    // SAFETY: the transpose jobs wrote all `len` values (every channel below co of every pixel).
     unsafe { data.set_len(len) };
     Tensor {
         shape: [n, co, h, wd],
@@ -212,9 +241,10 @@ pub(crate) fn conv2d_with(
 /// The sizes and tiles a block needs.
 struct Geo<'a> {
     ci: usize,
-    co: usize,
     /// `co` padded to the micro-kernel's NR
     co_nr: usize,
+    /// `co` padded to 8: the staged output's pixel stride
+    co8: usize,
     h: usize,
     wd: usize,
     /// padded width in pixels
@@ -262,6 +292,42 @@ fn to_channel_last(
     }
 }
 
+/// The 8x8 transpose of `r` (rows in, columns out).
+///
+/// # Safety
+/// Needs AVX (inlined into functions compiled for AVX2).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn t8x8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
+}
+
 /// Pixels `[0, w / 8 * 8)` of 8 channel rows into channel-last pixels (`ci` apart, channels at `c0`), by
 /// 8x8 transposes; returns how many pixels it did.
 ///
@@ -281,37 +347,48 @@ unsafe fn transpose8_avx2(
     let o = out.as_mut_ptr();
     for x in (0..full).step_by(8) {
         let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].as_ptr().add(x)));
-        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-        let cols = [
-            _mm256_permute2f128_ps::<0x20>(u0, u4),
-            _mm256_permute2f128_ps::<0x20>(u1, u5),
-            _mm256_permute2f128_ps::<0x20>(u2, u6),
-            _mm256_permute2f128_ps::<0x20>(u3, u7),
-            _mm256_permute2f128_ps::<0x31>(u0, u4),
-            _mm256_permute2f128_ps::<0x31>(u1, u5),
-            _mm256_permute2f128_ps::<0x31>(u2, u6),
-            _mm256_permute2f128_ps::<0x31>(u3, u7),
-        ];
-        for (j, col) in cols.into_iter().enumerate() {
+        for (j, col) in t8x8(r).into_iter().enumerate() {
             _mm256_storeu_ps(o.add((x + j) * ci + c0), col);
         }
     }
     full
+}
+
+/// Channels `[c0, min(c0 + 8, co))` of a channel-last image (`hw` pixels, `co8` floats apart) into their
+/// planes of `out` (`[co][hw]`), by 8x8 transposes.
+///
+/// # Safety
+/// Needs AVX2; `src` holds `hw * co8` floats, `c0 + 8 <= co8`, `out` has room for `co` planes of `hw`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn from_channel_last(
+    src: &[f32],
+    hw: usize,
+    co8: usize,
+    co: usize,
+    c0: usize,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let nch = (co - c0).min(8);
+    let full = hw / 8 * 8;
+    for p in (0..full).step_by(8) {
+        let r: [__m256; 8] =
+            std::array::from_fn(|i| _mm256_loadu_ps(src.as_ptr().add((p + i) * co8 + c0)));
+        for (j, col) in t8x8(r).into_iter().enumerate().take(nch) {
+            _mm256_storeu_ps(out.add((c0 + j) * hw + p), col);
+        }
+    }
+    for p in full..hw {
+        for j in 0..nch {
+            *out.add((c0 + j) * hw + p) = src[p * co8 + c0 + j];
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn from_channel_last(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: *mut f32) {
+    unreachable!("Winograd convolution is x86-64 only")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -369,7 +446,12 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
     // V: [16][TB][cc] (one chunk of input channels), M: [16][TB][co_nr], and the identity offsets 0..cc, in
     // this thread's scratch (every element read below is written first, so it is not cleared)
     let mut guard = SCRATCH.with(|s| s.take());
-    let (v_len, m_len) = (16 * TB * cc_max, 16 * TB * g.co_nr);
+    // one position's slice of V and of M is `TB * cc` and `TB * co_nr` floats, multiples of 4 KB for the
+    // usual channel counts: the 16 positions of one tile would all fall into the same L1 set (the input
+    // transform writes them together, the output transform reads them together). One cache line of padding
+    // per slice spreads them over 16 sets.
+    let (vs_max, ms) = (TB * cc_max + 16, TB * g.co_nr + 16);
+    let (v_len, m_len) = (16 * vs_max, 16 * ms);
     if guard.0.len() < v_len + m_len {
         guard.0.resize(v_len + m_len, 0.0);
     }
@@ -381,6 +463,7 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
     let zeros = [0f32; 32];
     for c0 in (0..ci).step_by(CC) {
         let cc = (ci - c0).min(CC);
+        let vs = TB * cc + 16;
         // input transform of channels [c0, c0 + cc), 8 channels per vector: V = B^T d B
         for (t, &(y0, x0)) in g.origins.iter().enumerate() {
             let (y0, x0) = (y0 as usize, x0 as usize);
@@ -409,7 +492,7 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
                     ];
                     for (j, col) in cols.into_iter().enumerate() {
                         let xi = i * 4 + j;
-                        _mm256_storeu_ps(v.as_mut_ptr().add((xi * TB + t) * cc + c), col);
+                        _mm256_storeu_ps(v.as_mut_ptr().add(xi * vs + t * cc + c), col);
                     }
                 }
             }
@@ -417,7 +500,7 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
         // the 16 products, MR tiles x NR output channels per micro-kernel call; the first chunk starts
         // from zero, the others from the sums in M
         for xi in 0..16 {
-            let vx = v.as_ptr().add(xi * TB * cc);
+            let vx = v.as_ptr().add(xi * vs);
             for cb in 0..g.co_nr / nr {
                 let w = u.as_ptr().add(((xi * (g.co_nr / nr) + cb) * ci + c0) * nr);
                 let mut t = 0;
@@ -427,7 +510,7 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
                         std::array::from_fn(|r| vx.add((t + r.min(rows - 1)) * cc));
                     // straight into M: a short last block writes rows up to t + MR <= TB (t is a
                     // multiple of MR, which divides TB), which the output transform never reads
-                    let dst = m.as_mut_ptr().add((xi * TB + t) * g.co_nr + cb * nr);
+                    let dst = m.as_mut_ptr().add(xi * ms + t * g.co_nr + cb * nr);
                     let (init, ldi) = if c0 == 0 {
                         (zeros.as_ptr(), 0)
                     } else {
@@ -439,16 +522,11 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
             }
         }
     }
-    // output transform, 8 channels per vector: Y = A^T M A + bias, scattered to [co][h][w]
-    let hw = g.h * g.wd;
-    let mut y = [[0f32; 8]; 4];
+    // output transform, 8 channels per vector: Y = A^T M A + bias, to the staged [h][w][co8]
     for (t, &(y0, x0)) in g.origins.iter().enumerate() {
         let (y0, x0) = (y0 as usize, x0 as usize);
-        for c in (0..g.co_nr).step_by(8) {
-            if c >= g.co {
-                break;
-            }
-            let at = |xi: usize| _mm256_loadu_ps(m.as_ptr().add((xi * TB + t) * g.co_nr + c));
+        for c in (0..g.co8).step_by(8) {
+            let at = |xi: usize| _mm256_loadu_ps(m.as_ptr().add(xi * ms + t * g.co_nr + c));
             // s = A^T M (2 x 4), A^T = [[1,1,1,0],[0,1,-1,-1]]
             let s0: [__m256; 4] =
                 std::array::from_fn(|j| _mm256_add_ps(_mm256_add_ps(at(j), at(4 + j)), at(8 + j)));
@@ -457,18 +535,20 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
             });
             let b = _mm256_loadu_ps(bias.as_ptr().add(c));
             for (dy, s) in [s0, s1].iter().enumerate() {
-                let y0 = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2]);
-                let y1 = _mm256_sub_ps(_mm256_sub_ps(s[1], s[2]), s[3]);
-                _mm256_storeu_ps(y[2 * dy].as_mut_ptr(), _mm256_add_ps(y0, b));
-                _mm256_storeu_ps(y[2 * dy + 1].as_mut_ptr(), _mm256_add_ps(y1, b));
-            }
-            for (k, yk) in y.iter().enumerate() {
-                let (oy, ox) = (y0 + d * (k / 2), x0 + d * (k % 2));
-                if oy >= g.h || ox >= g.wd {
+                let y0v = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2]);
+                let y1v = _mm256_sub_ps(_mm256_sub_ps(s[1], s[2]), s[3]);
+                let oy = y0 + d * dy;
+                if oy >= g.h {
                     continue;
                 }
-                for (i, &val) in yk.iter().enumerate().take(g.co - c) {
-                    *out.add((c + i) * hw + oy * g.wd + ox) = val;
+                for (dx, v) in [y0v, y1v].into_iter().enumerate() {
+                    let ox = x0 + d * dx;
+                    if ox < g.wd {
+                        _mm256_storeu_ps(
+                            out.add((oy * g.wd + ox) * g.co8 + c),
+                            _mm256_add_ps(v, b),
+                        );
+                    }
                 }
             }
         }
