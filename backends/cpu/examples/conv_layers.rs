@@ -61,12 +61,9 @@ fn main() {
     for (xs, ws, p) in &calls {
         let [_, ci, h, wd] = *xs;
         let [co, _, k, _] = *ws;
-        let key = if vjp {
-            (co, ci, k, h, wd, p.padding, p.dilation)
-        } else {
-            (ci, co, k, h, wd, p.padding, p.dilation)
-        };
-        *shapes.entry(key).or_default() += 1;
+        *shapes
+            .entry((ci, co, k, h, wd, p.padding, p.dilation))
+            .or_default() += 1;
     }
     println!(
         "NCSNv2 {size}x{size}x{channels} ngf {ngf} batch {batch}, {}, {} threads, kernel {:?}: ms per call (fastest of {iters})",
@@ -142,6 +139,9 @@ fn main() {
             .any(|p| p.starts_with("winograd") && p.ends_with(kname()))
         {
             format!("winograd {}", kname())
+        } else if w.shape[0] <= 16 {
+            // the direct path runs layers of at most 16 output channels at 8 lanes
+            "direct avx2".to_string()
         } else {
             format!("direct {}", kname())
         };

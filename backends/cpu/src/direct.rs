@@ -74,7 +74,13 @@ struct Plan<'a> {
 /// # Panics
 /// If `available()` is false (callers check it first).
 pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
-    conv2d_with(simd::kernel(), x, w, bias, p)
+    let k = match simd::kernel() {
+        // a layer of at most 16 output channels (NCSNv2's last, 1 or 3) fills one 8-lane block and
+        // computes mostly padding in a 16-lane one; the bits are the same either way
+        Kernel::Avx512 if w.shape[0] <= 16 => Kernel::Avx2,
+        k => k,
+    };
+    conv2d_with(k, x, w, bias, p)
 }
 
 /// [`conv2d`] with the given kernels (tests compare the widths).
