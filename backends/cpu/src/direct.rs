@@ -316,11 +316,13 @@ unsafe fn run_pixels<S: Simd, const MR: usize>(
 
 /// `c[r * ldc + j] = init[r * ldi + j] + sum_k w[k * NR + j] * ptrs[r][offs[k]]` for MR pixels `r` and
 /// `NR = 2 * S::LANES` channels `j`, the sum in the order of `k`. `ldi = 0` starts every row from the same
-/// values (a bias); `init` may be `c` (a chunk continuing where the last one stopped).
+/// values (a bias); `init` may be `c` (a chunk continuing where the last one stopped). A null `offs` means
+/// the identity (`offs[k] = k`: rows of consecutive values, as Winograd's transformed input), with no offset
+/// loads in the loop.
 ///
 /// # Safety
 /// Needs `S`'s CPU features (inlined into a function compiled for them); `w` covers `kk * NR` floats, `offs`
-/// `kk` entries, `ptrs[r] + offs[k]` must be readable, `init` MR rows of NR floats `ldi` apart, `c` MR rows
+/// `kk` entries (or is null), `ptrs[r] + offs[k]` must be readable, `init` MR rows of NR floats `ldi` apart, `c` MR rows
 /// of NR floats `ldc` apart.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -340,7 +342,11 @@ pub(crate) unsafe fn micro<S: Simd, const MR: usize>(
         [S::load(row), S::load(row.add(l))]
     });
     for k in 0..kk {
-        let o = *offs.add(k) as usize;
+        let o = if offs.is_null() {
+            k
+        } else {
+            *offs.add(k) as usize
+        };
         let wk = w.add(k * 2 * l);
         let (w0, w1) = (S::load(wk), S::load(wk.add(l)));
         for (a, p) in acc.iter_mut().zip(ptrs) {

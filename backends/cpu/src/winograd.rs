@@ -43,8 +43,8 @@ thread_local! {
     /// The bias padded to a multiple of 16 channels and the tile origins of the call this thread runs.
     #[allow(clippy::type_complexity)]
     static SMALL: std::cell::Cell<(Vec<f32>, Vec<(u32, u32)>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
-    /// A block's transformed input and products, and the identity offsets (taken and put back per block).
-    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<u32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    /// A block's transformed input and products (taken and put back per block).
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Whether the Winograd path is on (`JOINTDIFF_CPU_KERNEL=direct` turns it off, for comparisons).
@@ -443,8 +443,8 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
     let d = g.d;
     let ci = g.ci;
     let cc_max = ci.min(CC);
-    // V: [16][TB][cc] (one chunk of input channels), M: [16][TB][co_nr], and the identity offsets 0..cc, in
-    // this thread's scratch (every element read below is written first, so it is not cleared)
+    // V: [16][TB][cc] (one chunk of input channels) and M: [16][TB][co_nr] in this thread's scratch (every
+    // element read below is written first, so it is not cleared)
     let mut guard = SCRATCH.with(|s| s.take());
     // one position's slice of V and of M is `TB * cc` and `TB * co_nr` floats, multiples of 4 KB for the
     // usual channel counts: the 16 positions of one tile would all fall into the same L1 set (the input
@@ -452,14 +452,10 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
     // per slice spreads them over 16 sets.
     let (vs_max, ms) = (TB * cc_max + 16, TB * g.co_nr + 16);
     let (v_len, m_len) = (16 * vs_max, 16 * ms);
-    if guard.0.len() < v_len + m_len {
-        guard.0.resize(v_len + m_len, 0.0);
+    if guard.len() < v_len + m_len {
+        guard.resize(v_len + m_len, 0.0);
     }
-    if guard.1.len() < cc_max {
-        guard.1 = (0..cc_max as u32).collect();
-    }
-    let (v, m) = guard.0.split_at_mut(v_len);
-    let offs = &guard.1;
+    let (v, m) = guard.split_at_mut(v_len);
     let zeros = [0f32; 32];
     for c0 in (0..ci).step_by(CC) {
         let cc = (ci - c0).min(CC);
@@ -516,7 +512,8 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
                     } else {
                         (dst.cast_const(), g.co_nr)
                     };
-                    micro::<S, MR>(cc, w, offs.as_ptr(), &ptrs, init, ldi, dst, g.co_nr);
+                    // V rows are consecutive channels: the identity offsets (null)
+                    micro::<S, MR>(cc, w, std::ptr::null(), &ptrs, init, ldi, dst, g.co_nr);
                     t += rows;
                 }
             }
