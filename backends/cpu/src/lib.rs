@@ -15,9 +15,14 @@ use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
 use std::sync::OnceLock;
 
+// The direct and Winograd kernels are x86-64 code; elsewhere only their selection logic runs (it picks the
+// portable path), so most of them is unused there.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports))]
 mod direct;
 mod pool;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports))]
 mod simd;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports))]
 mod winograd;
 
 pub use simd::{kernel, Kernel};
