@@ -611,6 +611,10 @@ fn max_pool_backward_plane(
     pad: usize,
     (best, at): &mut (Vec<f32>, Vec<u32>),
 ) {
+    if pad < k {
+        // every window holds at least one element: the form below, across output columns
+        return max_pool_backward_lanes(s, g, gx, [h, w, ho, wo], k, pad, (best, at));
+    }
     let window = |o: usize, len: usize| (o.saturating_sub(pad), (o + k - pad).min(len));
     for y in 0..h {
         let row = &s[y * w..(y + 1) * w];
@@ -641,6 +645,133 @@ fn max_pool_backward_plane(
             }
         }
     }
+}
+
+/// [`max_pool_backward_plane`] where every window is non-empty (`pad < k`), with the same picks in the same
+/// order, its loops running across output columns so that they vectorise (a compare and two selects per
+/// element, where the one-window-at-a-time loops mispredicted their branches): each window starts from its
+/// first element and takes a later one only when strictly greater, as the reference does.
+#[allow(clippy::too_many_arguments)]
+fn max_pool_backward_lanes(
+    s: &[f32],
+    g: &[f32],
+    gx: &mut [f32],
+    [h, w, ho, wo]: [usize; 4],
+    k: usize,
+    pad: usize,
+    (best, at): (&mut [f32], &mut [u32]),
+) {
+    let window = |o: usize, len: usize| (o.saturating_sub(pad), (o + k - pad).min(len));
+    // output columns whose window lies inside the row: [lo, hi)
+    let lo = pad.min(wo);
+    let hi = (w + pad).saturating_sub(k - 1).clamp(lo, wo);
+    // pass 1: each row's first maximum per output column
+    for y in 0..h {
+        let row = &s[y * w..(y + 1) * w];
+        let (bv, bi) = (
+            &mut best[y * wo..(y + 1) * wo],
+            &mut at[y * wo..(y + 1) * wo],
+        );
+        for ox in 0..wo {
+            let x0 = window(ox, w).0;
+            (bv[ox], bi[ox]) = (row[x0], x0 as u32);
+        }
+        for j in 1..k {
+            // inside the row: column ox - pad + j, for every ox in [lo, hi)
+            let cols = &row[lo + j - pad..hi + j - pad];
+            take_greater(
+                &mut bv[lo..hi],
+                &mut bi[lo..hi],
+                cols,
+                (lo + j - pad) as u32,
+                None,
+            );
+            // the border columns: only the part of the window inside the row
+            for ox in (0..lo).chain(hi..wo) {
+                let (x0, x1) = window(ox, w);
+                let xx = (ox + j).wrapping_sub(pad);
+                if xx > x0 && xx < x1 && row[xx] > bv[ox] {
+                    (bv[ox], bi[ox]) = (row[xx], xx as u32);
+                }
+            }
+        }
+    }
+    // pass 2: per output row, the first row of its window whose maximum is strictly greater; the gradient
+    // goes to that element, output columns in order (several may pick one element). The running maxima and
+    // their flat indices live in the scratch's last row.
+    let (best, vals) = best.split_at_mut(h * wo);
+    let (at, idx) = at.split_at_mut(h * wo);
+    for oy in 0..ho {
+        let (y0, y1) = window(oy, h);
+        for ox in 0..wo {
+            (vals[ox], idx[ox]) = (best[y0 * wo + ox], (y0 * w) as u32 + at[y0 * wo + ox]);
+        }
+        for y in y0 + 1..y1 {
+            let (bv, bi) = (&best[y * wo..(y + 1) * wo], &at[y * wo..(y + 1) * wo]);
+            take_greater(vals, idx, bv, (y * w) as u32, Some(bi));
+        }
+        for ox in 0..wo {
+            gx[idx[ox] as usize] += g[oy * wo + ox];
+        }
+    }
+}
+
+/// Where `c[i] > v[i]` (false for NaN): `v[i] = c[i]` and `at[i] = base + (add[i] or i)`, for every `i`
+/// (8 lanes at a time with AVX2, a compare and two blends).
+fn take_greater(v: &mut [f32], at: &mut [u32], c: &[f32], base: u32, add: Option<&[u32]>) {
+    let n = v.len().min(at.len()).min(c.len());
+    #[cfg(target_arch = "x86_64")]
+    let done = if direct::available() {
+        // SAFETY: `available` means AVX2; every slice holds at least n elements (add too, when given).
+        unsafe { take_greater_avx2(v, at, c, base, add, n) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    for i in done..n {
+        if c[i] > v[i] {
+            v[i] = c[i];
+            at[i] = base + add.map_or(i as u32, |a| a[i]);
+        }
+    }
+}
+
+/// [`take_greater`] for `[0, n / 8 * 8)`; returns how many it did.
+///
+/// # Safety
+/// Needs AVX2; `v`, `at`, `c` (and `add`, when given) hold at least `n` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn take_greater_avx2(
+    v: &mut [f32],
+    at: &mut [u32],
+    c: &[f32],
+    base: u32,
+    add: Option<&[u32]>,
+    n: usize,
+) -> usize {
+    use std::arch::x86_64::*;
+    let full = n / 8 * 8;
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for i in (0..full).step_by(8) {
+        let (vp, ap) = (
+            v.as_mut_ptr().add(i),
+            at.as_mut_ptr().add(i).cast::<__m256i>(),
+        );
+        let (old, cv) = (_mm256_loadu_ps(vp), _mm256_loadu_ps(c.as_ptr().add(i)));
+        let take = _mm256_cmp_ps::<_CMP_GT_OQ>(cv, old);
+        let offset = match add {
+            Some(a) => _mm256_loadu_si256(a.as_ptr().add(i).cast()),
+            None => _mm256_add_epi32(lanes, _mm256_set1_epi32(i as i32)),
+        };
+        let new_at = _mm256_add_epi32(_mm256_set1_epi32(base as i32), offset);
+        _mm256_storeu_ps(vp, _mm256_blendv_ps(old, cv, take));
+        let kept = _mm256_castsi256_ps(_mm256_loadu_si256(ap));
+        let picked = _mm256_blendv_ps(kept, _mm256_castsi256_ps(new_at), take);
+        _mm256_storeu_si256(ap, _mm256_castps_si256(picked));
+    }
+    full
 }
 
 /// A tensor of the CPU backend: host data, immutable, and (for convolution weights) their repacked forms
@@ -822,7 +953,8 @@ impl Backend for CpuBackend {
         let [_, _, ho, wo] = gout.shape;
         let mut gx = pool::zeros(x.shape);
         if h * w > 0 && ho * wo > 0 {
-            let scratch = || (vec![0f32; h * wo], vec![0u32; h * wo]);
+            // per plane: each row's window maxima and their columns, and one more row for the second pass
+            let scratch = || (vec![0f32; (h + 1) * wo], vec![0u32; (h + 1) * wo]);
             let plane = |rows: &mut (Vec<f32>, Vec<u32>),
                          (d, (s, g)): (&mut [f32], (&[f32], &[f32]))| {
                 max_pool_backward_plane(s, g, d, [h, w, ho, wo], k, pad, rows)

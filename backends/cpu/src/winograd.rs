@@ -372,11 +372,19 @@ unsafe fn from_channel_last(
     use std::arch::x86_64::*;
     let nch = (co - c0).min(8);
     let full = hw / 8 * 8;
+    let rows: [*mut f32; 8] = std::array::from_fn(|j| out.add((c0 + j.min(nch - 1)) * hw));
     for p in (0..full).step_by(8) {
         let r: [__m256; 8] =
             std::array::from_fn(|i| _mm256_loadu_ps(src.as_ptr().add((p + i) * co8 + c0)));
-        for (j, col) in t8x8(r).into_iter().enumerate().take(nch) {
-            _mm256_storeu_ps(out.add((c0 + j) * hw + p), col);
+        let cols = t8x8(r);
+        if nch == 8 {
+            for (row, col) in rows.iter().zip(cols) {
+                _mm256_storeu_ps(row.add(p), col);
+            }
+        } else {
+            for (row, col) in rows.iter().zip(cols).take(nch) {
+                _mm256_storeu_ps(row.add(p), col);
+            }
         }
     }
     for p in full..hw {
