@@ -208,10 +208,12 @@ pub mod layers {
     pub type Call = ([usize; 4], [usize; 4], Conv2dParams);
 
     static RECORDING: Mutex<Option<Vec<Call>>> = Mutex::new(None);
+    /// Whether [`recorded`] is running (checked first, so that convolutions touch no lock otherwise).
+    static ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
     pub(crate) fn record(x: [usize; 4], w: [usize; 4], p: Conv2dParams) {
-        if let Ok(mut r) = RECORDING.try_lock() {
-            if let Some(v) = r.as_mut() {
+        if ON.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(v) = RECORDING.lock().ok().as_mut().and_then(|r| r.as_mut()) {
                 v.push((x, w, p));
             }
         }
@@ -219,9 +221,15 @@ pub mod layers {
 
     /// Runs `f` and lists the convolutions the backend ran meanwhile (any thread), in order.
     pub fn recorded<R>(f: impl FnOnce() -> R) -> (R, Vec<Call>) {
-        *RECORDING.lock().unwrap() = Some(Vec::new());
+        *RECORDING.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+        ON.store(true, std::sync::atomic::Ordering::SeqCst);
         let r = f();
-        let calls = RECORDING.lock().unwrap().take().unwrap_or_default();
+        ON.store(false, std::sync::atomic::Ordering::SeqCst);
+        let calls = RECORDING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
         (r, calls)
     }
 
