@@ -216,3 +216,28 @@ pub trait Backend: Send + Sync {
         Ok(self.upload(&Tensor { shape, data }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::RefBackend;
+
+    #[test]
+    fn host_batch_slices_and_concatenation_restore_the_batch() {
+        // the defaults every backend without its own gets: images [1, 3) and [3, 5) of a batch of 5, then
+        // the parts [0, 1), [1, 3), [3, 5) together again
+        let b = RefBackend;
+        let x = Tensor {
+            shape: [5, 2, 3, 1],
+            data: (0..30).map(|i| i as f32).collect(),
+        };
+        let dx = b.upload(&x);
+        let mid = b.download(&b.batch_slice(&dx, 1, 2).unwrap()).unwrap();
+        assert_eq!(mid.shape, [2, 2, 3, 1]);
+        assert_eq!(mid.data, x.data[6..18]);
+        let parts = [(0, 1), (1, 2), (3, 2)].map(|(s, n)| b.batch_slice(&dx, s, n).unwrap());
+        let whole = b.download(&b.batch_concat(&parts).unwrap()).unwrap();
+        assert_eq!(whole.shape, x.shape);
+        assert_eq!(whole.data, x.data);
+    }
+}
