@@ -67,10 +67,41 @@ pub fn read_images(path: &Path) -> Result<Tensor> {
     Ok(t)
 }
 
-/// A PNG file's bytes as `[1, C, H, W]` in [0, 1] (gray: 1 channel, color: 3).
+/// The most a PNG's pixel data can inflate: deflate's limit is 1032 : 1, so a header that claims more
+/// decoded bytes than this many times the file (plus 1 MiB) is certainly truncated or corrupt.
+pub const PNG_MAX_RATIO: u64 = 1100;
+
+/// The largest decoded PNG (8-bit samples) the tool reads: 64 MiB, a 4096 x 4096 color image. Score models
+/// take small images; this bounds what a file can make the reader allocate (the decoded image, its 8-bit
+/// conversion and the f32 tensor, about 6 times this at most).
+pub const PNG_MAX_DECODED: u64 = 64 << 20;
+
+/// A PNG file's bytes as `[1, C, H, W]` in [0, 1] (gray: 1 channel, color: 3). The header's size is
+/// checked before anything is decoded: a small file claiming a huge image allocates nothing.
 pub fn decode_png(bytes: &[u8]) -> std::result::Result<Tensor, String> {
-    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
-        .map_err(|e| format!("not a readable PNG: {e}"))?;
+    use image::ImageDecoder;
+    let unreadable = |e: image::ImageError| format!("not a readable PNG: {e}");
+    let dec =
+        image::codecs::png::PngDecoder::new(std::io::Cursor::new(bytes)).map_err(unreadable)?;
+    let ((iw, ih), claim) = (dec.dimensions(), dec.total_bytes());
+    let could_hold = (bytes.len() as u64)
+        .saturating_mul(PNG_MAX_RATIO)
+        .saturating_add(1 << 20);
+    if claim > could_hold {
+        return Err(format!(
+            "the PNG header claims a {iw}x{ih} image ({claim} bytes decoded), more than its {} bytes \
+             could hold: the file is truncated or corrupt",
+            bytes.len()
+        ));
+    }
+    if claim > PNG_MAX_DECODED {
+        return Err(format!(
+            "the PNG is {iw}x{ih} ({claim} bytes decoded), larger than the {} MiB this tool reads: \
+             resize it first (score models take small images)",
+            PNG_MAX_DECODED >> 20
+        ));
+    }
+    let img = image::DynamicImage::from_decoder(dec).map_err(unreadable)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let color = img.color();
     let channels = if color.has_color() { 3 } else { 1 };
@@ -242,4 +273,62 @@ pub fn write_png_rgb(path: &Path, rgb: &[u8], w: usize, h: usize) -> Result<()> 
     )
     .with_context(|| format!("{}: cannot encode PNG", path.display()))?;
     write_atomic(path, &png.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_png_header_claiming_more_than_its_bytes_hold_is_refused_before_decoding() {
+        // the fuzzer's finding (85 bytes; the fuzz build skips checksums, here they are right): a header
+        // that claims a 33554432 x 4 RGBA image, which the decoder allocated (512 MB) before reading data
+        let chunk = |kind: &[u8], data: &[u8]| {
+            let mut crc = flate2::Crc::new();
+            crc.update(kind);
+            crc.update(data);
+            let mut c = (data.len() as u32).to_be_bytes().to_vec();
+            c.extend_from_slice(kind);
+            c.extend_from_slice(data);
+            c.extend_from_slice(&crc.sum().to_be_bytes());
+            c
+        };
+        let mut bomb = b"\x89PNG\r\n\x1a\n".to_vec();
+        let ihdr = [2, 0, 0, 0, 0, 0, 0, 4, 8, 6, 0, 0, 0];
+        bomb.extend(chunk(b"IHDR", &ihdr));
+        bomb.extend(chunk(
+            b"IDAT",
+            &[0x78, 0x9c, 0x63, 0x1c, 0, 0, 0, 0x60, 0x30],
+        ));
+        bomb.extend(chunk(b"IEND", &[]));
+        let bomb = &bomb[..];
+        let e = super::decode_png(bomb).unwrap_err();
+        assert!(
+            e.contains("33554432x4") && e.contains("truncated or corrupt"),
+            "{e}"
+        );
+        // a real image within both bounds still reads: 300 x 200 gray, a gradient
+        let img = image::GrayImage::from_fn(300, 200, |x, y| image::Luma([(x / 2 + y / 2) as u8]));
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let t = super::decode_png(&png).unwrap();
+        assert_eq!(t.shape, [1, 1, 200, 300]);
+        assert_eq!(t.data[299], 149.0 / 255.0);
+        // a flat image compresses far more than a photograph and stays within deflate's ratio: 2000 x 2000
+        // black, a few KB of file for 4 MB of pixels
+        let flat = image::GrayImage::new(2000, 2000);
+        let mut png = Vec::new();
+        flat.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        assert_eq!(super::decode_png(&png).unwrap().shape, [1, 1, 2000, 2000]);
+        // larger than the tool reads: 5000 x 5000 RGB (75 MB decoded)
+        let big = image::RgbImage::new(5000, 5000);
+        let mut png = Vec::new();
+        big.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let e = super::decode_png(&png).unwrap_err();
+        assert!(
+            e.contains("5000x5000") && e.contains("resize it first"),
+            "{e}"
+        );
+    }
 }
