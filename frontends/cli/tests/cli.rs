@@ -351,7 +351,10 @@ fn bad_input_gives_one_clear_line() {
     };
     let mut bomb = b"\x89PNG\r\n\x1a\n".to_vec();
     bomb.extend(chunk(b"IHDR", &[2, 0, 0, 0, 0, 0, 0, 4, 8, 6, 0, 0, 0]));
-    bomb.extend(chunk(b"IDAT", &[0x78, 0x9c, 0x63, 0x1c, 0, 0, 0, 0x60, 0x30]));
+    bomb.extend(chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x63, 0x1c, 0, 0, 0, 0x60, 0x30],
+    ));
     bomb.extend(chunk(b"IEND", &[]));
     let huge = write("huge.png", &bomb);
     score(&model, &huge, &["huge.png", "truncated or corrupt"]);
