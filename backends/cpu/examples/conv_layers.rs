@@ -134,27 +134,10 @@ fn main() {
             *totals.entry(p).or_default() += m * count as f64;
         }
         // the path the backend picks by default, for the total
-        let chosen = if paths
-            .iter()
-            .any(|p| p.starts_with("winograd") && p.ends_with(kname()))
-        {
-            format!("winograd {}", kname())
-        } else if w.shape[0] <= 16 {
-            // the direct path runs layers of at most 16 output channels at 8 lanes
-            "direct avx2".to_string()
-        } else {
-            format!("direct {}", kname())
-        };
+        let chosen = layers::chosen(w.shape, q);
         let i = paths.iter().position(|p| *p == chosen).unwrap_or(0);
         *totals.entry("chosen").or_default() += med[i] * count as f64;
     }
     let line: Vec<String> = totals.iter().map(|(p, t)| format!("{p} {t:.2}")).collect();
     println!("\nms per forward, summed over layers (a path that does not take every layer sums fewer): {}", line.join(", "));
-}
-
-fn kname() -> &'static str {
-    match jointdiff_cpu::kernel() {
-        jointdiff_cpu::Kernel::Avx512 => "avx512",
-        _ => "avx2",
-    }
 }

@@ -68,26 +68,12 @@ struct Plan<'a> {
     bias: &'a [f32],
 }
 
-/// Stride-1 convolution (any kernel size, padding, dilation) by the direct kernel of this process's width
-/// ([`simd::kernel`]).
-///
-/// # Panics
-/// If `available()` is false (callers check it first).
-pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
-    let k = match simd::kernel() {
-        // a layer of at most 16 output channels (NCSNv2's last, 1 or 3) fills one 8-lane block and
-        // computes mostly padding in a 16-lane one; the bits are the same either way
-        Kernel::Avx512 if w.shape[0] <= 16 => Kernel::Avx2,
-        k => k,
-    };
-    conv2d_with(k, x, w, bias, p)
-}
-
-/// [`conv2d`] with the given kernels (tests compare the widths).
+/// Stride-1 convolution (any kernel size, padding, dilation) by the direct kernel at width `k` (the backend
+/// picks it: `crate::Path`).
 ///
 /// # Panics
 /// If the CPU cannot run `k`, or `k` is `Portable`.
-pub(crate) fn conv2d_with(
+pub(crate) fn conv2d(
     k: Kernel,
     x: &Tensor,
     w: &CpuTensor,

@@ -180,20 +180,84 @@ fn im2col_tile(
     }
 }
 
-/// Convolution. Where the CPU has AVX2 + FMA, at any depth: Winograd F(2x2, 3x3) for "same" 3x3 convolutions
-/// with input channels a multiple of 8, else the direct kernel (both block deep reductions, see their
-/// modules). Otherwise tiled im2col + GEMM. `JOINTDIFF_CPU_KERNEL=direct` turns Winograd off and
-/// `JOINTDIFF_CPU_KERNEL=portable` both (for comparisons).
+/// Convolution, on the path [`Path::chosen`] picks.
 fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
-    let [co, ci, kh, kw] = w.shape;
     layers::record(x.shape, w.shape, p);
-    if direct::available() {
-        if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) && winograd::enabled() {
-            return winograd::conv2d(x, w, bias, p.dilation);
+    Path::chosen(w.shape, p).run(x, w, bias, p)
+}
+
+/// A convolution path: the portable im2col + GEMM, or a kernel of `direct`/`winograd` at a width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Path {
+    Im2col,
+    Direct(Kernel),
+    Winograd(Kernel),
+}
+
+impl Path {
+    /// The path the backend takes. Where the CPU has AVX2 + FMA, at any depth: Winograd F(2x2, 3x3) for
+    /// "same" 3x3 convolutions with input channels a multiple of 8, else the direct kernel (both block deep
+    /// reductions, see their modules), at this process's width, except that a direct layer of at most 16
+    /// output channels (NCSNv2's last, 1 or 3) runs at 8 lanes: it fills one 8-lane block and computes mostly
+    /// padding in a 16-lane one (the bits are the same). Otherwise im2col + GEMM.
+    /// `JOINTDIFF_CPU_KERNEL=direct` turns Winograd off and `JOINTDIFF_CPU_KERNEL=portable` both.
+    pub(crate) fn chosen(w: [usize; 4], p: Conv2dParams) -> Path {
+        let [co, ci, kh, kw] = w;
+        match simd::kernel() {
+            Kernel::Portable => Path::Im2col,
+            k if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation)
+                && winograd::enabled() =>
+            {
+                Path::Winograd(k)
+            }
+            Kernel::Avx512 if co <= 16 => Path::Direct(Kernel::Avx2),
+            k => Path::Direct(k),
         }
-        direct::conv2d(x, w, bias, p)
-    } else {
-        conv2d_im2col(x, w, bias, p)
+    }
+
+    /// Every path that can run a convolution of weight shape `w` on this CPU: im2col, then direct and (where
+    /// eligible) Winograd at each width the CPU runs.
+    pub(crate) fn all(w: [usize; 4], p: Conv2dParams) -> Vec<Path> {
+        let [co, ci, kh, kw] = w;
+        let mut v = vec![Path::Im2col];
+        for k in [Kernel::Avx2, Kernel::Avx512]
+            .into_iter()
+            .filter(|k| k.supported())
+        {
+            v.push(Path::Direct(k));
+            if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
+                v.push(Path::Winograd(k));
+            }
+        }
+        v
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Path::Im2col => "im2col",
+            Path::Direct(Kernel::Avx512) => "direct avx512",
+            Path::Direct(_) => "direct avx2",
+            Path::Winograd(Kernel::Avx512) => "winograd avx512",
+            Path::Winograd(_) => "winograd avx2",
+        }
+    }
+
+    /// The convolution on this path.
+    ///
+    /// # Panics
+    /// If the CPU cannot run the path's width, or Winograd is not eligible.
+    pub(crate) fn run(
+        self,
+        x: &Tensor,
+        w: &CpuTensor,
+        b: Option<&Tensor>,
+        p: Conv2dParams,
+    ) -> Tensor {
+        match self {
+            Path::Im2col => conv2d_im2col(x, w, b, p),
+            Path::Direct(k) => direct::conv2d(k, x, w, b, p),
+            Path::Winograd(k) => winograd::conv2d(k, x, w, b, p.dilation),
+        }
     }
 }
 
@@ -233,23 +297,15 @@ pub mod layers {
         (r, calls)
     }
 
-    /// The convolution paths that can run `(x, w, p)` on this CPU, by name: `im2col`, then `direct` and
-    /// `winograd` (where eligible) at each width the CPU runs (`avx2`, `avx512`).
+    /// The convolution paths that can run a convolution of weight shape `w` on this CPU, by name: `im2col`,
+    /// then `direct` and `winograd` (where eligible) at each width the CPU runs (`avx2`, `avx512`).
     pub fn paths(w: [usize; 4], p: Conv2dParams) -> Vec<&'static str> {
-        let [co, ci, kh, kw] = w;
-        let mut v = vec!["im2col"];
-        for (k, d, wg) in [
-            (Kernel::Avx2, "direct avx2", "winograd avx2"),
-            (Kernel::Avx512, "direct avx512", "winograd avx512"),
-        ] {
-            if k.supported() {
-                v.push(d);
-                if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
-                    v.push(wg);
-                }
-            }
-        }
-        v
+        Path::all(w, p).into_iter().map(Path::name).collect()
+    }
+
+    /// The name of the path the backend takes for it.
+    pub fn chosen(w: [usize; 4], p: Conv2dParams) -> &'static str {
+        Path::chosen(w, p).name()
     }
 
     /// The convolution by one of [`paths`].
@@ -263,17 +319,10 @@ pub mod layers {
         b: Option<&Tensor>,
         p: Conv2dParams,
     ) -> Tensor {
-        let k = if path.ends_with("avx512") {
-            Kernel::Avx512
-        } else {
-            Kernel::Avx2
-        };
-        match path.split(' ').next() {
-            Some("im2col") => conv2d_im2col(x, w, b, p),
-            Some("direct") => direct::conv2d_with(k, x, w, b, p),
-            Some("winograd") => winograd::conv2d_with(k, x, w, b, p.dilation),
-            _ => panic!("no convolution path {path}"),
-        }
+        let found = Path::all(w.shape, p).into_iter().find(|q| q.name() == path);
+        found
+            .unwrap_or_else(|| panic!("no convolution path {path} here"))
+            .run(x, w, b, p)
     }
 }
 
@@ -606,61 +655,14 @@ fn pmax(a: f32, b: f32) -> f32 {
     }
 }
 
-/// The reference max-pool backward of one plane in two passes: the first maximum of each row's window (value and
-/// column), then the first row whose maximum is strictly greater, for `h k + ho k` comparisons per output
-/// column instead of `ho k^2`. The same element takes the gradient for finite inputs: the first maximum in
-/// row-major order.
-fn max_pool_backward_plane(
-    s: &[f32],
-    g: &[f32],
-    gx: &mut [f32],
-    [h, w, ho, wo]: [usize; 4],
-    k: usize,
-    pad: usize,
-    (best, at): &mut (Vec<f32>, Vec<u32>),
-) {
-    if pad < k {
-        // every window holds at least one element: the form below, across output columns
-        return max_pool_backward_lanes(s, g, gx, [h, w, ho, wo], k, pad, (best, at));
-    }
-    let window = |o: usize, len: usize| (o.saturating_sub(pad), (o + k - pad).min(len));
-    for y in 0..h {
-        let row = &s[y * w..(y + 1) * w];
-        for ox in 0..wo {
-            let (x0, x1) = window(ox, w);
-            let (mut v, mut i) = (f32::NEG_INFINITY, u32::MAX);
-            for (xx, &c) in row.iter().enumerate().take(x1).skip(x0) {
-                if c > v || i == u32::MAX {
-                    (v, i) = (c, xx as u32);
-                }
-            }
-            best[y * wo + ox] = v;
-            at[y * wo + ox] = i;
-        }
-    }
-    for oy in 0..ho {
-        let (y0, y1) = window(oy, h);
-        for ox in 0..wo {
-            let mut pick: Option<(f32, usize)> = None;
-            for y in y0..y1 {
-                let (v, i) = (best[y * wo + ox], at[y * wo + ox]);
-                if i != u32::MAX && pick.is_none_or(|(b, _)| v > b) {
-                    pick = Some((v, y * w + i as usize));
-                }
-            }
-            if let Some((_, idx)) = pick {
-                gx[idx] += g[oy * wo + ox];
-            }
-        }
-    }
-}
-
-/// [`max_pool_backward_plane`] where every window is non-empty (`pad < k`), with the same picks in the same
-/// order, its loops running across output columns so that they vectorise (a compare and two selects per
-/// element, where the one-window-at-a-time loops mispredicted their branches): each window starts from its
-/// first element and takes a later one only when strictly greater, as the reference does.
+/// The reference max-pool backward of one plane where every window is non-empty (`pad < k`), in two passes:
+/// the first maximum of each row's window (value and column), then the first row whose maximum is strictly
+/// greater, for `h k + ho k` comparisons per output column instead of `ho k^2`. The loops run across output
+/// columns so that they vectorise (a compare and two blends per element; window-at-a-time loops mispredicted
+/// their branches). Each window starts from its first element and takes a later one only when strictly
+/// greater, as the reference does: the same element takes the gradient.
 #[allow(clippy::too_many_arguments)]
-fn max_pool_backward_lanes(
+fn max_pool_backward_plane(
     s: &[f32],
     g: &[f32],
     gx: &mut [f32],
@@ -957,6 +959,10 @@ impl Backend for CpuBackend {
         k: usize,
         pad: usize,
     ) -> CpuTensor {
+        if pad >= k {
+            // windows that may be empty (no NCSNv2 layer): the reference's own loops
+            return reference::max_pool_backward(x, gout, k, pad).into();
+        }
         let [_, _, h, w] = x.shape;
         let [_, _, ho, wo] = gout.shape;
         let mut gx = pool::zeros(x.shape);
@@ -965,7 +971,7 @@ impl Backend for CpuBackend {
             let scratch = || (vec![0f32; (h + 1) * wo], vec![0u32; (h + 1) * wo]);
             let plane = |rows: &mut (Vec<f32>, Vec<u32>),
                          (d, (s, g)): (&mut [f32], (&[f32], &[f32]))| {
-                max_pool_backward_plane(s, g, d, [h, w, ho, wo], k, pad, rows)
+                max_pool_backward_plane(s, g, d, [h, w, ho, wo], k, pad, (&mut rows.0, &mut rows.1))
             };
             let (d, s, g) = (&mut gx.data, &x.data, &gout.data);
             if split_elementwise(x.data.len() * k) {
@@ -1300,31 +1306,24 @@ mod tests {
         }
     }
 
-    /// Every convolution path this CPU has: the portable one always; the direct and (where eligible)
-    /// Winograd kernels at each width the CPU runs (8 lanes with AVX2 + FMA, 16 with AVX-512F).
+    /// Every convolution path this CPU has ([`Path::all`]): the portable one always; the direct and (where
+    /// eligible) Winograd kernels at each width the CPU runs (8 lanes with AVX2 + FMA, 16 with AVX-512F).
     fn conv_paths(
         x: &Tensor,
         w: &Tensor,
         b: Option<&Tensor>,
         p: Conv2dParams,
     ) -> Vec<(&'static str, Tensor)> {
-        let mut v = vec![("im2col", conv2d_im2col(x, w, b, p))];
         let w = &CpuTensor::from(w.clone());
-        let [co, ci, kh, kw] = w.shape;
-        for (k, direct_name, winograd_name) in [
-            (Kernel::Avx2, "direct avx2", "winograd avx2"),
-            (Kernel::Avx512, "direct avx512", "winograd avx512"),
-        ] {
+        for k in [Kernel::Avx2, Kernel::Avx512] {
             if !k.supported() {
                 eprintln!("this CPU cannot run {k:?}: its kernels are not tested here");
-                continue;
-            }
-            v.push((direct_name, direct::conv2d_with(k, x, w, b, p)));
-            if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
-                v.push((winograd_name, winograd::conv2d_with(k, x, w, b, p.dilation)));
             }
         }
-        v
+        Path::all(w.shape, p)
+            .into_iter()
+            .map(|path| (path.name(), path.run(x, w, b, p)))
+            .collect()
     }
 
     fn same_bits(a: &Tensor, b: &Tensor) -> bool {
@@ -1354,12 +1353,12 @@ mod tests {
             let w = CpuTensor::from(rand([co, ci, k, k], 2));
             let b = rand([1, co, 1, 1], 3);
             let (kh, kw) = (k, k);
-            let d8 = direct::conv2d_with(Kernel::Avx2, &x, &w, Some(&b), p);
-            let d16 = direct::conv2d_with(Kernel::Avx512, &x, &w, Some(&b), p);
+            let d8 = direct::conv2d(Kernel::Avx2, &x, &w, Some(&b), p);
+            let d16 = direct::conv2d(Kernel::Avx512, &x, &w, Some(&b), p);
             assert!(same_bits(&d8, &d16), "direct {ci}->{co} {p:?}");
             if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
-                let w8 = winograd::conv2d_with(Kernel::Avx2, &x, &w, Some(&b), p.dilation);
-                let w16 = winograd::conv2d_with(Kernel::Avx512, &x, &w, Some(&b), p.dilation);
+                let w8 = winograd::conv2d(Kernel::Avx2, &x, &w, Some(&b), p.dilation);
+                let w16 = winograd::conv2d(Kernel::Avx512, &x, &w, Some(&b), p.dilation);
                 assert!(same_bits(&w8, &w16), "winograd {ci}->{co} {p:?}");
             }
         }

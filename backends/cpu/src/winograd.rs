@@ -106,17 +106,11 @@ fn transform_weights(w: &[f32], co: usize, ci: usize, nr: usize) -> Vec<f32> {
 /// reads 4x4 input pixels `d` apart. Tiles are listed by the padded position of their first input pixel,
 /// which (the padding being `d`) is also the position of their first output pixel in the image.
 ///
-/// # Panics
-/// If AVX2 + FMA are missing or the convolution is not `eligible`.
-pub(crate) fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, d: usize) -> Tensor {
-    conv2d_with(simd::kernel(), x, w, bias, d)
-}
-
-/// [`conv2d`] at the given width (tests compare the widths).
+/// The products run at width `k` (the backend picks it: `crate::Path`).
 ///
 /// # Panics
 /// If the CPU cannot run `k`, `k` is `Portable` or the convolution is not `eligible`.
-pub(crate) fn conv2d_with(
+pub(crate) fn conv2d(
     k: Kernel,
     x: &Tensor,
     w: &CpuTensor,
@@ -221,7 +215,7 @@ pub(crate) fn conv2d_with(
     let tjob = |j: usize| {
         let (b, g) = (j / groups, j % groups);
         let src = &staged_ref[b * per_out..(b + 1) * per_out];
-        // SAFETY: `conv2d_with` runs only where the CPU has AVX2; see above for the writes.
+        // SAFETY: `conv2d` runs only where the CPU has AVX2; see above for the writes.
         unsafe { from_channel_last(src, hw, co8, co, 8 * g, optr.at(b * co * hw)) };
     };
     if n * groups > 1 && len >= 1 << 16 {
@@ -280,7 +274,7 @@ fn to_channel_last(
             let rows: [&[f32]; 8] =
                 std::array::from_fn(|i| &src[((c0 + i) * h + y) * w..((c0 + i) * h + y + 1) * w]);
             let drow = &mut dst[((y + pad) * wp + pad) * ci..((y + pad) * wp + pad + w) * ci];
-            // SAFETY: `conv2d_with` checked that the CPU runs AVX2 kernels; 8 rows of w floats in,
+            // SAFETY: `conv2d` checked that the CPU runs AVX2 kernels; 8 rows of w floats in,
             // w pixels of ci floats out, channels c0..c0 + 8 <= ci.
             let done = unsafe { transpose8_avx2(&rows, w, drow, ci, c0) };
             for x in done..w {
