@@ -4,7 +4,11 @@
 # the table into BENCHMARKS.md between the markers <!-- compare_pytorch:begin --> and
 # <!-- compare_pytorch:end --> (with THREADS other than 2: compare_pytorch_tN). Not part of CI.
 #
-#   [THREADS=N] [JOINTDIFF_CPU_KERNEL=avx2] bash tools/bench/compare_pytorch.sh [ITERS] [ROUNDS]
+#   [THREADS=N] [ISA=avx2] [JOINTDIFF_CPU_KERNEL=avx2] bash tools/bench/compare_pytorch.sh [ITERS] [ROUNDS]
+#
+# ISA=avx2 holds both sides to 8-lane AVX2 + FMA code on a CPU that has more (an AVX2 machine's figures, taken
+# on an AVX-512 one): PyTorch through ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and
+# MKL_ENABLE_INSTRUCTIONS=AVX2, jointdiff through JOINTDIFF_CPU_KERNEL=avx2; the markers get the suffix _avx2.
 #
 # Each config runs ROUNDS times (default 3), PyTorch and jointdiff alternating, and the table keeps the best
 # round of each: on a shared virtual machine the speed drifts by up to 40% over minutes, and alternating
@@ -18,6 +22,17 @@ ROUNDS="${2:-3}"
 THREADS="${THREADS:-2}"
 TAG="compare_pytorch"
 [ "$THREADS" = 2 ] || TAG="compare_pytorch_t$THREADS"
+ISA="${ISA:-}"
+ISA_NOTE=""
+case "$ISA" in
+  "") ;;
+  avx2)
+    export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 JOINTDIFF_CPU_KERNEL=avx2
+    TAG="${TAG}_avx2"
+    ISA_NOTE=" Both held to AVX2: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 for PyTorch."
+    ;;
+  *) echo "ISA must be avx2 or unset, not '$ISA'" >&2; exit 2 ;;
+esac
 VENV="${JOINTDIFF_TORCH_VENV:-$ROOT/tools/reference/.venv}"
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   python3 -m venv "$VENV"
@@ -28,9 +43,9 @@ JD="$ROOT/target/release/jointdiff"
 CONFIGS=("28 1 32 1" "28 1 64 1" "32 3 128 1" "64 3 128 1" "28 1 32 8" "28 1 32 64")
 OUT="$(mktemp)"
 {
-  echo "Command: \`THREADS=$THREADS bash tools/bench/compare_pytorch.sh $ITERS $ROUNDS\` on $(date -u +%Y-%m-%d), \`nproc\` = $(nproc),"
+  echo "Command: \`${ISA:+ISA=$ISA }THREADS=$THREADS bash tools/bench/compare_pytorch.sh $ITERS $ROUNDS\` on $(date -u +%Y-%m-%d), \`nproc\` = $(nproc),"
   echo "CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1), flags: $(grep -o -w 'avx512f\|avx2\|fma' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-  echo "PyTorch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') with torch.set_num_threads($THREADS); jointdiff cpu backend with RAYON_NUM_THREADS=$THREADS, JOINTDIFF_CPU_KERNEL=${JOINTDIFF_CPU_KERNEL:-unset (16 lanes where the CPU has AVX-512F, else 8)}."
+  echo "PyTorch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') with torch.set_num_threads($THREADS); jointdiff cpu backend with RAYON_NUM_THREADS=$THREADS, JOINTDIFF_CPU_KERNEL=${JOINTDIFF_CPU_KERNEL:-unset (16 lanes where the CPU has AVX-512F, else 8)}.$ISA_NOTE"
   echo "Median of $ITERS forwards per round, best of $ROUNDS alternating rounds each, random weights; both in this invocation."
   echo
   echo "| config | batch | GFLOP | PyTorch ms | jointdiff ms | PyTorch images/s | jointdiff images/s | jointdiff GFLOP/s | ratio (images/s) |"
