@@ -1293,6 +1293,8 @@ mod tests {
             (16, 24, 3, Conv2dParams::same3(2), 7),
             (8, 16, 3, Conv2dParams::same3(4), 6),
             (8, 16, 3, Conv2dParams::same3(4), 2),
+            // Winograd on a small image (9 tiles, 2 blocks per image): the output channels split too
+            (16, 100, 3, Conv2dParams::same3(1), 5),
         ] {
             let x = rand([3, ci, hw, hw + 1], 1);
             let w = rand([co, ci, k, k], 2);
@@ -1402,8 +1404,9 @@ mod tests {
     fn conv_is_bit_identical_with_one_and_two_threads() {
         // large enough for the parallel paths; odd sizes so that tiles and pixel blocks end mid-row;
         // dilation 1 and 32 input channels so that the Winograd path runs too; then a deep layer (264
-        // channels: reductions in several chunks on both paths)
-        for (ci, co, h, w) in [(32, 37, 29, 31), (264, 40, 9, 11)] {
+        // channels: reductions in several chunks on both paths); a small image whose Winograd jobs also split
+        // the output channels
+        for (ci, co, h, w) in [(32, 37, 29, 31), (264, 40, 9, 11), (16, 100, 5, 6)] {
             let x = rand([2, ci, h, w], 1);
             let wt = rand([co, ci, 3, 3], 2);
             let b = rand([1, co, 1, 1], 3);

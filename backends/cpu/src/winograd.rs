@@ -32,6 +32,9 @@ use rayon::prelude::*;
 /// Tiles per block (a multiple of both widths' MR, 6 and 8).
 const TB: usize = 24;
 
+/// Jobs a convolution aims at where its channels allow (see `conv2d`).
+const MIN_JOBS: usize = 8;
+
 /// Input channels per reduction chunk.
 pub(crate) const CC: usize = 128;
 
@@ -177,9 +180,20 @@ pub(crate) fn conv2d(
     // rather than 24 + 24 + 16). A multiple of MR, so that a short block's last rows stay within TB.
     let tb = tiles.div_ceil(4).next_multiple_of(k.mr()).min(TB);
     let blocks = tiles.div_ceil(tb);
+    // Small images (a 14x14 image is 49 tiles, 3 blocks) also split the output channels, into `parts` runs
+    // of micro-kernel columns, so that there are MIN_JOBS jobs where the channels allow: each part repeats
+    // the input transform of its tiles (cheap beside the products) and reads only its own columns of U.
+    // The split depends on the shapes only, and each output value is the same FMAs either way.
+    let cbs = co_nr / nr;
+    let per = if n * blocks >= MIN_JOBS {
+        cbs
+    } else {
+        cbs.div_ceil(MIN_JOBS.div_ceil(n * blocks))
+    };
+    let parts = cbs.div_ceil(per);
     let sptr = OutPtr(staged.as_mut_ptr());
     let job = |j: usize| {
-        let (b, blk) = (j / blocks, j % blocks);
+        let (b, blk, part) = (j / (blocks * parts), j / parts % blocks, j % parts);
         let t0 = blk * tb;
         let t1 = (t0 + tb).min(tiles);
         let src = &padded[b * per_image..(b + 1) * per_image];
@@ -192,12 +206,13 @@ pub(crate) fn conv2d(
             wp,
             d,
             origins: &origins[t0..t1],
+            cols: part * per..((part + 1) * per).min(cbs),
         };
         // SAFETY: the CPU runs `k` (asserted); this job writes only the staged pixels of its own tiles of
-        // image b, which no other job writes.
+        // image b, and of those only its own channels, which no other job writes.
         unsafe { block(k, &geo, src, u, &bias_nr, sptr.at(b * per_out)) };
     };
-    let jobs = n * blocks;
+    let jobs = n * blocks * parts;
     if jobs > 1 && co * ci * 9 * h * wd * n >= 1 << 18 {
         (0..jobs).into_par_iter().for_each(job);
     } else {
@@ -247,6 +262,8 @@ struct Geo<'a> {
     d: usize,
     /// the block's tile origins
     origins: &'a [(u32, u32)],
+    /// the micro-kernel columns (runs of NR output channels) this job computes
+    cols: std::ops::Range<usize>,
 }
 
 /// `[ci][h][w]` → channel-last `[y + pad][x + pad][ci]` rows `wp` pixels wide, with zero borders (`dst`
@@ -499,7 +516,7 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
         // from zero, the others from the sums in M
         for xi in 0..16 {
             let vx = v.as_ptr().add(xi * vs);
-            for cb in 0..g.co_nr / nr {
+            for cb in g.cols.clone() {
                 let w = u.as_ptr().add(((xi * (g.co_nr / nr) + cb) * ci + c0) * nr);
                 let mut t = 0;
                 while t < nt {
@@ -524,7 +541,7 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
     // output transform, 8 channels per vector: Y = A^T M A + bias, to the staged [h][w][co8]
     for (t, &(y0, x0)) in g.origins.iter().enumerate() {
         let (y0, x0) = (y0 as usize, x0 as usize);
-        for c in (0..g.co8).step_by(8) {
+        for c in (g.cols.start * nr..(g.cols.end * nr).min(g.co8)).step_by(8) {
             let at = |xi: usize| _mm256_loadu_ps(m.as_ptr().add(xi * ms + t * g.co_nr + c));
             // s = A^T M (2 x 4), A^T = [[1,1,1,0],[0,1,-1,-1]]
             let s0: [__m256; 4] =
