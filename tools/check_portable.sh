@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# The CPU backend as a CPU without its x86-64 kernels builds it (aarch64, for one): a copy of the working
-# tree in which jointdiff-cpu's `target_arch = "x86_64"` conditions read `aarch64`, so that every x86 path
-# is compiled out and the backend takes its portable im2col + GEMM path; clippy and the crate's tests
-# there. A real cross check (`cargo check --target aarch64-unknown-linux-gnu`, .ci/run) needs the aarch64
-# standard library, which `rustup target add` cannot download on this project's machines; until then this
-# is the check that the portable build compiles, lints clean and passes its tests.
+# The CPU backend as a CPU without vector kernels builds it: a copy of the working tree in which
+# jointdiff-cpu's `target_arch = "x86_64"` conditions read `aarch64`, so that, built here on x86-64, every x86
+# path (and the aarch64 NEON one) is compiled out and the backend takes its portable im2col + GEMM path;
+# clippy and the crate's tests there. aarch64 itself, NEON kernel included, is tools/check_aarch64.sh.
 #
 #   bash tools/check_portable.sh
 set -euo pipefail

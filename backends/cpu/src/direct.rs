@@ -1,4 +1,5 @@
-//! Direct convolution for x86-64 (AVX2 + FMA or AVX-512F, selected at run time): no im2col, no GEMM packing.
+//! Direct convolution for x86-64 (AVX2 + FMA or AVX-512F, selected at run time) and aarch64 (NEON): no
+//! im2col, no GEMM packing.
 //!
 //! Why: with im2col + `matrixmultiply`, a 3x3 convolution copies its input twice (the 9x im2col matrix, then
 //! the crate's own packing of it), and on the small images jointdiff ships (28x28, 32 channels) those copies
@@ -30,8 +31,9 @@ use rayon::prelude::*;
 /// that they stay in L1/L2 while a job's pixel blocks pass over them.
 pub(crate) const KC_FLOATS: usize = 9216;
 
-/// Whether the direct and Winograd kernels run here (AVX2 + FMA, and `JOINTDIFF_CPU_KERNEL` is not
+/// Whether the vector kernels run here (AVX2 + FMA or NEON, and `JOINTDIFF_CPU_KERNEL` is not
 /// `portable`).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // its callers are x86-64 code
 pub(crate) fn available() -> bool {
     simd::kernel() != Kernel::Portable
 }
@@ -82,7 +84,7 @@ pub(crate) fn conv2d(
 ) -> Tensor {
     assert!(
         k != Kernel::Portable && k.supported(),
-        "direct convolution needs AVX2 + FMA"
+        "direct convolution needs AVX2 + FMA or NEON"
     );
     let (mr, nr) = (k.mr(), k.nr());
     let [n, ci, h, wd] = x.shape;
@@ -222,13 +224,21 @@ unsafe fn run(k: Kernel, plan: &Plan, src: &[f32], q0: usize, q1: usize, out: *m
         match k {
             Kernel::Avx2 => avx2(plan, src, q0, q1, out),
             Kernel::Avx512 => avx512(plan, src, q0, q1, out),
-            Kernel::Portable => unreachable!("the direct kernel needs AVX2"),
+            Kernel::Neon | Kernel::Portable => unreachable!("not an x86-64 kernel: {k:?}"),
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        match k {
+            // NEON is part of every aarch64 target Rust builds for: no target_feature function needed
+            Kernel::Neon => run_pixels::<simd::Neon, { simd::MR_NEON }>(plan, src, q0, q1, out),
+            _ => unreachable!("not an aarch64 kernel: {k:?}"),
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         let _ = (k, plan, src, q0, q1, out);
-        unreachable!("direct convolution is x86-64 only")
+        unreachable!("direct convolution is x86-64 and aarch64 only")
     }
 }
 

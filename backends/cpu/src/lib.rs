@@ -15,12 +15,18 @@ use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
 use std::sync::OnceLock;
 
-// The direct and Winograd kernels are x86-64 code; elsewhere only their selection logic runs (it picks the
-// portable path), so most of them is unused there.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports))]
+// The Winograd kernels are x86-64 code, the direct ones x86-64 and aarch64 code; elsewhere only their
+// selection logic runs (it picks the portable path), so most of them is unused there.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code, unused_imports)
+)]
 mod direct;
 mod pool;
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code, unused_imports)
+)]
 mod simd;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports))]
 mod winograd;
@@ -205,7 +211,8 @@ impl Path {
         let [co, ci, kh, kw] = w;
         match simd::kernel() {
             Kernel::Portable => Path::Im2col,
-            k if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation)
+            k if k.has_winograd()
+                && winograd::eligible(ci, co, kh, kw, p.padding, p.dilation)
                 && winograd::enabled() =>
             {
                 Path::Winograd(k)
@@ -220,12 +227,9 @@ impl Path {
     pub(crate) fn all(w: [usize; 4], p: Conv2dParams) -> Vec<Path> {
         let [co, ci, kh, kw] = w;
         let mut v = vec![Path::Im2col];
-        for k in [Kernel::Avx2, Kernel::Avx512]
-            .into_iter()
-            .filter(|k| k.supported())
-        {
+        for &k in simd::WIDTHS.iter().filter(|k| k.supported()) {
             v.push(Path::Direct(k));
-            if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
+            if k.has_winograd() && winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
                 v.push(Path::Winograd(k));
             }
         }
@@ -236,6 +240,7 @@ impl Path {
         match self {
             Path::Im2col => "im2col",
             Path::Direct(Kernel::Avx512) => "direct avx512",
+            Path::Direct(Kernel::Neon) => "direct neon",
             Path::Direct(_) => "direct avx2",
             Path::Winograd(Kernel::Avx512) => "winograd avx512",
             Path::Winograd(_) => "winograd avx2",
@@ -327,6 +332,7 @@ pub mod layers {
 }
 
 /// Which of a weight tensor's packed forms a width uses (their column counts differ).
+/// AVX2 and NEON share a slot: no CPU runs both.
 pub(crate) fn width_slot(k: Kernel) -> usize {
     usize::from(k == Kernel::Avx512)
 }
@@ -1317,7 +1323,7 @@ mod tests {
         p: Conv2dParams,
     ) -> Vec<(&'static str, Tensor)> {
         let w = &CpuTensor::from(w.clone());
-        for k in [Kernel::Avx2, Kernel::Avx512] {
+        for &k in simd::WIDTHS {
             if !k.supported() {
                 eprintln!("this CPU cannot run {k:?}: its kernels are not tested here");
             }

@@ -1,9 +1,12 @@
 //! The vector widths the convolution kernels run at, and which one this CPU uses.
 //!
 //! The micro-kernel (`micro`) is written once, generic over [`Simd`]: 8 lanes on AVX2 + FMA ([`Avx2`]), 16
-//! on AVX-512F ([`Avx512`]). Its block is `MR` output pixels by two vectors of output channels
-//! (`NR = 2 * LANES`): 6 x 16 on AVX2 (12 accumulators of 16 registers), 8 x 32 on AVX-512 (16 of 32; at
-//! 12 x 32, 24 accumulators, LLVM spilled some of them to the stack and the kernel ran slower).
+//! on AVX-512F ([`Avx512`]), 4 on aarch64's NEON ([`Neon`]). Its block is `MR` output pixels by two vectors
+//! of output channels (`NR = 2 * LANES`): 6 x 16 on AVX2 (12 accumulators of 16 registers), 8 x 32 on
+//! AVX-512 (16 of 32; at 12 x 32, 24 accumulators, LLVM spilled some of them to the stack and the kernel ran
+//! slower), 8 x 8 on NEON (16 of 32). NEON runs the direct kernel only (Winograd's transforms are AVX2
+//! code): its tests run under qemu-aarch64 (tools/check_aarch64.sh); its speed on real aarch64 hardware
+//! has not been measured.
 //! Every output value is its starting value plus the same FMAs in the same order at either width, so the two
 //! instances give the same bits (tested where the CPU has both).
 //!
@@ -15,9 +18,9 @@
 //!
 //! | value | kernels |
 //! |---|---|
-//! | unset | AVX-512 where the CPU has AVX-512F, else AVX2 where it has AVX2 + FMA, else the portable im2col + GEMM |
+//! | unset | AVX-512 where the CPU has AVX-512F, else AVX2 where it has AVX2 + FMA, NEON on aarch64, else the portable im2col + GEMM |
 //! | `avx512` | as unset |
-//! | `avx2` | AVX2 even where AVX-512 is (for comparisons) |
+//! | `avx2` | AVX2 even where AVX-512 is (for comparisons); as unset on aarch64 |
 //! | `direct` | as unset, without Winograd |
 //! | `portable` | im2col + GEMM only |
 
@@ -89,6 +92,36 @@ impl Simd for Avx512 {
     }
 }
 
+/// NEON (aarch64): 4 lanes. `vfmaq_f32` rounds once, as the x86 FMAs do, so the direct kernel gives the
+/// same bits as at 8 and 16 lanes.
+#[cfg(target_arch = "aarch64")]
+pub(crate) struct Neon;
+
+#[cfg(target_arch = "aarch64")]
+impl Simd for Neon {
+    const LANES: usize = 4;
+    type V = std::arch::aarch64::float32x4_t;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        std::arch::aarch64::vld1q_f32(p)
+    }
+    #[inline(always)]
+    unsafe fn splat(p: *const f32) -> Self::V {
+        std::arch::aarch64::vld1q_dup_f32(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        std::arch::aarch64::vst1q_f32(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::arch::aarch64::vfmaq_f32(c, a, b)
+    }
+}
+
+/// Output pixels per micro-kernel block at 4 lanes (NEON).
+pub(crate) const MR_NEON: usize = 8;
+
 /// Output pixels per micro-kernel block at 8 lanes.
 pub(crate) const MR_AVX2: usize = 6;
 /// Output pixels per micro-kernel block at 16 lanes.
@@ -103,13 +136,24 @@ pub enum Kernel {
     Avx2,
     /// Direct and Winograd kernels at 16 lanes.
     Avx512,
+    /// The direct kernel at 4 lanes (aarch64 NEON; Winograd stays x86-64 only).
+    Neon,
 }
+
+/// The vector kernels this architecture has code for (each may still be missing on the CPU: `supported`).
+#[cfg(target_arch = "x86_64")]
+pub(crate) const WIDTHS: &[Kernel] = &[Kernel::Avx2, Kernel::Avx512];
+#[cfg(target_arch = "aarch64")]
+pub(crate) const WIDTHS: &[Kernel] = &[Kernel::Neon];
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+pub(crate) const WIDTHS: &[Kernel] = &[];
 
 impl Kernel {
     /// Output pixels per micro-kernel block.
     pub(crate) fn mr(self) -> usize {
         match self {
             Kernel::Avx512 => MR_AVX512,
+            Kernel::Neon => MR_NEON,
             _ => MR_AVX2,
         }
     }
@@ -117,6 +161,7 @@ impl Kernel {
     pub(crate) fn nr(self) -> usize {
         match self {
             Kernel::Avx512 => 32,
+            Kernel::Neon => 8,
             _ => 16,
         }
     }
@@ -126,8 +171,23 @@ impl Kernel {
             Kernel::Portable => true,
             Kernel::Avx2 => has_avx2(),
             Kernel::Avx512 => has_avx2() && has_avx512(),
+            Kernel::Neon => has_neon(),
         }
     }
+    /// Whether the Winograd path runs at this width (its transforms are AVX2 code).
+    pub(crate) fn has_winograd(self) -> bool {
+        matches!(self, Kernel::Avx2 | Kernel::Avx512)
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+fn has_neon() -> bool {
+    std::arch::is_aarch64_feature_detected!("neon")
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+fn has_neon() -> bool {
+    false
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -151,9 +211,10 @@ fn has_avx512() -> bool {
 }
 
 /// The kernels `JOINTDIFF_CPU_KERNEL` (`var`) asks for on a CPU with these features.
-fn choose(var: Option<&str>, avx2: bool, avx512: bool) -> Kernel {
+fn choose(var: Option<&str>, avx2: bool, avx512: bool, neon: bool) -> Kernel {
     match var {
         Some("portable") => Kernel::Portable,
+        _ if neon => Kernel::Neon,
         _ if !avx2 => Kernel::Portable,
         Some("avx2") => Kernel::Avx2,
         _ if avx512 => Kernel::Avx512,
@@ -166,7 +227,12 @@ pub fn kernel() -> Kernel {
     static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
         let var = std::env::var("JOINTDIFF_CPU_KERNEL").ok();
-        choose(var.as_deref(), has_avx2(), has_avx2() && has_avx512())
+        choose(
+            var.as_deref(),
+            has_avx2(),
+            has_avx2() && has_avx512(),
+            has_neon(),
+        )
     })
 }
 
@@ -176,14 +242,23 @@ mod tests {
 
     #[test]
     fn the_variable_and_the_features_choose_the_kernel() {
-        assert_eq!(choose(None, true, true), Kernel::Avx512);
-        assert_eq!(choose(None, true, false), Kernel::Avx2);
-        assert_eq!(choose(Some("avx512"), true, true), Kernel::Avx512);
-        assert_eq!(choose(Some("avx512"), true, false), Kernel::Avx2);
-        assert_eq!(choose(Some("avx2"), true, true), Kernel::Avx2);
-        assert_eq!(choose(Some("direct"), true, true), Kernel::Avx512);
-        assert_eq!(choose(Some("portable"), true, true), Kernel::Portable);
-        assert_eq!(choose(None, false, false), Kernel::Portable);
-        assert_eq!(choose(Some("avx512"), false, true), Kernel::Portable);
+        assert_eq!(choose(None, true, true, false), Kernel::Avx512);
+        assert_eq!(choose(None, true, false, false), Kernel::Avx2);
+        assert_eq!(choose(Some("avx512"), true, true, false), Kernel::Avx512);
+        assert_eq!(choose(Some("avx512"), true, false, false), Kernel::Avx2);
+        assert_eq!(choose(Some("avx2"), true, true, false), Kernel::Avx2);
+        assert_eq!(choose(Some("direct"), true, true, false), Kernel::Avx512);
+        assert_eq!(
+            choose(Some("portable"), true, true, false),
+            Kernel::Portable
+        );
+        assert_eq!(choose(None, false, false, false), Kernel::Portable);
+        assert_eq!(choose(Some("avx512"), false, true, false), Kernel::Portable);
+        assert_eq!(choose(None, false, false, true), Kernel::Neon);
+        assert_eq!(choose(Some("avx2"), false, false, true), Kernel::Neon);
+        assert_eq!(
+            choose(Some("portable"), false, false, true),
+            Kernel::Portable
+        );
     }
 }

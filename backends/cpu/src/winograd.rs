@@ -112,7 +112,8 @@ fn transform_weights(w: &[f32], co: usize, ci: usize, nr: usize) -> Vec<f32> {
 /// The products run at width `k` (the backend picks it: `crate::Path`).
 ///
 /// # Panics
-/// If the CPU cannot run `k`, `k` is `Portable` or the convolution is not `eligible`.
+/// If the CPU cannot run `k`, `k` has no Winograd path (`Portable`, `Neon`) or the convolution is not
+/// `eligible`.
 pub(crate) fn conv2d(
     k: Kernel,
     x: &Tensor,
@@ -122,7 +123,7 @@ pub(crate) fn conv2d(
 ) -> Tensor {
     let [n, ci, h, wd] = x.shape;
     let [co, _, kh, kw] = w.shape;
-    assert!(k != Kernel::Portable && k.supported() && eligible(ci, co, kh, kw, d, d));
+    assert!(k.has_winograd() && k.supported() && eligible(ci, co, kh, kw, d, d));
     let nr = k.nr();
     if h * wd == 0 {
         return Tensor::zeros([n, co, h, wd]);
@@ -435,7 +436,7 @@ unsafe fn block(k: Kernel, g: &Geo, src: &[f32], u: &[f32], bias: &[f32], out: *
         match k {
             Kernel::Avx2 => avx2(g, src, u, bias, out),
             Kernel::Avx512 => avx512(g, src, u, bias, out),
-            Kernel::Portable => unreachable!("Winograd convolution needs AVX2"),
+            Kernel::Neon | Kernel::Portable => unreachable!("Winograd convolution needs AVX2"),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
