@@ -213,7 +213,7 @@ impl Path {
             Kernel::Portable => Path::Im2col,
             k if k.has_winograd()
                 && winograd::eligible(ci, co, kh, kw, p.padding, p.dilation)
-                && winograd::enabled() =>
+                && simd::winograd_enabled() =>
             {
                 Path::Winograd(k)
             }
@@ -1402,6 +1402,25 @@ mod tests {
                 let want = reference::conv2d(&x, w, None, p);
                 let e = rel_max_err(&conv2d(&x, c, None, p).data, &want.data);
                 assert!(e < 1e-5, "{p:?}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_batch_gives_an_empty_output_on_every_path() {
+        // a Winograd case that splits its output channels when it has few jobs, and a direct one
+        for (ci, co, k) in [(16, 100, 3), (3, 5, 1)] {
+            let p = if k == 3 {
+                Conv2dParams::same3(1)
+            } else {
+                Conv2dParams::pointwise()
+            };
+            let x = rand([0, ci, 5, 6], 1);
+            let w = rand([co, ci, k, k], 2);
+            let want = reference::conv2d(&x, &w, None, p);
+            for (path, got) in conv_paths(&x, &w, None, p) {
+                assert_eq!(got.shape, want.shape, "{path}");
+                assert!(got.data.is_empty(), "{path}");
             }
         }
     }

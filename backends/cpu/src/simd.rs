@@ -40,83 +40,73 @@ pub(crate) trait Simd {
     unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
 }
 
-/// AVX2 + FMA: 8 lanes.
-#[cfg(target_arch = "x86_64")]
-pub(crate) struct Avx2;
+/// One width's [`Simd`]: a unit struct whose four operations are one intrinsic each (its attributes, the
+/// doc and the `cfg` of its architecture, go on both the struct and the impl).
+macro_rules! simd_width {
+    (
+        $(#[$attr:meta])*
+        $name:ident: $lanes:literal lanes of $v:ty,
+        load $load:path,
+        splat |$sp:ident| $splat:expr,
+        store $store:path,
+        fmadd |$a:ident, $b:ident, $c:ident| $fmadd:expr,
+    ) => {
+        $(#[$attr])*
+        pub(crate) struct $name;
 
-#[cfg(target_arch = "x86_64")]
-impl Simd for Avx2 {
-    const LANES: usize = 8;
-    type V = std::arch::x86_64::__m256;
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self::V {
-        std::arch::x86_64::_mm256_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn splat(p: *const f32) -> Self::V {
-        std::arch::x86_64::_mm256_broadcast_ss(&*p)
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: Self::V) {
-        std::arch::x86_64::_mm256_storeu_ps(p, v)
-    }
-    #[inline(always)]
-    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        std::arch::x86_64::_mm256_fmadd_ps(a, b, c)
-    }
+        $(#[$attr])*
+        impl Simd for $name {
+            const LANES: usize = $lanes;
+            type V = $v;
+            #[inline(always)]
+            unsafe fn load(p: *const f32) -> Self::V {
+                $load(p)
+            }
+            #[inline(always)]
+            unsafe fn splat($sp: *const f32) -> Self::V {
+                $splat
+            }
+            #[inline(always)]
+            unsafe fn store(p: *mut f32, v: Self::V) {
+                $store(p, v)
+            }
+            #[inline(always)]
+            unsafe fn fmadd($a: Self::V, $b: Self::V, $c: Self::V) -> Self::V {
+                $fmadd
+            }
+        }
+    };
 }
 
-/// AVX-512F: 16 lanes.
-#[cfg(target_arch = "x86_64")]
-pub(crate) struct Avx512;
-
-#[cfg(target_arch = "x86_64")]
-impl Simd for Avx512 {
-    const LANES: usize = 16;
-    type V = std::arch::x86_64::__m512;
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self::V {
-        std::arch::x86_64::_mm512_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn splat(p: *const f32) -> Self::V {
-        std::arch::x86_64::_mm512_set1_ps(*p)
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: Self::V) {
-        std::arch::x86_64::_mm512_storeu_ps(p, v)
-    }
-    #[inline(always)]
-    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        std::arch::x86_64::_mm512_fmadd_ps(a, b, c)
-    }
+simd_width! {
+    /// AVX2 + FMA: 8 lanes.
+    #[cfg(target_arch = "x86_64")]
+    Avx2: 8 lanes of std::arch::x86_64::__m256,
+    load std::arch::x86_64::_mm256_loadu_ps,
+    splat |p| std::arch::x86_64::_mm256_broadcast_ss(&*p),
+    store std::arch::x86_64::_mm256_storeu_ps,
+    fmadd |a, b, c| std::arch::x86_64::_mm256_fmadd_ps(a, b, c),
 }
 
-/// NEON (aarch64): 4 lanes. `vfmaq_f32` rounds once, as the x86 FMAs do, so the direct kernel gives the
-/// same bits as at 8 and 16 lanes.
-#[cfg(target_arch = "aarch64")]
-pub(crate) struct Neon;
+simd_width! {
+    /// AVX-512F: 16 lanes.
+    #[cfg(target_arch = "x86_64")]
+    Avx512: 16 lanes of std::arch::x86_64::__m512,
+    load std::arch::x86_64::_mm512_loadu_ps,
+    splat |p| std::arch::x86_64::_mm512_set1_ps(*p),
+    store std::arch::x86_64::_mm512_storeu_ps,
+    fmadd |a, b, c| std::arch::x86_64::_mm512_fmadd_ps(a, b, c),
+}
 
-#[cfg(target_arch = "aarch64")]
-impl Simd for Neon {
-    const LANES: usize = 4;
-    type V = std::arch::aarch64::float32x4_t;
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self::V {
-        std::arch::aarch64::vld1q_f32(p)
-    }
-    #[inline(always)]
-    unsafe fn splat(p: *const f32) -> Self::V {
-        std::arch::aarch64::vld1q_dup_f32(p)
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: Self::V) {
-        std::arch::aarch64::vst1q_f32(p, v)
-    }
-    #[inline(always)]
-    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        std::arch::aarch64::vfmaq_f32(c, a, b)
-    }
+simd_width! {
+    /// NEON (aarch64): 4 lanes. `vfmaq_f32` rounds once, as the x86 FMAs do, so the direct kernel gives the
+    /// same bits as at 8 and 16 lanes.
+    #[cfg(target_arch = "aarch64")]
+    Neon: 4 lanes of std::arch::aarch64::float32x4_t,
+    load std::arch::aarch64::vld1q_f32,
+    splat |p| std::arch::aarch64::vld1q_dup_f32(p),
+    store std::arch::aarch64::vst1q_f32,
+    fmadd |a, b, c| std::arch::aarch64::vfmaq_f32(c, a, b),
 }
 
 /// Output pixels per micro-kernel block at 4 lanes (NEON).
@@ -222,18 +212,29 @@ fn choose(var: Option<&str>, avx2: bool, avx512: bool, neon: bool) -> Kernel {
     }
 }
 
+/// `JOINTDIFF_CPU_KERNEL`, read once per process.
+fn setting() -> Option<&'static str> {
+    static VAR: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    VAR.get_or_init(|| std::env::var("JOINTDIFF_CPU_KERNEL").ok())
+        .as_deref()
+}
+
 /// This process's convolution kernels (chosen once; see the module's table).
 pub fn kernel() -> Kernel {
     static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
-        let var = std::env::var("JOINTDIFF_CPU_KERNEL").ok();
         choose(
-            var.as_deref(),
+            setting(),
             has_avx2(),
             has_avx2() && has_avx512(),
             has_neon(),
         )
     })
+}
+
+/// Whether the Winograd path is on (`JOINTDIFF_CPU_KERNEL=direct` turns it off, for comparisons).
+pub(crate) fn winograd_enabled() -> bool {
+    setting() != Some("direct")
 }
 
 #[cfg(test)]

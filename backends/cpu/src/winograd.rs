@@ -50,12 +50,6 @@ thread_local! {
     static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// Whether the Winograd path is on (`JOINTDIFF_CPU_KERNEL=direct` turns it off, for comparisons).
-pub(crate) fn enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("JOINTDIFF_CPU_KERNEL").map_or(true, |v| v != "direct"))
-}
-
 /// Whether `conv2d` takes this convolution (the caller checks that AVX2 + FMA are there).
 pub(crate) fn eligible(
     ci: usize,
@@ -186,11 +180,8 @@ pub(crate) fn conv2d(
     // the input transform of its tiles (cheap beside the products) and reads only its own columns of U.
     // The split depends on the shapes only, and each output value is the same FMAs either way.
     let cbs = co_nr / nr;
-    let per = if n * blocks >= MIN_JOBS {
-        cbs
-    } else {
-        cbs.div_ceil(MIN_JOBS.div_ceil(n * blocks))
-    };
+    // (an empty batch has no jobs either way)
+    let per = cbs.div_ceil(MIN_JOBS.div_ceil((n * blocks).max(1)));
     let parts = cbs.div_ceil(per);
     let sptr = OutPtr(staged.as_mut_ptr());
     let job = |j: usize| {
