@@ -28,6 +28,7 @@ mod pool;
     allow(dead_code, unused_imports)
 )]
 mod simd;
+mod spin;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports))]
 mod winograd;
 
@@ -51,9 +52,9 @@ fn pooled(shape: [usize; 4], f: impl FnOnce(&mut [f32])) -> CpuTensor {
 /// time of a small forward. Frontends run their whole job through this so that the loops start on a worker.
 pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
-        f()
+        spin::hot(f)
     } else {
-        rayon::scope(|_| f())
+        rayon::scope(|_| spin::hot(f))
     }
 }
 

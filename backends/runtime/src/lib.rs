@@ -233,11 +233,12 @@ impl Runtime {
         rayon::in_place_scope(|scope| {
             let out = &mut out;
             scope.spawn(move |_| {
-                let mut report = |done, total| {
+                let mut report = move |done, total| {
                     tx.send((done, total)).is_ok() && answer_rx.recv().unwrap_or(false)
                 };
-                *out = Some(job(&mut report));
-                // `tx` drops here: the loop below ends
+                // on_worker: the pool's other workers stay awake for the job (jointdiff-cpu's `spin`)
+                *out = Some(jointdiff_cpu::on_worker(move || job(&mut report)));
+                // `tx` drops with `report` when the job ends: the loop below ends
             });
             for (done, total) in rx {
                 let go = on_progress(done, total);
