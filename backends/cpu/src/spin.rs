@@ -87,26 +87,26 @@ fn enabled() -> bool {
 
 /// A spinner: checks in, then runs the pool's work until the job stops it.
 pub(crate) fn spin(st: &State) {
-    if !st.check_in() {
-        return;
-    }
+    // counted before the check-in, so that a job that sees its spinners checked in sees them running
     st.running.fetch_add(1, Ordering::AcqRel);
-    let mut idle_since: Option<Instant> = None;
-    let mut rounds = 0u32;
-    while !st.stop.load(Ordering::Acquire) {
-        if let Some(Yield::Executed) = rayon::yield_now() {
-            idle_since = None;
-            continue;
-        }
-        rounds = rounds.wrapping_add(1);
-        // the clock only every 64 idle rounds
-        if !rounds.is_multiple_of(64) {
-            std::hint::spin_loop();
-            continue;
-        }
-        let since = *idle_since.get_or_insert_with(Instant::now);
-        if since.elapsed() >= BLOCKTIME {
-            std::thread::sleep(NAP);
+    if st.check_in() {
+        let mut idle_since: Option<Instant> = None;
+        let mut rounds = 0u32;
+        while !st.stop.load(Ordering::Acquire) {
+            if let Some(Yield::Executed) = rayon::yield_now() {
+                idle_since = None;
+                continue;
+            }
+            rounds = rounds.wrapping_add(1);
+            // the clock only every 64 idle rounds
+            if !rounds.is_multiple_of(64) {
+                std::hint::spin_loop();
+                continue;
+            }
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= BLOCKTIME {
+                std::thread::sleep(NAP);
+            }
         }
     }
     st.running.fetch_sub(1, Ordering::AcqRel);
