@@ -50,6 +50,8 @@ fn pooled(shape: [usize; 4], f: impl FnOnce(&mut [f32])) -> CpuTensor {
 /// Every parallel loop of the backend started from outside the pool hands its work to the pool and puts the
 /// caller to sleep until it is done: a futex round trip per operation, tens of microseconds, a tenth of the
 /// time of a small forward. Frontends run their whole job through this so that the loops start on a worker.
+/// The pool's other workers stay awake for the length of `f` (`spin::hot`; `JOINTDIFF_CPU_SPIN=0` turns
+/// that off).
 pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         spin::hot(f)

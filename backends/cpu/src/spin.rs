@@ -31,11 +31,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Spin this long without finding work before polling at [`NAP`] intervals.
-pub(crate) const BLOCKTIME: Duration = Duration::from_millis(2);
+const BLOCKTIME: Duration = Duration::from_millis(2);
 /// The polling interval of a spinner that has found no work for [`BLOCKTIME`].
-pub(crate) const NAP: Duration = Duration::from_micros(100);
+const NAP: Duration = Duration::from_micros(100);
 /// How long a job waits for its spinners to check in.
-pub(crate) const CHECK_IN: Duration = Duration::from_millis(2);
+const CHECK_IN: Duration = Duration::from_millis(2);
 
 /// Whether a hot job is running (one at a time, process-wide).
 static HOT: AtomicBool = AtomicBool::new(false);
@@ -45,7 +45,7 @@ const CLOSED: usize = 1 << (usize::BITS - 1);
 
 /// What a job and its spinners share.
 #[derive(Default)]
-pub(crate) struct State {
+struct State {
     /// Spinners checked in (low bits) and [`CLOSED`].
     gate: AtomicUsize,
     /// Set when the job ends.
@@ -86,7 +86,7 @@ fn enabled() -> bool {
 }
 
 /// A spinner: checks in, then runs the pool's work until the job stops it.
-pub(crate) fn spin(st: &State) {
+fn spin(st: &State) {
     // counted before the check-in, so that a job that sees its spinners checked in sees them running
     st.running.fetch_add(1, Ordering::AcqRel);
     if st.check_in() {

@@ -379,15 +379,8 @@ unsafe fn from_channel_last(
     for p in (0..full).step_by(8) {
         let r: [__m256; 8] =
             std::array::from_fn(|i| _mm256_loadu_ps(src.as_ptr().add((p + i) * co8 + c0)));
-        let cols = t8x8(r);
-        if nch == 8 {
-            for (row, col) in rows.iter().zip(cols) {
-                _mm256_storeu_ps(row.add(p), col);
-            }
-        } else {
-            for (row, col) in rows.iter().zip(cols).take(nch) {
-                _mm256_storeu_ps(row.add(p), col);
-            }
+        for (row, col) in rows.iter().zip(t8x8(r)).take(nch) {
+            _mm256_storeu_ps(row.add(p), col);
         }
     }
     for p in full..hw {
