@@ -134,7 +134,7 @@ fn main() {
             *totals.entry(p).or_default() += m * count as f64;
         }
         // the path the backend picks by default, for the total
-        let chosen = layers::chosen(w.shape, q);
+        let chosen = layers::chosen(xin.shape, w.shape, q);
         let i = paths.iter().position(|p| *p == chosen).unwrap_or(0);
         *totals.entry("chosen").or_default() += med[i] * count as f64;
     }

@@ -14,6 +14,7 @@ use jointdiff_core::Tensor;
 use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
 use std::sync::OnceLock;
+use winograd::Tile;
 
 // The Winograd kernels are x86-64 code, the direct ones x86-64 and aarch64 code; elsewhere only their
 // selection logic runs (it picks the portable path), so most of them is unused there.
@@ -192,25 +193,27 @@ fn im2col_tile(
 /// Convolution, on the path [`Path::chosen`] picks.
 fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
     layers::record(x.shape, w.shape, p);
-    Path::chosen(w.shape, p).run(x, w, bias, p)
+    Path::chosen(x.shape, w.shape, p).run(x, w, bias, p)
 }
 
-/// A convolution path: the portable im2col + GEMM, or a kernel of `direct`/`winograd` at a width.
+/// A convolution path: the portable im2col + GEMM, or a kernel of `direct`/`winograd` at a width (and, for
+/// Winograd, a tiling).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Path {
     Im2col,
     Direct(Kernel),
-    Winograd(Kernel),
+    Winograd(Kernel, Tile),
 }
 
 impl Path {
-    /// The path the backend takes. Where the CPU has AVX2 + FMA, at any depth: Winograd F(2x2, 3x3) for
-    /// "same" 3x3 convolutions with input channels a multiple of 8, else the direct kernel (both block deep
-    /// reductions, see their modules), at this process's width, except that a direct layer of at most 16
-    /// output channels (NCSNv2's last, 1 or 3) runs at 8 lanes: it fills one 8-lane block and computes mostly
-    /// padding in a 16-lane one (the bits are the same). Otherwise im2col + GEMM.
-    /// `JOINTDIFF_CPU_KERNEL=direct` turns Winograd off and `JOINTDIFF_CPU_KERNEL=portable` both.
-    pub(crate) fn chosen(w: [usize; 4], p: Conv2dParams) -> Path {
+    /// The path the backend takes for input shape `x` and weight shape `w`. Where the CPU has AVX2 + FMA, at
+    /// any depth: Winograd for "same" 3x3 convolutions with input channels a multiple of 8, tiled by
+    /// [`Tile::for_image`] (F(2x2, 3x3), or F(4x4, 3x3) on images of 64x64 pixels and more), else the
+    /// direct kernel (both block deep reductions, see their modules), at this process's width, except that a
+    /// direct layer of at most 16 output channels (NCSNv2's last, 1 or 3) runs at 8 lanes: it fills one
+    /// 8-lane block and computes mostly padding in a 16-lane one (the bits are the same). Otherwise im2col +
+    /// GEMM. `JOINTDIFF_CPU_KERNEL=direct` turns Winograd off and `JOINTDIFF_CPU_KERNEL=portable` both.
+    pub(crate) fn chosen(x: [usize; 4], w: [usize; 4], p: Conv2dParams) -> Path {
         let [co, ci, kh, kw] = w;
         match simd::kernel() {
             Kernel::Portable => Path::Im2col,
@@ -218,7 +221,7 @@ impl Path {
                 && winograd::eligible(ci, co, kh, kw, p.padding, p.dilation)
                 && simd::winograd_enabled() =>
             {
-                Path::Winograd(k)
+                Path::Winograd(k, Tile::for_image(x[2], x[3], p.dilation))
             }
             Kernel::Avx512 if co <= 16 => Path::Direct(Kernel::Avx2),
             k => Path::Direct(k),
@@ -226,14 +229,14 @@ impl Path {
     }
 
     /// Every path that can run a convolution of weight shape `w` on this CPU: im2col, then direct and (where
-    /// eligible) Winograd at each width the CPU runs.
+    /// eligible) Winograd with either tiling at each width the CPU runs.
     pub(crate) fn all(w: [usize; 4], p: Conv2dParams) -> Vec<Path> {
         let [co, ci, kh, kw] = w;
         let mut v = vec![Path::Im2col];
         for &k in simd::WIDTHS.iter().filter(|k| k.supported()) {
             v.push(Path::Direct(k));
             if k.has_winograd() && winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
-                v.push(Path::Winograd(k));
+                v.extend(Tile::ALL.map(|t| Path::Winograd(k, t)));
             }
         }
         v
@@ -245,8 +248,10 @@ impl Path {
             Path::Direct(Kernel::Avx512) => "direct avx512",
             Path::Direct(Kernel::Neon) => "direct neon",
             Path::Direct(_) => "direct avx2",
-            Path::Winograd(Kernel::Avx512) => "winograd avx512",
-            Path::Winograd(_) => "winograd avx2",
+            Path::Winograd(Kernel::Avx512, Tile::F2) => "winograd2 avx512",
+            Path::Winograd(Kernel::Avx512, Tile::F4) => "winograd4 avx512",
+            Path::Winograd(_, Tile::F2) => "winograd2 avx2",
+            Path::Winograd(_, Tile::F4) => "winograd4 avx2",
         }
     }
 
@@ -264,7 +269,7 @@ impl Path {
         match self {
             Path::Im2col => conv2d_im2col(x, w, b, p),
             Path::Direct(k) => direct::conv2d(k, x, w, b, p),
-            Path::Winograd(k) => winograd::conv2d(k, x, w, b, p.dilation),
+            Path::Winograd(k, t) => winograd::conv2d(k, t, x, w, b, p.dilation),
         }
     }
 }
@@ -306,14 +311,15 @@ pub mod layers {
     }
 
     /// The convolution paths that can run a convolution of weight shape `w` on this CPU, by name: `im2col`,
-    /// then `direct` and `winograd` (where eligible) at each width the CPU runs (`avx2`, `avx512`).
+    /// then `direct`, `winograd2` and `winograd4` (F(2x2, 3x3) and F(4x4, 3x3), where eligible) at each width
+    /// the CPU runs (`avx2`, `avx512`).
     pub fn paths(w: [usize; 4], p: Conv2dParams) -> Vec<&'static str> {
         Path::all(w, p).into_iter().map(Path::name).collect()
     }
 
-    /// The name of the path the backend takes for it.
-    pub fn chosen(w: [usize; 4], p: Conv2dParams) -> &'static str {
-        Path::chosen(w, p).name()
+    /// The name of the path the backend takes for input shape `x` and weight shape `w`.
+    pub fn chosen(x: [usize; 4], w: [usize; 4], p: Conv2dParams) -> &'static str {
+        Path::chosen(x, w, p).name()
     }
 
     /// The convolution by one of [`paths`].
@@ -808,8 +814,8 @@ pub struct CpuTensor {
 pub(crate) struct Packs {
     /// per width ([`width_slot`])
     pub(crate) direct: [OnceLock<Vec<f32>>; 2],
-    /// per width ([`width_slot`])
-    pub(crate) winograd: [OnceLock<Vec<f32>>; 2],
+    /// per width ([`width_slot`]) and tiling ([`Tile::slot`])
+    pub(crate) winograd: [[OnceLock<Vec<f32>>; 2]; 2],
     /// The flipped, transposed kernel whose forward convolution is this one's input gradient.
     pub(crate) backward: OnceLock<Box<CpuTensor>>,
 }
@@ -1312,7 +1318,14 @@ mod tests {
             for (path, got) in conv_paths(&x, &w, Some(&b), p) {
                 assert_eq!(got.shape, want.shape);
                 let e = rel_max_err(&got.data, &want.data);
-                assert!(e < 1e-5, "{path} conv {ci}->{co} k{k} {p:?}: {e}");
+                // F(4x4, 3x3) multiplies by 4, 5 and 8 in its transforms: about 8x F(2x2)'s error
+                // (at most 1.6e-5 here, with 256 and 264 input channels)
+                let tol = if path.starts_with("winograd4") {
+                    4e-5
+                } else {
+                    1e-5
+                };
+                assert!(e < tol, "{path} conv {ci}->{co} k{k} {p:?}: {e}");
             }
         }
     }
@@ -1368,9 +1381,11 @@ mod tests {
             let d16 = direct::conv2d(Kernel::Avx512, &x, &w, Some(&b), p);
             assert!(same_bits(&d8, &d16), "direct {ci}->{co} {p:?}");
             if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
-                let w8 = winograd::conv2d(Kernel::Avx2, &x, &w, Some(&b), p.dilation);
-                let w16 = winograd::conv2d(Kernel::Avx512, &x, &w, Some(&b), p.dilation);
-                assert!(same_bits(&w8, &w16), "winograd {ci}->{co} {p:?}");
+                for t in Tile::ALL {
+                    let w8 = winograd::conv2d(Kernel::Avx2, t, &x, &w, Some(&b), p.dilation);
+                    let w16 = winograd::conv2d(Kernel::Avx512, t, &x, &w, Some(&b), p.dilation);
+                    assert!(same_bits(&w8, &w16), "winograd {t:?} {ci}->{co} {p:?}");
+                }
             }
         }
     }
@@ -1527,6 +1542,8 @@ mod tests {
         // fallback (non-square kernel, padding beyond the kernel's reach)
         let cases = [
             (16, 8, 3, 3, Conv2dParams::same3(1), 9),
+            // a 64x65 image: F(4x4, 3x3) tiles (Tile::for_image)
+            (16, 8, 3, 3, Conv2dParams::same3(1), 64),
             (8, 16, 3, 3, Conv2dParams::same3(2), 11),
             (16, 16, 3, 3, Conv2dParams::same3(4), 7),
             (1, 8, 3, 3, Conv2dParams::same3(1), 6),

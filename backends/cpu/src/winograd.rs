@@ -1,19 +1,26 @@
-//! Winograd F(2x2, 3x3) convolution for x86-64 (AVX2 + FMA, its products at AVX-512 where that runs): 3x3
-//! kernels, stride 1, padding equal to the dilation ("same"), input channels a multiple of 8. These are most
-//! of NCSNv2's arithmetic, deep layers (256 channels at ngf 128) included.
+//! Winograd convolution for x86-64 (AVX2 + FMA, its products at AVX-512 where that runs): 3x3 kernels,
+//! stride 1, padding equal to the dilation ("same"), input channels a multiple of 8. These are most of
+//! NCSNv2's arithmetic, deep layers (256 channels at ngf 128) included.
 //!
-//! Each 2x2 block of output pixels ("tile") comes from a 4x4 block of input. With the transforms of Lavin &
-//! Gray (2016), `Y = A^T [ sum_c (G g_c G^T) ⊙ (B^T d_c B) ] A`, the 36 multiplications per output pair
-//! (tile, input channel) of a direct 3x3 convolution become 16: the reduction over input channels turns into
-//! 16 independent products `M_xi[tile][co] = sum_c V_xi[tile][c] U_xi[c][co]`, one per position xi of the
-//! 4x4 transform, which run on the direct path's micro-kernel (`direct::micro`, MR tiles x NR channels at
-//! the process's vector width). The transforms are exact in binary (they only add, subtract and halve);
-//! rounding differs from the direct sum by a few ulps. The transforms run 8 channels per vector at either
-//! width (they are a small part of the time), so the two widths give the same bits.
+//! Two tilings ([`Tile`]), with the transforms of Lavin & Gray (2016): `Y = A^T [ sum_c (G g_c G^T) ⊙
+//! (B^T d_c B) ] A`. F(2x2, 3x3) makes each 2x2 block of output pixels ("tile") from a 4x4 block of input
+//! (16 multiplications per tile and input channel where a direct 3x3 convolution has 36); F(4x4, 3x3) makes a
+//! 4x4 tile from 6x6 input (36 where direct has 144: 1.78x fewer than F(2x2)). The reduction over input
+//! channels turns into one independent product per position `xi` of the transform (16 or 36),
+//! `M_xi[tile][co] = sum_c V_xi[tile][c] U_xi[c][co]`, which runs on the direct path's micro-kernel
+//! (`direct::micro`, MR tiles x NR channels at the process's vector width). [`Tile::for_image`] picks, per
+//! convolution, the tiling with fewer products (F(4x4) unless the image, or a dilated sub-image, is so small
+//! that its tiles are mostly padding).
+//!
+//! Rounding: F(2x2)'s input and output transforms only add and subtract; F(4x4)'s multiply by 2, 4, 5 and 8
+//! and its weight transform by 1/6 and 1/24 (computed in f64, rounded once), so its results differ from the
+//! direct sum by more ulps (relative 1e-6 rather than 1e-7, well inside the backend's 1e-5 agreement tests).
+//! The transforms run 8 channels per vector at either width (they are a small part of the time), so the two
+//! widths give the same bits.
 //!
 //! Deep layers: the reduction over input channels runs in chunks of at most [`CC`] channels. A chunk's
-//! transformed input (`16 x TB x CC`) stays in L2, and its products start from the sums the chunk before
-//! left in `M`, so the result is the same sequence of FMAs as one pass.
+//! transformed input (positions x tiles x CC) stays in L2, and its products start from the sums the chunk
+//! before left in `M`, so the result is the same sequence of FMAs as one pass.
 //!
 //! Layout: the input is copied into a zero-padded, channel-last buffer so that the input transform works on
 //! 8 channels per AVX vector; the transformed weights `U` are kept with the weight tensor ([`CpuTensor`]).
@@ -21,7 +28,7 @@
 //! same sequence of operations whatever the thread count. The output transform writes a channel-last
 //! buffer (one vector store per pixel and 8 channels), and one 8x8-transpose pass writes it to `[co][h][w]`:
 //! stored straight into the planes, the 8 channels of a pixel fell into one L1 set, and that scatter was
-//! 18% of a 128-channel 32x32 layer. The 16 positions' slices of `V` and `M` are a cache line longer than
+//! 18% of a 128-channel 32x32 layer. The positions' slices of `V` and `M` are a cache line longer than
 //! their data, for the same reason (the input transform took 3x longer without it).
 use crate::direct::micro;
 use crate::simd::{self, Kernel, Simd};
@@ -29,8 +36,12 @@ use crate::{CpuTensor, OutPtr};
 use jointdiff_core::Tensor;
 use rayon::prelude::*;
 
-/// Tiles per block (a multiple of both widths' MR, 6 and 8).
+/// Tiles per block at most with F(2x2) (a multiple of both widths' MR, 6 and 8).
 const TB: usize = 24;
+
+/// Tiles per block at most with F(4x4), before rounding up to the width's MR (12 or 16): a tile has 2.25x
+/// the positions of an F(2x2) one, so that a block's `V` and `M` stay about as large.
+const TB4: usize = 12;
 
 /// Jobs a convolution aims at where its channels allow (see `conv2d`).
 const MIN_JOBS: usize = 8;
@@ -62,33 +73,129 @@ pub(crate) fn eligible(
     kh == 3 && kw == 3 && dil >= 1 && padding == dil && ci.is_multiple_of(8) && ci > 0 && co >= 8
 }
 
-/// `U = G g G^T` for every (co, ci), packed as `[16][co_nr / nr][ci][nr]` (zero columns beyond `co`).
-fn transform_weights(w: &[f32], co: usize, ci: usize, nr: usize) -> Vec<f32> {
+/// A Winograd tiling of the 3x3 convolution: F(m x m, 3x3), `m x m` output pixels per tile from
+/// `(m + 2) x (m + 2)` input pixels, one product per input pixel of a tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tile {
+    F2,
+    F4,
+}
+
+impl Tile {
+    pub(crate) const ALL: [Tile; 2] = [Tile::F2, Tile::F4];
+
+    /// Output pixels per tile side.
+    pub(crate) fn m(self) -> usize {
+        match self {
+            Tile::F2 => 2,
+            Tile::F4 => 4,
+        }
+    }
+
+    /// Positions of the transform (products per tile and input channel).
+    fn positions(self) -> usize {
+        (self.m() + 2) * (self.m() + 2)
+    }
+
+    /// Where the transformed weights of this tiling are kept in [`crate::Packs`], beside the width's slot.
+    pub(crate) fn slot(self) -> usize {
+        usize::from(self == Tile::F4)
+    }
+
+    /// Tiles per block at most with `mr` tiles per micro-kernel call (a multiple of `mr`).
+    fn block_cap(self, mr: usize) -> usize {
+        match self {
+            Tile::F2 => TB,
+            Tile::F4 => TB4.next_multiple_of(mr),
+        }
+    }
+
+    /// The tiling the backend takes for an `h x w` image at dilation `d`: F(4x4) where the image has at
+    /// least [`F4_TILES`] of its tiles (64x64 pixels undilated) and it does fewer products, else F(2x2).
+    ///
+    /// Fewer products are not enough: F(4x4)'s transformed weights are 36 values per (co, ci) pair where
+    /// F(2x2)'s are 16, and a forward reads every layer's once per image, from L3 or memory (a 128 -> 128
+    /// layer: 2.4 MB against 1.0 MB). At 28x28 and 32x32 (NCSNv2's 14x14 and 16x16 layers: 16 F(4x4) tiles)
+    /// the extra reads ate the saving or more (BENCHMARKS.md, "Winograd F(4x4, 3x3)"); from 64x64 on the
+    /// forward is 1.05-1.25x faster. The choice depends on the shapes only, so results do not depend on the
+    /// thread count or the vector width.
+    pub(crate) fn for_image(h: usize, w: usize, d: usize) -> Tile {
+        let products = |t: Tile| tiles(h, w, d, t.m()) * t.positions();
+        if tiles(h, w, d, 4) >= F4_TILES && products(Tile::F4) < products(Tile::F2) {
+            Tile::F4
+        } else {
+            Tile::F2
+        }
+    }
+}
+
+/// F(4x4, 3x3) tiles an image needs before [`Tile::for_image`] takes that tiling.
+const F4_TILES: usize = 256;
+
+/// Tiles of `m x m` output pixels that cover an `h x w` image at dilation `d` (each of its `d x d`
+/// interleaved sub-images tiled on its own).
+fn tiles(h: usize, w: usize, d: usize, m: usize) -> usize {
+    let mut n = 0;
+    for a in 0..d.min(h) {
+        for b in 0..d.min(w) {
+            n += (h - a).div_ceil(d).div_ceil(m) * (w - b).div_ceil(d).div_ceil(m);
+        }
+    }
+    n
+}
+
+/// F(2x2, 3x3)'s weight transform `G` (Lavin & Gray).
+const G2: [[f64; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 0.5],
+    [0.5, -0.5, 0.5],
+    [0.0, 0.0, 1.0],
+];
+
+/// F(4x4, 3x3)'s weight transform `G` (Lavin & Gray; interpolation points 0, ±1, ±2, ∞).
+const G4: [[f64; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// `U = G g G^T` for every (co, ci), packed as `[positions][co_nr / nr][ci][nr]` (zero columns beyond
+/// `co`). F(2x2)'s in f32 (its entries are 0, ±1/2 and 1: exact but for the sums), F(4x4)'s in f64 and
+/// rounded once (1/6 and 1/24 are not exact in binary).
+fn transform_weights(w: &[f32], co: usize, ci: usize, nr: usize, tile: Tile) -> Vec<f32> {
+    match tile {
+        Tile::F2 => pack_u(w, co, ci, nr, &G2.map(|r| r.map(|v| v as f32))),
+        Tile::F4 => pack_u(w, co, ci, nr, &G4),
+    }
+}
+
+/// [`transform_weights`] with `g` in the float type `T`.
+fn pack_u<T>(w: &[f32], co: usize, ci: usize, nr: usize, g: &[[T; 3]]) -> Vec<f32>
+where
+    T: Copy + Default + From<f32> + Into<f64> + std::ops::Mul<Output = T> + std::iter::Sum,
+{
+    let a = g.len();
     let co_nr = co.next_multiple_of(nr);
-    let mut u = vec![0f32; 16 * co_nr * ci];
+    let mut u = vec![0f32; a * a * co_nr * ci];
+    let mut t = [[T::default(); 3]; 6];
     for o in 0..co {
         for c in 0..ci {
-            let g = &w[(o * ci + c) * 9..(o * ci + c + 1) * 9];
-            // t = G g (4 x 3), G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]
-            let mut t = [[0f32; 3]; 4];
-            for j in 0..3 {
-                let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
-                t[0][j] = g0;
-                t[1][j] = 0.5 * (g0 + g1 + g2);
-                t[2][j] = 0.5 * (g0 - g1 + g2);
-                t[3][j] = g2;
+            let k = &w[(o * ci + c) * 9..(o * ci + c + 1) * 9];
+            // t = G k (a x 3)
+            for (ti, gi) in t.iter_mut().zip(g) {
+                for (j, tij) in ti.iter_mut().enumerate() {
+                    *tij = (0..3).map(|r| gi[r] * T::from(k[r * 3 + j])).sum();
+                }
             }
-            // U = t G^T (4 x 4)
-            for (i, ti) in t.iter().enumerate() {
-                let row = [
-                    ti[0],
-                    0.5 * (ti[0] + ti[1] + ti[2]),
-                    0.5 * (ti[0] - ti[1] + ti[2]),
-                    ti[2],
-                ];
-                for (j, &v) in row.iter().enumerate() {
-                    let xi = i * 4 + j;
-                    u[((xi * (co_nr / nr) + o / nr) * ci + c) * nr + o % nr] = v;
+            // U = t G^T (a x a)
+            for (i, ti) in t.iter().take(a).enumerate() {
+                for (j, gj) in g.iter().enumerate() {
+                    let v: T = (0..3).map(|r| ti[r] * gj[r]).sum();
+                    let xi = i * a + j;
+                    u[((xi * (co_nr / nr) + o / nr) * ci + c) * nr + o % nr] = v.into() as f32;
                 }
             }
         }
@@ -96,12 +203,13 @@ fn transform_weights(w: &[f32], co: usize, ci: usize, nr: usize) -> Vec<f32> {
     u
 }
 
-/// Stride-1 "same" 3x3 convolution (padding = dilation = `d`) by Winograd F(2x2, 3x3).
+/// Stride-1 "same" 3x3 convolution (padding = dilation = `d`) by Winograd, tiled by `tile` (the backend
+/// takes [`Tile::for_image`]).
 ///
 /// With dilation `d` the image splits into `d x d` interleaved sub-images (rows `a, a + d, ...`, columns
-/// `b, b + d, ...`), each an undilated convolution of its own; a tile is 2x2 output pixels `d` apart and
-/// reads 4x4 input pixels `d` apart. Tiles are listed by the padded position of their first input pixel,
-/// which (the padding being `d`) is also the position of their first output pixel in the image.
+/// `b, b + d, ...`), each an undilated convolution of its own; a tile is `m x m` output pixels `d` apart and
+/// reads `(m + 2) x (m + 2)` input pixels `d` apart. Tiles are listed by the padded position of their first
+/// input pixel, which (the padding being `d`) is also the position of their first output pixel in the image.
 ///
 /// The products run at width `k` (the backend picks it: `crate::Path`).
 ///
@@ -110,6 +218,7 @@ fn transform_weights(w: &[f32], co: usize, ci: usize, nr: usize) -> Vec<f32> {
 /// `eligible`.
 pub(crate) fn conv2d(
     k: Kernel,
+    tile: Tile,
     x: &Tensor,
     w: &CpuTensor,
     bias: Option<&Tensor>,
@@ -118,14 +227,14 @@ pub(crate) fn conv2d(
     let [n, ci, h, wd] = x.shape;
     let [co, _, kh, kw] = w.shape;
     assert!(k.has_winograd() && k.supported() && eligible(ci, co, kh, kw, d, d));
-    let nr = k.nr();
+    let (nr, m) = (k.nr(), tile.m());
     if h * wd == 0 {
         return Tensor::zeros([n, co, h, wd]);
     }
     let co_nr = co.next_multiple_of(nr);
-    // transformed once per weight tensor and width (it is immutable), kept with it
-    let u = w.packs().winograd[crate::width_slot(k)]
-        .get_or_init(|| transform_weights(&w.data[..co * ci * 9], co, ci, nr));
+    // transformed once per weight tensor, width and tiling (it is immutable), kept with it
+    let u = w.packs().winograd[crate::width_slot(k)][tile.slot()]
+        .get_or_init(|| transform_weights(&w.data[..co * ci * 9], co, ci, nr, tile));
     // this thread's small buffers (bias padded to co_nr, tile origins), taken and put back
     let (mut bias_nr, mut origins) = SMALL.with(|s| s.take());
     bias_nr.clear();
@@ -138,20 +247,20 @@ pub(crate) fn conv2d(
     for a in 0..d.min(h) {
         for b in 0..d.min(wd) {
             let (th, tw) = (
-                (h - a).div_ceil(d).div_ceil(2),
-                (wd - b).div_ceil(d).div_ceil(2),
+                (h - a).div_ceil(d).div_ceil(m),
+                (wd - b).div_ceil(d).div_ceil(m),
             );
             for ty in 0..th {
                 for tx in 0..tw {
-                    origins.push(((a + 2 * d * ty) as u32, (b + 2 * d * tx) as u32));
+                    origins.push(((a + m * d * ty) as u32, (b + m * d * tx) as u32));
                 }
             }
         }
     }
     let tiles = origins.len();
-    // channel-last padded input, the image at (d, d); a border tile reads up to 3d past its origin, and
-    // origins stay below h + d
-    let (hp, wp) = (h + 4 * d, wd + 4 * d);
+    // channel-last padded input, the image at (d, d); a tile reads up to (m + 1) d past its origin, and
+    // origins stay below h (they are output pixels)
+    let (hp, wp) = (h + (m + 2) * d, wd + (m + 2) * d);
     let per_image = hp * wp * ci;
     // this thread's buffer if it is free (a nested call, from a stolen job, makes its own)
     let mut padded = PADDED.with(|p| p.take());
@@ -170,15 +279,19 @@ pub(crate) fn conv2d(
     let (hw, per_out) = (h * wd, h * wd * co8);
     let mut staged = STAGED.with(|p| p.take());
     staged.resize(staged.len().max(n * per_out), 0.0);
-    // Blocks of at most TB tiles, at least 4 per image where the image has 4 micro-kernel rows of tiles, so
-    // that two threads share even one small image evenly (a 16x16 image, 64 tiles: 4 blocks of 16 or 18
-    // rather than 24 + 24 + 16). A multiple of MR, so that a short block's last rows stay within TB.
-    let tb = tiles.div_ceil(4).next_multiple_of(k.mr()).min(TB);
+    // Blocks of at most the tiling's cap, at least 4 per image where the image has 4 micro-kernel rows of
+    // tiles, so that two threads share even one small image evenly (a 16x16 image at F(2x2), 64 tiles: 4
+    // blocks of 16 or 18 rather than 24 + 24 + 16). A multiple of MR, so that a short block's last rows stay
+    // within the block.
+    let tb = tiles
+        .div_ceil(4)
+        .next_multiple_of(k.mr())
+        .min(tile.block_cap(k.mr()));
     let blocks = tiles.div_ceil(tb);
-    // Small images (a 14x14 image is 49 tiles, 3 blocks) also split the output channels, into `parts` runs
-    // of micro-kernel columns, so that there are MIN_JOBS jobs where the channels allow: each part repeats
-    // the input transform of its tiles (cheap beside the products) and reads only its own columns of U.
-    // The split depends on the shapes only, and each output value is the same FMAs either way.
+    // Small images (a 14x14 image at F(2x2) is 49 tiles, 3 blocks) also split the output channels, into
+    // `parts` runs of micro-kernel columns, so that there are MIN_JOBS jobs where the channels allow: each
+    // part repeats the input transform of its tiles (cheap beside the products) and reads only its own
+    // columns of U. The split depends on the shapes only, and each output value is the same FMAs either way.
     let cbs = co_nr / nr;
     // (an empty batch has no jobs either way)
     let per = cbs.div_ceil(MIN_JOBS.div_ceil((n * blocks).max(1)));
@@ -197,12 +310,13 @@ pub(crate) fn conv2d(
             wd,
             wp,
             d,
+            tb,
             origins: &origins[t0..t1],
             cols: part * per..((part + 1) * per).min(cbs),
         };
         // SAFETY: the CPU runs `k` (asserted); this job writes only the staged pixels of its own tiles of
         // image b, and of those only its own channels, which no other job writes.
-        unsafe { block(k, &geo, src, u, &bias_nr, sptr.at(b * per_out)) };
+        unsafe { block(k, tile, &geo, src, u, &bias_nr, sptr.at(b * per_out)) };
     };
     let jobs = n * blocks * parts;
     if jobs > 1 && co * ci * 9 * h * wd * n >= 1 << 18 {
@@ -252,6 +366,8 @@ struct Geo<'a> {
     wp: usize,
     /// dilation (and padding)
     d: usize,
+    /// tiles per block at most (a multiple of MR): the row count of the scratch's `V` and `M` slices
+    tb: usize,
     /// the block's tile origins
     origins: &'a [(u32, u32)],
     /// the micro-kernel columns (runs of NR output channels) this job computes
@@ -400,41 +516,239 @@ unsafe fn transpose8_avx2(_: &[&[f32]; 8], _: usize, _: &mut [f32], _: usize, _:
     0
 }
 
-/// The tiles `g.origins` of one image at width `k`: input transform, the 16 products, output transform into
-/// `out` (`[co][h][w]`).
+/// The tiles `g.origins` of one image at width `k` and tiling `tile`: input transform, the products, output
+/// transform into `out` (the staged `[h][w][co8]`).
 ///
 /// # Safety
 /// The CPU runs `k` (not `Portable`); `src` is the image's padded channel-last input, `u` the transformed
-/// weights at `k`'s NR.
-unsafe fn block(k: Kernel, g: &Geo, src: &[f32], u: &[f32], bias: &[f32], out: *mut f32) {
+/// weights at `k`'s NR and `tile`.
+unsafe fn block(
+    k: Kernel,
+    tile: Tile,
+    g: &Geo,
+    src: &[f32],
+    u: &[f32],
+    bias: &[f32],
+    out: *mut f32,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(g: &Geo, src: &[f32], u: &[f32], bias: &[f32], out: *mut f32) {
-            block_tiles::<simd::Avx2, { simd::MR_AVX2 }>(g, src, u, bias, out)
+        unsafe fn avx2<T: Tiling>(g: &Geo, src: &[f32], u: &[f32], bias: &[f32], out: *mut f32) {
+            block_tiles::<simd::Avx2, { simd::MR_AVX2 }, T>(g, src, u, bias, out)
         }
         #[target_feature(enable = "avx512f,avx2,fma")]
-        unsafe fn avx512(g: &Geo, src: &[f32], u: &[f32], bias: &[f32], out: *mut f32) {
-            block_tiles::<simd::Avx512, { simd::MR_AVX512 }>(g, src, u, bias, out)
+        unsafe fn avx512<T: Tiling>(g: &Geo, src: &[f32], u: &[f32], bias: &[f32], out: *mut f32) {
+            block_tiles::<simd::Avx512, { simd::MR_AVX512 }, T>(g, src, u, bias, out)
         }
-        match k {
-            Kernel::Avx2 => avx2(g, src, u, bias, out),
-            Kernel::Avx512 => avx512(g, src, u, bias, out),
-            Kernel::Neon | Kernel::Portable => unreachable!("Winograd convolution needs AVX2"),
+        match (k, tile) {
+            (Kernel::Avx2, Tile::F2) => avx2::<F2>(g, src, u, bias, out),
+            (Kernel::Avx2, Tile::F4) => avx2::<F4>(g, src, u, bias, out),
+            (Kernel::Avx512, Tile::F2) => avx512::<F2>(g, src, u, bias, out),
+            (Kernel::Avx512, Tile::F4) => avx512::<F4>(g, src, u, bias, out),
+            (Kernel::Neon | Kernel::Portable, _) => unreachable!("Winograd convolution needs AVX2"),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (k, g, src, u, bias, out);
+        let _ = (k, tile, g, src, u, bias, out);
         unreachable!("Winograd convolution is x86-64 only")
     }
 }
 
-/// [`block`] with products at `S`'s width, `MR` tiles per micro-kernel call (inlined into the width's
-/// `target_feature` function; the transforms use AVX2, which both widths have).
+/// One tiling's input and output transforms, 8 channels per AVX vector (inlined into the width's
+/// `target_feature` function, which has AVX2 and FMA).
+#[cfg(target_arch = "x86_64")]
+trait Tiling {
+    /// Input pixels per tile side (`m + 2`).
+    const A: usize;
+    /// `V = B^T d B` for the tile whose first input pixel `d` points at, its rows `rs` floats apart and
+    /// columns `cs`; stores position `xi = i * A + j` at `v + xi * vs`.
+    unsafe fn input(d: *const f32, rs: usize, cs: usize, v: *mut f32, vs: usize);
+    /// `Y = A^T M A + b` for the tile whose position `xi` is at `m + xi * ms`; stores output pixel
+    /// `(dy, dx)` at `y + dy * rs + dx * cs` for `dy < rows`, `dx < cols`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn output(
+        m: *const f32,
+        ms: usize,
+        b: std::arch::x86_64::__m256,
+        y: *mut f32,
+        rs: usize,
+        cs: usize,
+        rows: usize,
+        cols: usize,
+    );
+}
+
+/// F(2x2, 3x3).
+#[cfg(target_arch = "x86_64")]
+struct F2;
+
+/// F(4x4, 3x3).
+#[cfg(target_arch = "x86_64")]
+struct F4;
+
+#[cfg(target_arch = "x86_64")]
+mod transforms {
+    use std::arch::x86_64::*;
+
+    /// `B^T x` of F(2x2, 3x3), `B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn bt2(x: [__m256; 4]) -> [__m256; 4] {
+        [
+            _mm256_sub_ps(x[0], x[2]),
+            _mm256_add_ps(x[1], x[2]),
+            _mm256_sub_ps(x[2], x[1]),
+            _mm256_sub_ps(x[1], x[3]),
+        ]
+    }
+
+    /// `A^T x` of F(2x2, 3x3), `A^T = [[1,1,1,0],[0,1,-1,-1]]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn at2(x: [__m256; 4]) -> [__m256; 2] {
+        [
+            _mm256_add_ps(_mm256_add_ps(x[0], x[1]), x[2]),
+            _mm256_sub_ps(_mm256_sub_ps(x[1], x[2]), x[3]),
+        ]
+    }
+
+    /// `B^T x` of F(4x4, 3x3): rows `[4,0,-5,0,1,0]`, `[0,-4,-4,1,1,0]`, `[0,4,-4,-1,1,0]`,
+    /// `[0,-2,-1,2,1,0]`, `[0,2,-1,-2,1,0]`, `[0,4,0,-5,0,1]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn bt4(x: [__m256; 6]) -> [__m256; 6] {
+        let (two, four, five) = (
+            _mm256_set1_ps(2.0),
+            _mm256_set1_ps(4.0),
+            _mm256_set1_ps(5.0),
+        );
+        let t0 = _mm256_fnmadd_ps(four, x[2], x[4]); // x4 - 4 x2
+        let t1 = _mm256_fnmadd_ps(four, x[1], x[3]); // x3 - 4 x1
+        let t2 = _mm256_sub_ps(x[4], x[2]);
+        let t3 = _mm256_sub_ps(x[3], x[1]);
+        [
+            _mm256_fnmadd_ps(five, x[2], _mm256_fmadd_ps(four, x[0], x[4])),
+            _mm256_add_ps(t0, t1),
+            _mm256_sub_ps(t0, t1),
+            _mm256_fmadd_ps(two, t3, t2),
+            _mm256_fnmadd_ps(two, t3, t2),
+            _mm256_fnmadd_ps(five, x[3], _mm256_fmadd_ps(four, x[1], x[5])),
+        ]
+    }
+
+    /// `A^T x` of F(4x4, 3x3): rows `[1,1,1,1,1,0]`, `[0,1,-1,2,-2,0]`, `[0,1,1,4,4,0]`, `[0,1,-1,8,-8,1]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn at4(x: [__m256; 6]) -> [__m256; 4] {
+        let a = _mm256_add_ps(x[1], x[2]);
+        let b = _mm256_sub_ps(x[1], x[2]);
+        let c = _mm256_add_ps(x[3], x[4]);
+        let e = _mm256_sub_ps(x[3], x[4]);
+        [
+            _mm256_add_ps(_mm256_add_ps(x[0], a), c),
+            _mm256_fmadd_ps(_mm256_set1_ps(2.0), e, b),
+            _mm256_fmadd_ps(_mm256_set1_ps(4.0), c, a),
+            _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.0), e, b), x[5]),
+        ]
+    }
+}
+
+/// The 2-D transforms of one tiling from its 1-D ones (`$a` inputs, `$m` outputs): columns first (`B^T d`,
+/// `A^T M`), then rows. Plain loops over arrays in `target_feature` functions, so that every intrinsic is
+/// inlined (closures and `array::from_fn` here left them as calls: 3x slower).
+macro_rules! tiling {
+    ($t:ty, $a:literal, $m:literal, $bt:path, $at:path, $input:ident, $output:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $input(d: *const f32, rs: usize, cs: usize, v: *mut f32, vs: usize) {
+            use std::arch::x86_64::*;
+            let mut cols = [[_mm256_setzero_ps(); $a]; $a];
+            for (j, col) in cols.iter_mut().enumerate() {
+                let mut x = [_mm256_setzero_ps(); $a];
+                for (i, xi) in x.iter_mut().enumerate() {
+                    *xi = _mm256_loadu_ps(d.add(i * rs + j * cs));
+                }
+                *col = $bt(x);
+            }
+            for i in 0..$a {
+                let mut x = [_mm256_setzero_ps(); $a];
+                for (j, xj) in x.iter_mut().enumerate() {
+                    *xj = cols[j][i];
+                }
+                for (j, r) in $bt(x).into_iter().enumerate() {
+                    _mm256_storeu_ps(v.add((i * $a + j) * vs), r);
+                }
+            }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $output(
+            m: *const f32,
+            ms: usize,
+            b: std::arch::x86_64::__m256,
+            y: *mut f32,
+            rs: usize,
+            cs: usize,
+            rows: usize,
+            cols_out: usize,
+        ) {
+            use std::arch::x86_64::*;
+            let mut cols = [[_mm256_setzero_ps(); $m]; $a];
+            for (j, col) in cols.iter_mut().enumerate() {
+                let mut x = [_mm256_setzero_ps(); $a];
+                for (i, xi) in x.iter_mut().enumerate() {
+                    *xi = _mm256_loadu_ps(m.add((i * $a + j) * ms));
+                }
+                *col = $at(x);
+            }
+            for dy in 0..rows.min($m) {
+                let mut x = [_mm256_setzero_ps(); $a];
+                for (j, xj) in x.iter_mut().enumerate() {
+                    *xj = cols[j][dy];
+                }
+                for (dx, r) in $at(x).into_iter().enumerate().take(cols_out) {
+                    _mm256_storeu_ps(y.add(dy * rs + dx * cs), _mm256_add_ps(r, b));
+                }
+            }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        impl Tiling for $t {
+            const A: usize = $a;
+            #[inline(always)]
+            unsafe fn input(d: *const f32, rs: usize, cs: usize, v: *mut f32, vs: usize) {
+                $input(d, rs, cs, v, vs)
+            }
+            #[inline(always)]
+            unsafe fn output(
+                m: *const f32,
+                ms: usize,
+                b: std::arch::x86_64::__m256,
+                y: *mut f32,
+                rs: usize,
+                cs: usize,
+                rows: usize,
+                cols: usize,
+            ) {
+                $output(m, ms, b, y, rs, cs, rows, cols)
+            }
+        }
+    };
+}
+tiling!(F2, 4, 2, transforms::bt2, transforms::at2, input2, output2);
+tiling!(F4, 6, 4, transforms::bt4, transforms::at4, input4, output4);
+
+/// [`block`] with products at `S`'s width, `MR` tiles per micro-kernel call, tiling `T` (inlined into the
+/// width's `target_feature` function; the transforms use AVX2 and FMA, which both widths have).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn block_tiles<S: Simd, const MR: usize>(
+unsafe fn block_tiles<S: Simd, const MR: usize, T: Tiling>(
     g: &Geo,
     src: &[f32],
     u: &[f32],
@@ -442,20 +756,21 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
     out: *mut f32,
 ) {
     use std::arch::x86_64::*;
+    let p = T::A * T::A;
     let nr = 2 * S::LANES;
     let nt = g.origins.len();
     let d = g.d;
     let ci = g.ci;
     let cc_max = ci.min(CC);
-    // V: [16][TB][cc] (one chunk of input channels) and M: [16][TB][co_nr] in this thread's scratch (every
+    // V: [p][tb][cc] (one chunk of input channels) and M: [p][tb][co_nr] in this thread's scratch (every
     // element read below is written first, so it is not cleared)
     let mut guard = SCRATCH.with(|s| s.take());
-    // one position's slice of V and of M is `TB * cc` and `TB * co_nr` floats, multiples of 4 KB for the
-    // usual channel counts: the 16 positions of one tile would all fall into the same L1 set (the input
+    // one position's slice of V and of M is `tb * cc` and `tb * co_nr` floats, multiples of 4 KB for the
+    // usual channel counts: the positions of one tile would all fall into the same L1 set (the input
     // transform writes them together, the output transform reads them together). One cache line of padding
-    // per slice spreads them over 16 sets.
-    let (vs_max, ms) = (TB * cc_max + 16, TB * g.co_nr + 16);
-    let (v_len, m_len) = (16 * vs_max, 16 * ms);
+    // per slice spreads them over as many sets.
+    let (vs_max, ms) = (g.tb * cc_max + 16, g.tb * g.co_nr + 16);
+    let (v_len, m_len) = (p * vs_max, p * ms);
     if guard.len() < v_len + m_len {
         guard.resize(v_len + m_len, 0.0);
     }
@@ -463,43 +778,23 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
     let zeros = [0f32; 32];
     for c0 in (0..ci).step_by(CC) {
         let cc = (ci - c0).min(CC);
-        let vs = TB * cc + 16;
+        let vs = g.tb * cc + 16;
         // input transform of channels [c0, c0 + cc), 8 channels per vector: V = B^T d B
         for (t, &(y0, x0)) in g.origins.iter().enumerate() {
             let (y0, x0) = (y0 as usize, x0 as usize);
             for c in (0..cc).step_by(8) {
-                let at = |i: usize, j: usize| {
-                    _mm256_loadu_ps(
-                        src.as_ptr()
-                            .add(((y0 + d * i) * g.wp + x0 + d * j) * ci + c0 + c),
-                    )
-                };
-                let d: [[__m256; 4]; 4] =
-                    std::array::from_fn(|i| std::array::from_fn(|j| at(i, j)));
-                // rows: B^T d
-                let r = [
-                    std::array::from_fn::<__m256, 4, _>(|j| _mm256_sub_ps(d[0][j], d[2][j])),
-                    std::array::from_fn(|j| _mm256_add_ps(d[1][j], d[2][j])),
-                    std::array::from_fn(|j| _mm256_sub_ps(d[2][j], d[1][j])),
-                    std::array::from_fn(|j| _mm256_sub_ps(d[1][j], d[3][j])),
-                ];
-                for (i, ri) in r.iter().enumerate() {
-                    let cols = [
-                        _mm256_sub_ps(ri[0], ri[2]),
-                        _mm256_add_ps(ri[1], ri[2]),
-                        _mm256_sub_ps(ri[2], ri[1]),
-                        _mm256_sub_ps(ri[1], ri[3]),
-                    ];
-                    for (j, col) in cols.into_iter().enumerate() {
-                        let xi = i * 4 + j;
-                        _mm256_storeu_ps(v.as_mut_ptr().add(xi * vs + t * cc + c), col);
-                    }
-                }
+                T::input(
+                    src.as_ptr().add((y0 * g.wp + x0) * ci + c0 + c),
+                    d * g.wp * ci,
+                    d * ci,
+                    v.as_mut_ptr().add(t * cc + c),
+                    vs,
+                );
             }
         }
-        // the 16 products, MR tiles x NR output channels per micro-kernel call; the first chunk starts
-        // from zero, the others from the sums in M
-        for xi in 0..16 {
+        // the products, MR tiles x NR output channels per micro-kernel call; the first chunk starts from
+        // zero, the others from the sums in M
+        for xi in 0..p {
             let vx = v.as_ptr().add(xi * vs);
             for cb in g.cols.clone() {
                 let w = u.as_ptr().add(((xi * (g.co_nr / nr) + cb) * ci + c0) * nr);
@@ -508,8 +803,8 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
                     let rows = (nt - t).min(MR);
                     let ptrs: [*const f32; MR] =
                         std::array::from_fn(|r| vx.add((t + r.min(rows - 1)) * cc));
-                    // straight into M: a short last block writes rows up to t + MR <= TB (t is a
-                    // multiple of MR, which divides TB), which the output transform never reads
+                    // straight into M: a short last block writes rows up to t + MR <= tb (t is a
+                    // multiple of MR, which divides tb), which the output transform never reads
                     let dst = m.as_mut_ptr().add(xi * ms + t * g.co_nr + cb * nr);
                     let (init, ldi) = if c0 == 0 {
                         (zeros.as_ptr(), 0)
@@ -526,32 +821,19 @@ unsafe fn block_tiles<S: Simd, const MR: usize>(
     // output transform, 8 channels per vector: Y = A^T M A + bias, to the staged [h][w][co8]
     for (t, &(y0, x0)) in g.origins.iter().enumerate() {
         let (y0, x0) = (y0 as usize, x0 as usize);
+        // the tile's output pixels inside the image (a border tile is cut)
+        let (rows, cols) = ((g.h - y0).div_ceil(d), (g.wd - x0).div_ceil(d));
         for c in (g.cols.start * nr..(g.cols.end * nr).min(g.co8)).step_by(8) {
-            let at = |xi: usize| _mm256_loadu_ps(m.as_ptr().add(xi * ms + t * g.co_nr + c));
-            // s = A^T M (2 x 4), A^T = [[1,1,1,0],[0,1,-1,-1]]
-            let s0: [__m256; 4] =
-                std::array::from_fn(|j| _mm256_add_ps(_mm256_add_ps(at(j), at(4 + j)), at(8 + j)));
-            let s1: [__m256; 4] = std::array::from_fn(|j| {
-                _mm256_sub_ps(_mm256_sub_ps(at(4 + j), at(8 + j)), at(12 + j))
-            });
-            let b = _mm256_loadu_ps(bias.as_ptr().add(c));
-            for (dy, s) in [s0, s1].iter().enumerate() {
-                let y0v = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2]);
-                let y1v = _mm256_sub_ps(_mm256_sub_ps(s[1], s[2]), s[3]);
-                let oy = y0 + d * dy;
-                if oy >= g.h {
-                    continue;
-                }
-                for (dx, v) in [y0v, y1v].into_iter().enumerate() {
-                    let ox = x0 + d * dx;
-                    if ox < g.wd {
-                        _mm256_storeu_ps(
-                            out.add((oy * g.wd + ox) * g.co8 + c),
-                            _mm256_add_ps(v, b),
-                        );
-                    }
-                }
-            }
+            T::output(
+                m.as_ptr().add(t * g.co_nr + c),
+                ms,
+                _mm256_loadu_ps(bias.as_ptr().add(c)),
+                out.add((y0 * g.wd + x0) * g.co8 + c),
+                d * g.wd * g.co8,
+                d * g.co8,
+                rows,
+                cols,
+            );
         }
     }
     SCRATCH.with(|s| s.set(guard));
