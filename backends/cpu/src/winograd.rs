@@ -310,7 +310,7 @@ pub(crate) fn conv2d(
             wd,
             wp,
             d,
-            tb,
+            cap: tile.block_cap(k.mr()),
             origins: &origins[t0..t1],
             cols: part * per..((part + 1) * per).min(cbs),
         };
@@ -366,8 +366,9 @@ struct Geo<'a> {
     wp: usize,
     /// dilation (and padding)
     d: usize,
-    /// tiles per block at most (a multiple of MR): the row count of the scratch's `V` and `M` slices
-    tb: usize,
+    /// tiles per block at most (a multiple of MR): the row count of the scratch's `V` and `M` slices, the
+    /// same for every block of the tiling and width (so that a thread's scratch keeps one layout)
+    cap: usize,
     /// the block's tile origins
     origins: &'a [(u32, u32)],
     /// the micro-kernel columns (runs of NR output channels) this job computes
@@ -593,8 +594,7 @@ mod transforms {
     use std::arch::x86_64::*;
 
     /// `B^T x` of F(2x2, 3x3), `B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[inline(always)]
     pub(super) unsafe fn bt2(x: [__m256; 4]) -> [__m256; 4] {
         [
             _mm256_sub_ps(x[0], x[2]),
@@ -605,8 +605,7 @@ mod transforms {
     }
 
     /// `A^T x` of F(2x2, 3x3), `A^T = [[1,1,1,0],[0,1,-1,-1]]`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[inline(always)]
     pub(super) unsafe fn at2(x: [__m256; 4]) -> [__m256; 2] {
         [
             _mm256_add_ps(_mm256_add_ps(x[0], x[1]), x[2]),
@@ -616,8 +615,7 @@ mod transforms {
 
     /// `B^T x` of F(4x4, 3x3): rows `[4,0,-5,0,1,0]`, `[0,-4,-4,1,1,0]`, `[0,4,-4,-1,1,0]`,
     /// `[0,-2,-1,2,1,0]`, `[0,2,-1,-2,1,0]`, `[0,4,0,-5,0,1]`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[inline(always)]
     pub(super) unsafe fn bt4(x: [__m256; 6]) -> [__m256; 6] {
         let (two, four, five) = (
             _mm256_set1_ps(2.0),
@@ -639,8 +637,7 @@ mod transforms {
     }
 
     /// `A^T x` of F(4x4, 3x3): rows `[1,1,1,1,1,0]`, `[0,1,-1,2,-2,0]`, `[0,1,1,4,4,0]`, `[0,1,-1,8,-8,1]`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[inline(always)]
     pub(super) unsafe fn at4(x: [__m256; 6]) -> [__m256; 4] {
         let a = _mm256_add_ps(x[1], x[2]);
         let b = _mm256_sub_ps(x[1], x[2]);
@@ -656,13 +653,13 @@ mod transforms {
 }
 
 /// The 2-D transforms of one tiling from its 1-D ones (`$a` inputs, `$m` outputs): columns first (`B^T d`,
-/// `A^T M`), then rows. Plain loops over arrays in `target_feature` functions, so that every intrinsic is
-/// inlined (closures and `array::from_fn` here left them as calls: 3x slower).
+/// `A^T M`), then rows. Plain loops over arrays, every level `inline(always)` into the width's
+/// `target_feature` function, so that every intrinsic is inlined (closures and `array::from_fn` here left
+/// them as calls: 3x slower).
 macro_rules! tiling {
     ($t:ty, $a:literal, $m:literal, $bt:path, $at:path, $input:ident, $output:ident) => {
         #[cfg(target_arch = "x86_64")]
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[inline(always)]
         unsafe fn $input(d: *const f32, rs: usize, cs: usize, v: *mut f32, vs: usize) {
             use std::arch::x86_64::*;
             let mut cols = [[_mm256_setzero_ps(); $a]; $a];
@@ -685,8 +682,7 @@ macro_rules! tiling {
         }
 
         #[cfg(target_arch = "x86_64")]
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[inline(always)]
         #[allow(clippy::too_many_arguments)]
         unsafe fn $output(
             m: *const f32,
@@ -762,14 +758,14 @@ unsafe fn block_tiles<S: Simd, const MR: usize, T: Tiling>(
     let d = g.d;
     let ci = g.ci;
     let cc_max = ci.min(CC);
-    // V: [p][tb][cc] (one chunk of input channels) and M: [p][tb][co_nr] in this thread's scratch (every
+    // V: [p][cap][cc] (one chunk of input channels) and M: [p][cap][co_nr] in this thread's scratch (every
     // element read below is written first, so it is not cleared)
     let mut guard = SCRATCH.with(|s| s.take());
-    // one position's slice of V and of M is `tb * cc` and `tb * co_nr` floats, multiples of 4 KB for the
+    // one position's slice of V and of M is `cap * cc` and `cap * co_nr` floats, multiples of 4 KB for the
     // usual channel counts: the positions of one tile would all fall into the same L1 set (the input
     // transform writes them together, the output transform reads them together). One cache line of padding
     // per slice spreads them over as many sets.
-    let (vs_max, ms) = (g.tb * cc_max + 16, g.tb * g.co_nr + 16);
+    let (vs_max, ms) = (g.cap * cc_max + 16, g.cap * g.co_nr + 16);
     let (v_len, m_len) = (p * vs_max, p * ms);
     if guard.len() < v_len + m_len {
         guard.resize(v_len + m_len, 0.0);
@@ -778,7 +774,7 @@ unsafe fn block_tiles<S: Simd, const MR: usize, T: Tiling>(
     let zeros = [0f32; 32];
     for c0 in (0..ci).step_by(CC) {
         let cc = (ci - c0).min(CC);
-        let vs = g.tb * cc + 16;
+        let vs = g.cap * cc + 16;
         // input transform of channels [c0, c0 + cc), 8 channels per vector: V = B^T d B
         for (t, &(y0, x0)) in g.origins.iter().enumerate() {
             let (y0, x0) = (y0 as usize, x0 as usize);
@@ -803,8 +799,8 @@ unsafe fn block_tiles<S: Simd, const MR: usize, T: Tiling>(
                     let rows = (nt - t).min(MR);
                     let ptrs: [*const f32; MR] =
                         std::array::from_fn(|r| vx.add((t + r.min(rows - 1)) * cc));
-                    // straight into M: a short last block writes rows up to t + MR <= tb (t is a
-                    // multiple of MR, which divides tb), which the output transform never reads
+                    // straight into M: a short last block writes rows up to t + MR <= cap (t is a
+                    // multiple of MR, which divides cap), which the output transform never reads
                     let dst = m.as_mut_ptr().add(xi * ms + t * g.co_nr + cb * nr);
                     let (init, ldi) = if c0 == 0 {
                         (zeros.as_ptr(), 0)
