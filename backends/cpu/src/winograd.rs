@@ -9,12 +9,13 @@
 //! channels turns into one independent product per position `xi` of the transform (16 or 36),
 //! `M_xi[tile][co] = sum_c V_xi[tile][c] U_xi[c][co]`, which runs on the direct path's micro-kernel
 //! (`direct::micro`, MR tiles x NR channels at the process's vector width). [`Tile::for_image`] picks, per
-//! convolution, the tiling with fewer products (F(4x4) unless the image, or a dilated sub-image, is so small
-//! that its tiles are mostly padding).
+//! convolution: F(4x4) on images of 64x64 pixels and more, F(2x2) below (its transformed weights, 2.25x
+//! larger, are read once per image, and on small images those reads cost more than the products save).
 //!
 //! Rounding: F(2x2)'s input and output transforms only add and subtract; F(4x4)'s multiply by 2, 4, 5 and 8
-//! and its weight transform by 1/6 and 1/24 (computed in f64, rounded once), so its results differ from the
-//! direct sum by more ulps (relative 1e-6 rather than 1e-7, well inside the backend's 1e-5 agreement tests).
+//! and its weight transform by 1/6 and 1/24 (computed in f64, rounded once), so its results are further from
+//! the exact sum: relative 1e-5 at 256 input channels where F(2x2) gives 1e-6 (the crate's tests allow 4e-5
+//! for F(4x4), 1e-5 for the other paths).
 //! The transforms run 8 channels per vector at either width (they are a small part of the time), so the two
 //! widths give the same bits.
 //!
