@@ -658,70 +658,33 @@ mod transforms {
 /// `target_feature` function, so that every intrinsic is inlined (closures and `array::from_fn` here left
 /// them as calls: 3x slower).
 macro_rules! tiling {
-    ($t:ty, $a:literal, $m:literal, $bt:path, $at:path, $input:ident, $output:ident) => {
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        unsafe fn $input(d: *const f32, rs: usize, cs: usize, v: *mut f32, vs: usize) {
-            use std::arch::x86_64::*;
-            let mut cols = [[_mm256_setzero_ps(); $a]; $a];
-            for (j, col) in cols.iter_mut().enumerate() {
-                let mut x = [_mm256_setzero_ps(); $a];
-                for (i, xi) in x.iter_mut().enumerate() {
-                    *xi = _mm256_loadu_ps(d.add(i * rs + j * cs));
-                }
-                *col = $bt(x);
-            }
-            for i in 0..$a {
-                let mut x = [_mm256_setzero_ps(); $a];
-                for (j, xj) in x.iter_mut().enumerate() {
-                    *xj = cols[j][i];
-                }
-                for (j, r) in $bt(x).into_iter().enumerate() {
-                    _mm256_storeu_ps(v.add((i * $a + j) * vs), r);
-                }
-            }
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn $output(
-            m: *const f32,
-            ms: usize,
-            b: std::arch::x86_64::__m256,
-            y: *mut f32,
-            rs: usize,
-            cs: usize,
-            rows: usize,
-            cols_out: usize,
-        ) {
-            use std::arch::x86_64::*;
-            let mut cols = [[_mm256_setzero_ps(); $m]; $a];
-            for (j, col) in cols.iter_mut().enumerate() {
-                let mut x = [_mm256_setzero_ps(); $a];
-                for (i, xi) in x.iter_mut().enumerate() {
-                    *xi = _mm256_loadu_ps(m.add((i * $a + j) * ms));
-                }
-                *col = $at(x);
-            }
-            for dy in 0..rows.min($m) {
-                let mut x = [_mm256_setzero_ps(); $a];
-                for (j, xj) in x.iter_mut().enumerate() {
-                    *xj = cols[j][dy];
-                }
-                for (dx, r) in $at(x).into_iter().enumerate().take(cols_out) {
-                    _mm256_storeu_ps(y.add(dy * rs + dx * cs), _mm256_add_ps(r, b));
-                }
-            }
-        }
-
+    ($t:ty, $a:literal, $m:literal, $bt:path, $at:path) => {
         #[cfg(target_arch = "x86_64")]
         impl Tiling for $t {
             const A: usize = $a;
+
             #[inline(always)]
             unsafe fn input(d: *const f32, rs: usize, cs: usize, v: *mut f32, vs: usize) {
-                $input(d, rs, cs, v, vs)
+                use std::arch::x86_64::*;
+                let mut cols = [[_mm256_setzero_ps(); $a]; $a];
+                for (j, col) in cols.iter_mut().enumerate() {
+                    let mut x = [_mm256_setzero_ps(); $a];
+                    for (i, xi) in x.iter_mut().enumerate() {
+                        *xi = _mm256_loadu_ps(d.add(i * rs + j * cs));
+                    }
+                    *col = $bt(x);
+                }
+                for i in 0..$a {
+                    let mut x = [_mm256_setzero_ps(); $a];
+                    for (j, xj) in x.iter_mut().enumerate() {
+                        *xj = cols[j][i];
+                    }
+                    for (j, r) in $bt(x).into_iter().enumerate() {
+                        _mm256_storeu_ps(v.add((i * $a + j) * vs), r);
+                    }
+                }
             }
+
             #[inline(always)]
             unsafe fn output(
                 m: *const f32,
@@ -731,15 +694,32 @@ macro_rules! tiling {
                 rs: usize,
                 cs: usize,
                 rows: usize,
-                cols: usize,
+                cols_out: usize,
             ) {
-                $output(m, ms, b, y, rs, cs, rows, cols)
+                use std::arch::x86_64::*;
+                let mut cols = [[_mm256_setzero_ps(); $m]; $a];
+                for (j, col) in cols.iter_mut().enumerate() {
+                    let mut x = [_mm256_setzero_ps(); $a];
+                    for (i, xi) in x.iter_mut().enumerate() {
+                        *xi = _mm256_loadu_ps(m.add((i * $a + j) * ms));
+                    }
+                    *col = $at(x);
+                }
+                for dy in 0..rows.min($m) {
+                    let mut x = [_mm256_setzero_ps(); $a];
+                    for (j, xj) in x.iter_mut().enumerate() {
+                        *xj = cols[j][dy];
+                    }
+                    for (dx, r) in $at(x).into_iter().enumerate().take(cols_out) {
+                        _mm256_storeu_ps(y.add(dy * rs + dx * cs), _mm256_add_ps(r, b));
+                    }
+                }
             }
         }
     };
 }
-tiling!(F2, 4, 2, transforms::bt2, transforms::at2, input2, output2);
-tiling!(F4, 6, 4, transforms::bt4, transforms::at4, input4, output4);
+tiling!(F2, 4, 2, transforms::bt2, transforms::at2);
+tiling!(F4, 6, 4, transforms::bt4, transforms::at4);
 
 /// [`block`] with products at `S`'s width, `MR` tiles per micro-kernel call, tiling `T` (inlined into the
 /// width's `target_feature` function; the transforms use AVX2 and FMA, which both widths have).
