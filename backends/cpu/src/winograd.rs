@@ -136,13 +136,23 @@ const F4_TILES: usize = 256;
 /// Tiles of `m x m` output pixels that cover an `h x w` image at dilation `d` (each of its `d x d`
 /// interleaved sub-images tiled on its own).
 fn tiles(h: usize, w: usize, d: usize, m: usize) -> usize {
-    let mut n = 0;
-    for a in 0..d.min(h) {
-        for b in 0..d.min(w) {
-            n += (h - a).div_ceil(d).div_ceil(m) * (w - b).div_ceil(d).div_ceil(m);
-        }
-    }
-    n
+    sub_images(h, w, d, m).map(|(_, _, th, tw)| th * tw).sum()
+}
+
+/// The `d x d` interleaved sub-images of an `h x w` image at dilation `d` (those that have pixels): their
+/// first row and column `(a, b)` and how many `m x m` tiles cover them down and across.
+fn sub_images(
+    h: usize,
+    w: usize,
+    d: usize,
+    m: usize,
+) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    (0..d.min(h)).flat_map(move |a| {
+        (0..d.min(w)).map(move |b| {
+            let th = (h - a).div_ceil(d).div_ceil(m);
+            (a, b, th, (w - b).div_ceil(d).div_ceil(m))
+        })
+    })
 }
 
 /// F(2x2, 3x3)'s weight transform `G` (Lavin & Gray).
@@ -245,16 +255,10 @@ pub(crate) fn conv2d(
     }
     // tile origins (y, x), sub-image by sub-image
     origins.clear();
-    for a in 0..d.min(h) {
-        for b in 0..d.min(wd) {
-            let (th, tw) = (
-                (h - a).div_ceil(d).div_ceil(m),
-                (wd - b).div_ceil(d).div_ceil(m),
-            );
-            for ty in 0..th {
-                for tx in 0..tw {
-                    origins.push(((a + m * d * ty) as u32, (b + m * d * tx) as u32));
-                }
+    for (a, b, th, tw) in sub_images(h, wd, d, m) {
+        for ty in 0..th {
+            for tx in 0..tw {
+                origins.push(((a + m * d * ty) as u32, (b + m * d * tx) as u32));
             }
         }
     }
@@ -567,19 +571,19 @@ trait Tiling {
     /// `V = B^T d B` for the tile whose first input pixel `d` points at, its rows `rs` floats apart and
     /// columns `cs`; stores position `xi = i * A + j` at `v + xi * vs`.
     unsafe fn input(d: *const f32, rs: usize, cs: usize, v: *mut f32, vs: usize);
-    /// `Y = A^T M A + b` for the tile whose position `xi` is at `m + xi * ms`; stores output pixel
-    /// `(dy, dx)` at `y + dy * rs + dx * cs` for `dy < rows`, `dx < cols`.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn output(
-        m: *const f32,
-        ms: usize,
-        b: std::arch::x86_64::__m256,
-        y: *mut f32,
-        rs: usize,
-        cs: usize,
-        rows: usize,
-        cols: usize,
-    );
+    /// `Y = A^T M A + b` for the tile whose position `xi` is at `m + xi * ms`, stored at `y`.
+    unsafe fn output(m: *const f32, ms: usize, b: std::arch::x86_64::__m256, y: &Dest);
+}
+
+/// Where the output transform stores one tile: pixel `(dy, dx)` at `p + dy * rs + dx * cs`, for
+/// `dy < rows` and `dx < cols` (a border tile is cut).
+#[cfg(target_arch = "x86_64")]
+struct Dest {
+    p: *mut f32,
+    rs: usize,
+    cs: usize,
+    rows: usize,
+    cols: usize,
 }
 
 /// F(2x2, 3x3).
@@ -686,16 +690,7 @@ macro_rules! tiling {
             }
 
             #[inline(always)]
-            unsafe fn output(
-                m: *const f32,
-                ms: usize,
-                b: std::arch::x86_64::__m256,
-                y: *mut f32,
-                rs: usize,
-                cs: usize,
-                rows: usize,
-                cols_out: usize,
-            ) {
+            unsafe fn output(m: *const f32, ms: usize, b: std::arch::x86_64::__m256, y: &Dest) {
                 use std::arch::x86_64::*;
                 let mut cols = [[_mm256_setzero_ps(); $m]; $a];
                 for (j, col) in cols.iter_mut().enumerate() {
@@ -705,13 +700,13 @@ macro_rules! tiling {
                     }
                     *col = $at(x);
                 }
-                for dy in 0..rows.min($m) {
+                for dy in 0..y.rows.min($m) {
                     let mut x = [_mm256_setzero_ps(); $a];
                     for (j, xj) in x.iter_mut().enumerate() {
                         *xj = cols[j][dy];
                     }
-                    for (dx, r) in $at(x).into_iter().enumerate().take(cols_out) {
-                        _mm256_storeu_ps(y.add(dy * rs + dx * cs), _mm256_add_ps(r, b));
+                    for (dx, r) in $at(x).into_iter().enumerate().take(y.cols) {
+                        _mm256_storeu_ps(y.p.add(dy * y.rs + dx * y.cs), _mm256_add_ps(r, b));
                     }
                 }
             }
@@ -801,15 +796,18 @@ unsafe fn block_tiles<S: Simd, const MR: usize, T: Tiling>(
         // the tile's output pixels inside the image (a border tile is cut)
         let (rows, cols) = ((g.h - y0).div_ceil(d), (g.wd - x0).div_ceil(d));
         for c in (g.cols.start * nr..(g.cols.end * nr).min(g.co8)).step_by(8) {
+            let dst = Dest {
+                p: out.add((y0 * g.wd + x0) * g.co8 + c),
+                rs: d * g.wd * g.co8,
+                cs: d * g.co8,
+                rows,
+                cols,
+            };
             T::output(
                 m.as_ptr().add(t * g.co_nr + c),
                 ms,
                 _mm256_loadu_ps(bias.as_ptr().add(c)),
-                out.add((y0 * g.wd + x0) * g.co8 + c),
-                d * g.wd * g.co8,
-                d * g.co8,
-                rows,
-                cols,
+                &dst,
             );
         }
     }
