@@ -292,6 +292,8 @@ unsafe fn run_pixels<S: Simd, const MR: usize>(
                     ldi,
                     tile,
                     nr,
+                    // the first block of a chunk brings in the next chunk (the rest find it in L1)
+                    if blk == 0 { len * nr } else { 0 },
                 );
             }
             k0 += len;
@@ -314,7 +316,9 @@ unsafe fn run_pixels<S: Simd, const MR: usize>(
 /// `NR = 2 * S::LANES` channels `j`, the sum in the order of `k`. `ldi = 0` starts every row from the same
 /// values (a bias); `init` may be `c` (a chunk continuing where the last one stopped). A null `offs` means
 /// the identity (`offs[k] = k`: rows of consecutive values, as Winograd's transformed input), with no offset
-/// loads in the loop.
+/// loads in the loop. `pf` (floats, 0 for none) is how far past each row of `w` the panel the caller runs
+/// next starts: the kernel prefetches it into L1 as it goes, so that the next call does not wait for its
+/// weights (a hint only; results do not depend on it).
 ///
 /// # Safety
 /// Needs `S`'s CPU features (inlined into a function compiled for them); `w` covers `kk * NR` floats, `offs`
@@ -331,6 +335,7 @@ pub(crate) unsafe fn micro<S: Simd, const MR: usize>(
     ldi: usize,
     c: *mut f32,
     ldc: usize,
+    pf: usize,
 ) {
     let l = S::LANES;
     let mut acc: [[S::V; 2]; MR] = std::array::from_fn(|r| {
@@ -344,6 +349,12 @@ pub(crate) unsafe fn micro<S: Simd, const MR: usize>(
             *offs.add(k) as usize
         };
         let wk = w.add(k * 2 * l);
+        if pf != 0 {
+            // one cache line per 16 floats of the row (64 bytes)
+            for line in (0..2 * l).step_by(16) {
+                S::prefetch(wk.wrapping_add(pf + line));
+            }
+        }
         let (w0, w1) = (S::load(wk), S::load(wk.add(l)));
         for (a, p) in acc.iter_mut().zip(ptrs) {
             let s = S::splat(p.add(o));

@@ -38,9 +38,12 @@ pub(crate) trait Simd {
     unsafe fn store(p: *mut f32, v: Self::V);
     /// `a * b + c`, rounded once.
     unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// A hint to bring the cache line of `p` into L1; `p` need not point into an allocation (a prefetch
+    /// never faults), and a width without the instruction does nothing.
+    unsafe fn prefetch(p: *const f32);
 }
 
-/// One width's [`Simd`]: a unit struct whose four operations are one intrinsic each (its attributes, the
+/// One width's [`Simd`]: a unit struct whose operations are one intrinsic each (its attributes, the
 /// doc and the `cfg` of its architecture, go on both the struct and the impl).
 macro_rules! simd_width {
     (
@@ -50,6 +53,7 @@ macro_rules! simd_width {
         splat |$sp:ident| $splat:expr,
         store $store:path,
         fmadd |$a:ident, $b:ident, $c:ident| $fmadd:expr,
+        prefetch |$pp:ident| $prefetch:expr,
     ) => {
         $(#[$attr])*
         pub(crate) struct $name;
@@ -74,6 +78,10 @@ macro_rules! simd_width {
             unsafe fn fmadd($a: Self::V, $b: Self::V, $c: Self::V) -> Self::V {
                 $fmadd
             }
+            #[inline(always)]
+            unsafe fn prefetch($pp: *const f32) {
+                $prefetch
+            }
         }
     };
 }
@@ -86,6 +94,7 @@ simd_width! {
     splat |p| std::arch::x86_64::_mm256_broadcast_ss(&*p),
     store std::arch::x86_64::_mm256_storeu_ps,
     fmadd |a, b, c| std::arch::x86_64::_mm256_fmadd_ps(a, b, c),
+    prefetch |p| std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()),
 }
 
 simd_width! {
@@ -96,6 +105,7 @@ simd_width! {
     splat |p| std::arch::x86_64::_mm512_set1_ps(*p),
     store std::arch::x86_64::_mm512_storeu_ps,
     fmadd |a, b, c| std::arch::x86_64::_mm512_fmadd_ps(a, b, c),
+    prefetch |p| std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()),
 }
 
 simd_width! {
@@ -107,6 +117,8 @@ simd_width! {
     splat |p| std::arch::aarch64::vld1q_dup_f32(p),
     store std::arch::aarch64::vst1q_f32,
     fmadd |a, b, c| std::arch::aarch64::vfmaq_f32(c, a, b),
+    // (the prefetch intrinsics of aarch64 are not stable Rust)
+    prefetch |p| { let _ = p; },
 }
 
 /// Output pixels per micro-kernel block at 4 lanes (NEON).

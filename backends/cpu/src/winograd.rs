@@ -784,7 +784,19 @@ unsafe fn block_tiles<S: Simd, const MR: usize, T: Tiling>(
                         (dst.cast_const(), g.co_nr)
                     };
                     // V rows are consecutive channels: the identity offsets (null)
-                    micro::<S, MR>(cc, w, std::ptr::null(), &ptrs, init, ldi, dst, g.co_nr);
+                    // the next panel is the next column block's, `ci * nr` floats on (the last column's
+                    // prefetch reaches the next position's or a little past U: a hint, never a read)
+                    micro::<S, MR>(
+                        cc,
+                        w,
+                        std::ptr::null(),
+                        &ptrs,
+                        init,
+                        ldi,
+                        dst,
+                        g.co_nr,
+                        ci * nr,
+                    );
                     t += rows;
                 }
             }
