@@ -9,8 +9,9 @@
 //! channels turns into one independent product per position `xi` of the transform (16 or 36),
 //! `M_xi[tile][co] = sum_c V_xi[tile][c] U_xi[c][co]`, which runs on the direct path's micro-kernel
 //! (`direct::micro`, MR tiles x NR channels at the process's vector width). [`Tile::for_image`] picks, per
-//! convolution: F(4x4) on images of 64x64 pixels and more, F(2x2) below (its transformed weights, 2.25x
-//! larger, are read once per image, and on small images those reads cost more than the products save).
+//! convolution: F(4x4) wherever it does fewer products (every undilated image of 3x3 pixels or more; its
+//! transformed weights, 2.25x larger, are streamed in a panel ahead of the products by the micro-kernel's
+//! prefetch).
 //!
 //! Rounding: F(2x2)'s input and output transforms only add and subtract; F(4x4)'s multiply by 2, 4, 5 and 8
 //! and its weight transform by 1/6 and 1/24 (computed in f64, rounded once), so its results are further from
@@ -43,9 +44,6 @@ const TB: usize = 24;
 /// Tiles per block at most with F(4x4), before rounding up to the width's MR (12 or 16): a tile has 2.25x
 /// the positions of an F(2x2) one, so that a block's `V` and `M` stay about as large.
 const TB4: usize = 12;
-
-/// Jobs a convolution aims at where its channels allow (see `conv2d`).
-const MIN_JOBS: usize = 8;
 
 /// Input channels per reduction chunk.
 pub(crate) const CC: usize = 128;
@@ -111,27 +109,25 @@ impl Tile {
         }
     }
 
-    /// The tiling the backend takes for an `h x w` image at dilation `d`: F(4x4) where the image has at
-    /// least [`F4_TILES`] of its tiles (64x64 pixels undilated) and it does fewer products, else F(2x2).
+    /// The tiling the backend takes for an `h x w` image at dilation `d`: F(4x4) where it does fewer
+    /// products than F(2x2) (every image of 3x3 pixels or more undilated), else F(2x2).
     ///
-    /// Fewer products are not enough: F(4x4)'s transformed weights are 36 values per (co, ci) pair where
-    /// F(2x2)'s are 16, and a forward reads every layer's once per image, from L3 or memory (a 128 -> 128
-    /// layer: 2.4 MB against 1.0 MB). At 28x28 and 32x32 (NCSNv2's 14x14 and 16x16 layers: 16 F(4x4) tiles)
-    /// the extra reads ate the saving or more (BENCHMARKS.md, "Winograd F(4x4, 3x3)"); from 64x64 on the
-    /// forward is 1.05-1.25x faster. The choice depends on the shapes only, so results do not depend on the
-    /// thread count or the vector width.
+    /// F(4x4)'s transformed weights are 36 values per (co, ci) pair where F(2x2)'s are 16, and a forward
+    /// reads every layer's once per block of tiles, from L3 or memory (a 128 -> 128 layer: 2.4 MB against
+    /// 1.0 MB). Until the micro-kernel prefetched the next weight panel and small images ran as few blocks
+    /// as the cap allows, those reads ate the saving at 28x28 and 32x32 (NCSNv2's 14x14 and 16x16 layers:
+    /// 16 F(4x4) tiles), and F(4x4) was kept to 64x64 and larger; BENCHMARKS.md ("Winograd F(4x4, 3x3)",
+    /// "F(4x4) at every size") has the figures. The choice depends on the shapes only, so results do not
+    /// depend on the thread count or the vector width.
     pub(crate) fn for_image(h: usize, w: usize, d: usize) -> Tile {
         let products = |t: Tile| tiles(h, w, d, t.m()) * t.positions();
-        if tiles(h, w, d, 4) >= F4_TILES && products(Tile::F4) < products(Tile::F2) {
+        if products(Tile::F4) < products(Tile::F2) {
             Tile::F4
         } else {
             Tile::F2
         }
     }
 }
-
-/// F(4x4, 3x3) tiles an image needs before [`Tile::for_image`] takes that tiling.
-const F4_TILES: usize = 256;
 
 /// Tiles of `m x m` output pixels that cover an `h x w` image at dilation `d` (each of its `d x d`
 /// interleaved sub-images tiled on its own).
@@ -227,6 +223,15 @@ where
 /// # Panics
 /// If the CPU cannot run `k`, `k` has no Winograd path (`Portable`, `Neon`) or the convolution is not
 /// `eligible`.
+/// Greatest common divisor (`gcd(a, 0) = a`).
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 pub(crate) fn conv2d(
     k: Kernel,
     tile: Tile,
@@ -284,22 +289,24 @@ pub(crate) fn conv2d(
     let (hw, per_out) = (h * wd, h * wd * co8);
     let mut staged = STAGED.with(|p| p.take());
     staged.resize(staged.len().max(n * per_out), 0.0);
-    // Blocks of at most the tiling's cap, at least 4 per image where the image has 4 micro-kernel rows of
-    // tiles, so that two threads share even one small image evenly (a 16x16 image at F(2x2), 64 tiles: 4
-    // blocks of 16 or 18 rather than 24 + 24 + 16). A multiple of MR, so that a short block's last rows stay
-    // within the block.
+    // As few blocks per image as the tiling's cap allows (each block reads all of U: fewer blocks, fewer
+    // weight reads), the tiles spread evenly over them, a multiple of MR per block (so that a short block's
+    // last rows stay within the block).
+    let (mr, cap) = (k.mr(), tile.block_cap(k.mr()));
     let tb = tiles
-        .div_ceil(4)
-        .next_multiple_of(k.mr())
-        .min(tile.block_cap(k.mr()));
+        .div_ceil(tiles.div_ceil(cap).max(1))
+        .next_multiple_of(mr);
     let blocks = tiles.div_ceil(tb);
-    // Small images (a 14x14 image at F(2x2) is 49 tiles, 3 blocks) also split the output channels, into
-    // `parts` runs of micro-kernel columns, so that there are MIN_JOBS jobs where the channels allow: each
-    // part repeats the input transform of its tiles (cheap beside the products) and reads only its own
-    // columns of U. The split depends on the shapes only, and each output value is the same FMAs either way.
+    // Where the images' blocks do not divide among the threads (a 14x14 image at F(2x2) is 49 tiles, 3
+    // blocks, for 2 threads), the jobs also split the output channels, into `parts` runs of micro-kernel
+    // columns, so that the job count is a multiple of the thread count where the channels allow: each part
+    // repeats the input transform of its tiles (cheap beside the products) and reads only its own columns
+    // of U. Each output value is the same FMAs however the work is split, so the results do not depend on
+    // the thread count.
     let cbs = co_nr / nr;
+    let threads = rayon::current_num_threads();
     // (an empty batch has no jobs either way)
-    let per = cbs.div_ceil(MIN_JOBS.div_ceil((n * blocks).max(1)));
+    let per = cbs.div_ceil((threads / gcd((n * blocks).max(1), threads)).clamp(1, cbs));
     let parts = cbs.div_ceil(per);
     let sptr = OutPtr(staged.as_mut_ptr());
     let job = |j: usize| {
@@ -315,7 +322,7 @@ pub(crate) fn conv2d(
             wd,
             wp,
             d,
-            cap: tile.block_cap(k.mr()),
+            cap,
             origins: &origins[t0..t1],
             cols: part * per..((part + 1) * per).min(cbs),
         };

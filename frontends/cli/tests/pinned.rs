@@ -125,19 +125,22 @@ fn cpu_outputs_are_pinned() {
     // 14: proj_matrix (was 55f38d12...): projection's step is now normalised by max(1, ||A||^2), and this
     // matrix has ||A|| > 1 (every case with ||A|| <= 1 and alpha <= 1 kept its bytes). The pigdm cases name
     // the method's weights 0.93/0.88, which were the default when they were pinned (the default is now 1.2).
+    // Moved on purpose with issue 16: every case with a network and `sample` (the 28x28 models' 14x14 and
+    // 28x28 convolutions now take Winograd F(4x4) where they took F(2x2): a different rounding of the same
+    // sums); docs/design-choices.md gives the PSNR check.
     let blend = ["--operator", "scale:0.5", "--alpha", "0.5"];
     #[rustfmt::skip]
     let cases: Vec<(&str, &str, usize, Vec<&str>, &str)> = vec![
-        ("proj_nets", "projection", 1, [&blend[..], &["--measurement", &i.blend, "--steps", "4"]].concat(), "fb46714c9f8b569bb10c9bca1cd18d3577f7f6178579e38d541aa8741a1a842d"),
-        ("dps_nets_k3", "dps", 3, [&blend[..], &["--measurement", &i.blend, "--steps", "3"]].concat(), "e4a481e16f8d23c77ab3c5030e523e14971c19841116823b77c3ef0f832b63a4"),
-        ("pigdm_nets", "pigdm", 1, [&blend[..], &["--measurement", &i.blend, "--lambda", "0.93", "--mu", "0.88", "--steps", "4"]].concat(), "54c0093360ed6be8a1a4f08fb92949ac749170c234cfc3a37a6917cd5bd98738"),
-        ("pigdm_nets_identity_k3", "pigdm", 3, vec!["--measurement", &i.blend, "--lambda", "0.93", "--mu", "0.88", "--steps", "3"], "308c9c7328d26afcfa72f6f0cb35c88d4cdd2790912ccd46fa1eb5540d3307f7"),
-        ("proj_sine_k3", "projection", 3, vec!["--measurement", &i.sine, "--noise", "sine:0.2", "--steps", "5"], "e340bdf3e10abc36251e6b7050843fe5d2ffcdb3610646107468e0b7332cb5fe"),
-        ("dps_mask_gauss", "dps", 1, vec!["--measurement", &i.sine, "--operator", &mask, "--noise", "gaussian:0.2", "--steps", "4"], "b7cf642c5f7c74c4fb5de85a35ef11e34b74fc93080e6983f851894fb8eb8a48"),
+        ("proj_nets", "projection", 1, [&blend[..], &["--measurement", &i.blend, "--steps", "4"]].concat(), "1a6418662080fe0fd1011d3119939272db5a83a3c54489780650930a19f9db58"),
+        ("dps_nets_k3", "dps", 3, [&blend[..], &["--measurement", &i.blend, "--steps", "3"]].concat(), "b9a37a9321cae1fc9ecabf462d2e9509969ef98a65473e31ed273ee11223194e"),
+        ("pigdm_nets", "pigdm", 1, [&blend[..], &["--measurement", &i.blend, "--lambda", "0.93", "--mu", "0.88", "--steps", "4"]].concat(), "36fd1992c8828d777fd1cb0180b4e970791910a13bb2644b73f4157436561956"),
+        ("pigdm_nets_identity_k3", "pigdm", 3, vec!["--measurement", &i.blend, "--lambda", "0.93", "--mu", "0.88", "--steps", "3"], "6fe0ccffad326227d0a63138bfa4a3bf19a34f89c1196aebc6f67e61cf0079b4"),
+        ("proj_sine_k3", "projection", 3, vec!["--measurement", &i.sine, "--noise", "sine:0.2", "--steps", "5"], "7963cd8e391646c6ac63cbfbdc30eaf3a8879652f23c9eb524de74eda99301c4"),
+        ("dps_mask_gauss", "dps", 1, vec!["--measurement", &i.sine, "--operator", &mask, "--noise", "gaussian:0.2", "--steps", "4"], "5b35a7b3a1451c407162b4b0c6c77728de0e70e275b091c191ca407844baa139"),
         ("pigdm_stats_sine_k3", "pigdm", 3, vec!["--measurement", &i.sine, "--signal-stats", &stats, "--noise", "sine:0.2", "--lambda", "0.93", "--mu", "0.88", "--steps", "20"], "e21ac748fe6baa98dcf6fad4747344d6f96dc65c7376c3b85de9ad79905d67bb"),
-        ("proj_matrix", "projection", 1, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--noise", "gaussian:0.1", "--steps", "4"], "0e539993c151e7a813af715f47505a7eb6ca29b7ad28ead225e1c2f74b7c78a0"),
-        ("dps_matrix_k3", "dps", 3, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--noise", "gaussian:0.1", "--steps", "3"], "b655e00ca552714c8fb939037fe5fe981fbdaeb5c21fc48516d2cb73b7217ec5"),
-        ("pigdm_matrix", "pigdm", 1, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--noise", "gaussian:0.1", "--lambda", "0.93", "--mu", "0.88", "--steps", "4"], "bec3d6c29fc6cc2c48172ac668f2fb1f6471ffef4787fb333d593270f4435101"),
+        ("proj_matrix", "projection", 1, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--noise", "gaussian:0.1", "--steps", "4"], "5ff4b2ada53bba1a50f8219aa6855b1d82b6f09a732d5cf9cea04e4162a51ea2"),
+        ("dps_matrix_k3", "dps", 3, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--noise", "gaussian:0.1", "--steps", "3"], "f9669ec92202e8ccdcaa40a0f5313d6e8393b04e4ac09be4e51eca8e50cf4c68"),
+        ("pigdm_matrix", "pigdm", 1, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--noise", "gaussian:0.1", "--lambda", "0.93", "--mu", "0.88", "--steps", "4"], "1f7ca8b116c7a56be8bb8c799168c6775d18effff351d00e632e5db059ae9123"),
         ("pigdm_stats_matrix", "pigdm", 1, vec!["--measurement", &i.y_matrix, "--operator", &matrix, "--signal-stats", &stats, "--noise", "gaussian:0.1", "--lambda", "0.93", "--mu", "0.88", "--steps", "20"], "37e99c53191a3d0dae07afa999e3eb1d18df485761c515105e31d8524616b471"),
     ];
     let mut bad = Vec::new();
@@ -168,7 +171,7 @@ fn cpu_outputs_are_pinned() {
         1,
     );
     eprintln!("sample: {got}");
-    if got != "299aae470b15fd393096db1474e67630b9ddc634c7acb5fd65b4cfae2c2a92ba" {
+    if got != "e568dc0d24c662515f4900912ba8d5ebf815161516df9fa1b873f7a9c9221b61" {
         bad.push(format!("sample: {got}"));
     }
     assert!(bad.is_empty(), "outputs moved:\n{}", bad.join("\n"));
