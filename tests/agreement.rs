@@ -82,7 +82,7 @@ fn whole_forward_agrees_at_three_sizes() {
         (32, 3, 6),
         (64, 2, 3),
         (32, 3, 32),
-        // channels a multiple of 8: Winograd on the CPU, F(4x4, 3x3) tiles at 64x64
+        // channels a multiple of 8: Winograd on the CPU, F(4x4, 3x3) tiles
         (64, 1, 8),
     ] {
         let cfg = Ncsnv2Config {

@@ -208,7 +208,7 @@ pub(crate) enum Path {
 impl Path {
     /// The path the backend takes for input shape `x` and weight shape `w`. Where the CPU has AVX2 + FMA, at
     /// any depth: Winograd for "same" 3x3 convolutions with input channels a multiple of 8, tiled by
-    /// [`Tile::for_image`] (F(2x2, 3x3), or F(4x4, 3x3) on images of 64x64 pixels and more), else the
+    /// [`Tile::for_image`] (F(4x4, 3x3) wherever it does fewer products, else F(2x2, 3x3)), else the
     /// direct kernel (both block deep reductions, see their modules), at this process's width, except that a
     /// direct layer of at most 16 output channels (NCSNv2's last, 1 or 3) runs at 8 lanes: it fills one
     /// 8-lane block and computes mostly padding in a 16-lane one (the bits are the same). Otherwise im2col +
