@@ -1444,12 +1444,17 @@ mod tests {
     }
 
     #[test]
-    fn conv_is_bit_identical_with_one_and_two_threads() {
+    fn conv_is_bit_identical_with_one_two_and_three_threads() {
         // large enough for the parallel paths; odd sizes so that tiles and pixel blocks end mid-row;
         // dilation 1 and 32 input channels so that the Winograd path runs too; then a deep layer (264
-        // channels: reductions in several chunks on both paths); a small image whose Winograd jobs also split
-        // the output channels
-        for (ci, co, h, w) in [(32, 37, 29, 31), (264, 40, 9, 11), (16, 100, 5, 6)] {
+        // channels: reductions in several chunks on both paths); small images whose Winograd jobs also split
+        // the output channels, into as many parts as the thread count asks (1, 2 or 3 here)
+        for (ci, co, h, w) in [
+            (32, 37, 29, 31),
+            (264, 40, 9, 11),
+            (16, 100, 5, 6),
+            (24, 72, 14, 14),
+        ] {
             let x = rand([2, ci, h, w], 1);
             let wt = rand([co, ci, 3, 3], 2);
             let b = rand([1, co, 1, 1], 3);
@@ -1461,10 +1466,15 @@ mod tests {
                     .unwrap();
                 pool.install(|| conv_paths(&x, &wt, Some(&b), p))
             };
-            for ((path, one), (_, two)) in run(1).into_iter().zip(run(2)) {
+            for (((path, one), (_, two)), (_, three)) in run(1).into_iter().zip(run(2)).zip(run(3))
+            {
                 assert!(
                     same_bits(&one, &two),
                     "{path} {ci}->{co}: 1 and 2 threads differ"
+                );
+                assert!(
+                    same_bits(&one, &three),
+                    "{path} {ci}->{co}: 1 and 3 threads differ"
                 );
             }
         }
