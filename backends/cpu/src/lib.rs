@@ -450,8 +450,10 @@ thread_local! {
     /// InstanceNorm++'s per-channel statistics and affine maps of the call this thread runs.
     #[allow(clippy::type_complexity)]
     static NORM_SCRATCH: Cell<(Vec<(f64, f64)>, Vec<(f32, f32)>)> = const { Cell::new((Vec::new(), Vec::new())) };
-    /// Max pooling's padded row and row-pass output.
-    static POOL_SCRATCH: Cell<(Vec<f32>, Vec<f32>)> = const { Cell::new((Vec::new(), Vec::new())) };
+    /// Max pooling's padded plane, row-pass and column-pass outputs.
+    #[allow(clippy::type_complexity)]
+    static POOL_SCRATCH: Cell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { Cell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Whether an elementwise operation over `len` floats is worth splitting over the pool.
@@ -589,6 +591,12 @@ fn elu1(v: f32) -> f32 {
 
 /// Separable stride-1 max pooling: a row pass then a column pass (padding is -inf, so it never wins), each
 /// as `k` elementwise passes over shifted slices (8 wide). Planes run in parallel on large tensors.
+///
+/// NCSNv2's planes are narrow (28 or 14 pixels), so that passes row by row spend their time on loop ends
+/// and scalar tails. The row pass runs once over the whole plane, laid out with its -inf padding columns
+/// (rows `w + 2 pad` apart: an output `(y, x)` reads `k` neighbours within its own padded row, and the values
+/// it computes between rows are never read), and the column pass runs once over the rows whose window lies
+/// inside the image; only the `2 pad` rows at the top and bottom go row by row.
 fn max_pool(x: &Tensor, k: usize, pad: usize) -> Tensor {
     let [n, c, h, w] = x.shape;
     let ho = (h + 2 * pad + 1).saturating_sub(k);
@@ -597,27 +605,62 @@ fn max_pool(x: &Tensor, k: usize, pad: usize) -> Tensor {
     if ho * wo == 0 || h * w == 0 {
         return out;
     }
-    // scratch per thread of the loop: one -inf padded row and the row pass's output (h x wo)
-    let scratch = || (vec![f32::NEG_INFINITY; w + 2 * pad], vec![0f32; h * wo]);
-    type Scratch = (Vec<f32>, Vec<f32>);
-    let plane = |(padded, rows): &mut Scratch, (d, s): (&mut [f32], &[f32])| {
+    let wp = w + 2 * pad;
+    // the row pass's outputs: (y, x) at y * wp + x for x < wo; the last one is (h - 1) * wp + wo - 1
+    let len = (h - 1) * wp + wo;
+    // the output rows whose window is inside the image: [top, bottom)
+    let top = pad.min(ho);
+    let bottom = (h + pad + 1).saturating_sub(k).clamp(top, ho);
+    // scratch per thread of the loop: the padded plane (its padding columns stay -inf: only the interior is
+    // written), the row pass's output and the column pass's over the interior rows, all rows `wp` apart
+    let scratch = || {
+        (
+            vec![f32::NEG_INFINITY; h * wp + k],
+            vec![0f32; h * wp],
+            vec![0f32; h * wp],
+        )
+    };
+    type Scratch = (Vec<f32>, Vec<f32>, Vec<f32>);
+    let plane = |(padded, rows, cols): &mut Scratch, (d, s): (&mut [f32], &[f32])| {
         wide(|| {
-            for (sr, rr) in s.chunks_exact(w).zip(rows.chunks_exact_mut(wo)) {
-                padded[pad..pad + w].copy_from_slice(sr);
-                rr.copy_from_slice(&padded[..wo]);
-                for i in 1..k {
-                    for (o, &v) in rr.iter_mut().zip(&padded[i..i + wo]) {
+            for (sr, pr) in s.chunks_exact(w).zip(padded.chunks_exact_mut(wp)) {
+                pr[pad..pad + w].copy_from_slice(sr);
+            }
+            let r = &mut rows[..len];
+            r.copy_from_slice(&padded[..len]);
+            for i in 1..k {
+                for (o, &v) in r.iter_mut().zip(&padded[i..i + len]) {
+                    *o = pmax(*o, v);
+                }
+            }
+            // interior rows: output row oy is the max of rows oy - pad .. oy - pad + k, in one flat pass
+            // per window row over rows [top, bottom)
+            if bottom > top {
+                let m = (bottom - top - 1) * wp + wo;
+                let base = (top - pad) * wp;
+                let cl = &mut cols[..m];
+                cl.copy_from_slice(&rows[base..base + m]);
+                for dy in 1..k {
+                    let from = base + dy * wp;
+                    for (o, &v) in cl.iter_mut().zip(&rows[from..from + m]) {
                         *o = pmax(*o, v);
                     }
                 }
+                for (oy, dr) in d.chunks_exact_mut(wo).enumerate().take(bottom).skip(top) {
+                    let at = (oy - top) * wp;
+                    dr.copy_from_slice(&cols[at..at + wo]);
+                }
             }
-            // column pass: output row oy is the max of rows oy - pad .. oy - pad + k (clipped)
+            // the top and bottom rows: the window clipped to the image
             for (oy, dr) in d.chunks_exact_mut(wo).enumerate() {
+                if (top..bottom).contains(&oy) {
+                    continue;
+                }
                 let y0 = oy.saturating_sub(pad);
                 let y1 = (oy + k - pad).min(h);
-                dr.copy_from_slice(&rows[y0 * wo..(y0 + 1) * wo]);
+                dr.copy_from_slice(&rows[y0 * wp..y0 * wp + wo]);
                 for y in y0 + 1..y1 {
-                    for (o, &v) in dr.iter_mut().zip(&rows[y * wo..(y + 1) * wo]) {
+                    for (o, &v) in dr.iter_mut().zip(&rows[y * wp..y * wp + wo]) {
                         *o = pmax(*o, v);
                     }
                 }
@@ -632,9 +675,9 @@ fn max_pool(x: &Tensor, k: usize, pad: usize) -> Tensor {
     } else {
         let mut sc = POOL_SCRATCH.with(|s| s.take());
         sc.0.clear();
-        sc.0.resize(w + 2 * pad, f32::NEG_INFINITY);
-        sc.1.clear();
-        sc.1.resize(h * wo, 0.0);
+        sc.0.resize(h * wp + k, f32::NEG_INFINITY);
+        sc.1.resize(sc.1.len().max(h * wp), 0.0);
+        sc.2.resize(sc.2.len().max(h * wp), 0.0);
         out.data
             .chunks_mut(ho * wo)
             .zip(x.data.chunks(h * w))
@@ -1612,6 +1655,39 @@ mod tests {
             assert_eq!(r2.shape, rx.shape);
             let e = rel_max_err(&r2.data, &rx.data);
             assert!(e < 1e-5, "reference {ci}->{co} {kh}x{kw} {p:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn max_pool_matches_reference() {
+        // every layout of the flat passes: interior rows and clipped ones, images shorter than the window,
+        // no padding, the parallel path (64 x 28 x 28), ties (values on a coarse grid) and a NaN, which must
+        // win its windows as in the reference
+        for (shape, k, pad) in [
+            ([2, 3, 9, 7], 5, 2),
+            ([1, 4, 14, 14], 5, 2),
+            ([1, 64, 28, 28], 5, 2),
+            ([1, 2, 4, 5], 3, 0),
+            ([1, 2, 3, 3], 5, 2),
+            ([2, 1, 1, 6], 5, 2),
+            ([1, 3, 5, 4], 1, 0),
+            ([1, 2, 6, 9], 3, 1),
+        ] {
+            let x = rand(shape, 7);
+            let mut data: Vec<f32> = x.data.iter().map(|v| (v * 2.0).round()).collect();
+            let mid = data.len() / 2;
+            data[mid] = f32::NAN;
+            let xq = Tensor { shape, data };
+            let want = reference::max_pool(&xq, k, pad);
+            let got = CpuBackend.max_pool(&CpuBackend.upload(&xq), k, pad);
+            assert_eq!(got.shape, want.shape, "{shape:?} k{k} pad{pad}");
+            assert!(
+                got.data
+                    .iter()
+                    .zip(&want.data)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "max pool {shape:?} k{k} pad{pad}"
+            );
         }
     }
 
