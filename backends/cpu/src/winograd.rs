@@ -9,7 +9,7 @@
 //! channels turns into one independent product per position `xi` of the transform (16 or 36),
 //! `M_xi[tile][co] = sum_c V_xi[tile][c] U_xi[c][co]`, which runs on the direct path's micro-kernel
 //! (`direct::micro`, MR tiles x NR channels at the process's vector width). [`Tile::for_image`] picks, per
-//! convolution: F(4x4) wherever it does fewer products (every undilated image of 3x3 pixels or more; its
+//! convolution: F(4x4) wherever it does fewer products (every NCSNv2 layer from 7x7 pixels on; its
 //! transformed weights, 2.25x larger, are streamed in a panel ahead of the products by the micro-kernel's
 //! prefetch).
 //!
@@ -110,14 +110,15 @@ impl Tile {
     }
 
     /// The tiling the backend takes for an `h x w` image at dilation `d`: F(4x4) where it does fewer
-    /// products than F(2x2) (every image of 3x3 pixels or more undilated), else F(2x2).
+    /// products than F(2x2) (every NCSNv2 layer from 7x7 pixels on; not 5x5 or 6x6, where the two tie),
+    /// else F(2x2).
     ///
     /// F(4x4)'s transformed weights are 36 values per (co, ci) pair where F(2x2)'s are 16, and a forward
     /// reads every layer's once per block of tiles, from L3 or memory (a 128 -> 128 layer: 2.4 MB against
     /// 1.0 MB). Until the micro-kernel prefetched the next weight panel and small images ran as few blocks
     /// as the cap allows, those reads ate the saving at 28x28 and 32x32 (NCSNv2's 14x14 and 16x16 layers:
     /// 16 F(4x4) tiles), and F(4x4) was kept to 64x64 and larger; BENCHMARKS.md ("Winograd F(4x4, 3x3)",
-    /// "F(4x4) at every size") has the figures. The choice depends on the shapes only, so results do not
+    /// "Weight prefetch, and F(4x4) at every size") has the figures. The choice depends on the shapes only, so results do not
     /// depend on the thread count or the vector width.
     pub(crate) fn for_image(h: usize, w: usize, d: usize) -> Tile {
         let products = |t: Tile| tiles(h, w, d, t.m()) * t.positions();
@@ -210,6 +211,15 @@ where
     u
 }
 
+/// Greatest common divisor (`gcd(a, 0) = a`).
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// Stride-1 "same" 3x3 convolution (padding = dilation = `d`) by Winograd, tiled by `tile` (the backend
 /// takes [`Tile::for_image`]).
 ///
@@ -223,15 +233,6 @@ where
 /// # Panics
 /// If the CPU cannot run `k`, `k` has no Winograd path (`Portable`, `Neon`) or the convolution is not
 /// `eligible`.
-/// Greatest common divisor (`gcd(a, 0) = a`).
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
-    }
-}
-
 pub(crate) fn conv2d(
     k: Kernel,
     tile: Tile,
