@@ -888,6 +888,108 @@ fn max_pool_backward_plane(
     }
 }
 
+/// [`max_pool_backward_plane`] where the output has the input's size (`k = 2 pad + 1`, NCSNv2's 5x5 pooling
+/// with padding 2), with each pass run once over the whole plane: an output pixel's window is then a
+/// constant offset away in the flat plane, so the row pass runs across every row's inner columns at once
+/// (the values it leaves in the border columns, read across a row end, are recomputed after it) and the
+/// column pass across every output row whose window is inside the image. Maxima are kept with their flat
+/// index. Same comparisons per window as the row-by-row version, so the same element takes the gradient, and
+/// the gradient is added in output order, as there.
+fn max_pool_backward_plane_flat(
+    s: &[f32],
+    g: &[f32],
+    gx: &mut [f32],
+    [h, w]: [usize; 2],
+    pad: usize,
+    (best, at, vals, idx): (&mut [f32], &mut [u32], &mut [f32], &mut [u32]),
+) {
+    let k = 2 * pad + 1;
+    let hw = h * w;
+    let (best, at, vals, idx) = (
+        &mut best[..hw],
+        &mut at[..hw],
+        &mut vals[..hw],
+        &mut idx[..hw],
+    );
+    // pass 1: each row's first maximum per output column, with its flat index
+    let (lo, hi) = (pad.min(w), w.saturating_sub(pad).max(pad.min(w)));
+    if hi > lo {
+        // every row's inner columns [lo, hi): flat positions [lo, (h - 1) w + hi), window start p - pad
+        let (f0, f1) = (lo, (h - 1) * w + hi);
+        best[f0..f1].copy_from_slice(&s[f0 - pad..f1 - pad]);
+        for (i, a) in at[f0..f1].iter_mut().enumerate() {
+            *a = (f0 - pad + i) as u32;
+        }
+        for j in 1..k {
+            let c0 = f0 - pad + j;
+            take_greater(
+                &mut best[f0..f1],
+                &mut at[f0..f1],
+                &s[c0..c0 + (f1 - f0)],
+                c0 as u32,
+                None,
+            );
+        }
+    }
+    // the border columns of every row (and the inner ones' values across row ends): the window clipped to
+    // the row, from its first element
+    for y in 0..h {
+        let row = &s[y * w..(y + 1) * w];
+        for ox in (0..lo).chain(hi..w) {
+            let (x0, x1) = (ox.saturating_sub(pad), (ox + k - pad).min(w));
+            let (mut v, mut a) = (row[x0], x0);
+            for (xx, &c) in row.iter().enumerate().take(x1).skip(x0 + 1) {
+                if c > v {
+                    (v, a) = (c, xx);
+                }
+            }
+            best[y * w + ox] = v;
+            at[y * w + ox] = (y * w + a) as u32;
+        }
+    }
+    // pass 2: per output pixel, the first row of its window whose maximum is strictly greater
+    let (top, bottom) = (pad.min(h), h.saturating_sub(pad).max(pad.min(h)));
+    if bottom > top {
+        // output rows [top, bottom): flat positions [top w, bottom w), window rows start (oy - pad) w
+        let (f0, f1) = (top * w, bottom * w);
+        let b0 = f0 - pad * w;
+        vals[f0..f1].copy_from_slice(&best[b0..b0 + (f1 - f0)]);
+        idx[f0..f1].copy_from_slice(&at[b0..b0 + (f1 - f0)]);
+        for dy in 1..k {
+            let c0 = b0 + dy * w;
+            take_greater(
+                &mut vals[f0..f1],
+                &mut idx[f0..f1],
+                &best[c0..c0 + (f1 - f0)],
+                0,
+                Some(&at[c0..c0 + (f1 - f0)]),
+            );
+        }
+    }
+    for oy in (0..top).chain(bottom..h) {
+        let (y0, y1) = (oy.saturating_sub(pad), (oy + k - pad).min(h));
+        let (v, a) = (
+            &mut vals[oy * w..(oy + 1) * w],
+            &mut idx[oy * w..(oy + 1) * w],
+        );
+        v.copy_from_slice(&best[y0 * w..(y0 + 1) * w]);
+        a.copy_from_slice(&at[y0 * w..(y0 + 1) * w]);
+        for y in y0 + 1..y1 {
+            take_greater(
+                v,
+                a,
+                &best[y * w..(y + 1) * w],
+                0,
+                Some(&at[y * w..(y + 1) * w]),
+            );
+        }
+    }
+    // the gradient, in output order (several outputs may pick one element)
+    for (&i, &q) in idx.iter().zip(g) {
+        gx[i as usize] += q;
+    }
+}
+
 /// Where `c[i] > v[i]` (false for NaN): `v[i] = c[i]` and `at[i] = base + (add[i] or i)`, for every `i`
 /// (8 lanes at a time with AVX2, a compare and two blends).
 fn take_greater(v: &mut [f32], at: &mut [u32], c: &[f32], base: u32, add: Option<&[u32]>) {
@@ -1129,11 +1231,28 @@ impl Backend for CpuBackend {
         let [_, _, ho, wo] = gout.shape;
         let mut gx = pool::zeros(x.shape);
         if h * w > 0 && ho * wo > 0 {
-            // per plane: each row's window maxima and their columns, and one more row for the second pass
-            let scratch = || (vec![0f32; (h + 1) * wo], vec![0u32; (h + 1) * wo]);
+            // per plane: each row's window maxima and their columns (flat: their flat indices), and one
+            // more row for the second pass (flat: the whole output's)
+            let flat = k == 2 * pad + 1;
+            let len = if flat { 2 * h * w } else { (h + 1) * wo };
+            let scratch = || (vec![0f32; len], vec![0u32; len]);
             let plane = |rows: &mut (Vec<f32>, Vec<u32>),
                          (d, (s, g)): (&mut [f32], (&[f32], &[f32]))| {
-                max_pool_backward_plane(s, g, d, [h, w, ho, wo], k, pad, (&mut rows.0, &mut rows.1))
+                if flat {
+                    let (b, v) = rows.0.split_at_mut(h * w);
+                    let (a, i) = rows.1.split_at_mut(h * w);
+                    max_pool_backward_plane_flat(s, g, d, [h, w], pad, (b, a, v, i))
+                } else {
+                    max_pool_backward_plane(
+                        s,
+                        g,
+                        d,
+                        [h, w, ho, wo],
+                        k,
+                        pad,
+                        (&mut rows.0, &mut rows.1),
+                    )
+                }
             };
             let (d, s, g) = (&mut gx.data, &x.data, &gout.data);
             if split_elementwise(x.data.len() * k) {
@@ -1791,9 +1910,10 @@ mod tests {
     #[test]
     fn pooling_and_elu_gradients_match_reference() {
         // max pooling and its gradient, bit for bit: values on a coarse grid so that windows hold ties (the
-        // first maximum takes the gradient); the forward's flat passes in every layout (interior rows and
-        // clipped ones, images shorter than the window, no padding, the parallel path at 64 x 28 x 28),
-        // and with a NaN, which must win its windows as in the reference
+        // first maximum takes the gradient); the whole-plane passes (the forward's always, the gradient's
+        // where k = 2 pad + 1, row by row at k 3 pad 0) in every layout (interior rows and clipped ones,
+        // images shorter than the window, no padding, the parallel path at 64 x 28 x 28), and the forward
+        // with a NaN, which must win its windows as in the reference
         for (shape, k, pad) in [
             ([2, 3, 9, 7], 5, 2),
             ([1, 70, 16, 16], 5, 2),
