@@ -556,14 +556,10 @@ fn instance_norm_plus_backward(
     gout: &Tensor,
 ) -> (Tensor, Tensor, Tensor, Tensor) {
     let [n, c, h, w] = x.shape;
-    let hw = h * w;
+    let (hw, per_channel) = (h * w, || Tensor::zeros([1, c, 1, 1]));
     let hwf = hw as f64;
     let mut gx = Tensor::zeros(x.shape);
-    let (mut ga, mut gg, mut gb) = (
-        Tensor::zeros([1, c, 1, 1]),
-        Tensor::zeros([1, c, 1, 1]),
-        Tensor::zeros([1, c, 1, 1]),
-    );
+    let (mut ga, mut gg, mut gb) = (per_channel(), per_channel(), per_channel());
     if hw == 0 || c == 0 {
         return (gx, ga, gg, gb);
     }
