@@ -461,6 +461,15 @@ fn split_elementwise(len: usize) -> bool {
     len >= 1 << 15
 }
 
+/// The mean `m` of an image's channel means and `sqrt(var + 1e-5)` of them (unbiased), as
+/// `reference::norm_stats` computes them: InstanceNorm++'s mean-correction term is `(mean - m) / vs`.
+fn means_stats(means: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+    let c = means.clone().count() as f64;
+    let m = means.clone().sum::<f64>() / c;
+    let v = means.map(|u| (u - m) * (u - m)).sum::<f64>() / (c - 1.0);
+    (m, (v + 1e-5).sqrt())
+}
+
 /// InstanceNorm++ (optionally followed by ELU): channel statistics, then one pass that applies
 /// `scale * v + shift` per channel. Channels run in parallel when the tensor is large enough.
 fn instance_norm_plus_act(
@@ -496,9 +505,7 @@ fn instance_norm_plus_act(
     // per (image, channel): the affine map, from the image's statistics of channel means
     maps.clear();
     for img in stats.chunks(c) {
-        let m = img.iter().map(|s| s.0).sum::<f64>() / c as f64;
-        let v = img.iter().map(|s| (s.0 - m) * (s.0 - m)).sum::<f64>() / (c as f64 - 1.0);
-        let vs = (v + 1e-5).sqrt();
+        let (m, vs) = means_stats(img.iter().map(|s| s.0));
         for (ch, &(mean, var)) in img.iter().enumerate() {
             let inv = 1.0 / (var + 1e-5).sqrt();
             let (a, g, be) = (
@@ -565,7 +572,7 @@ fn instance_norm_plus_backward(
     }
     // per channel: mean, 1 / sd, sum(g), sum(g (x - mu))
     let mut ch_stats = vec![(0f64, 0f64, 0f64, 0f64); c];
-    let mut g_mu = vec![0f64; c];
+    let (mut g_mt, mut g_mu) = (vec![0f64; c], vec![0f64; c]);
     for b in 0..n {
         let img = &x.data[b * c * hw..(b + 1) * c * hw];
         let gimg = &gout.data[b * c * hw..(b + 1) * c * hw];
@@ -578,11 +585,7 @@ fn instance_norm_plus_backward(
             let (s_go, s_god) = grad_sums(xs, go, mu);
             *st = (mu, 1.0 / (var + 1e-5).sqrt(), s_go, s_god);
         }
-        // the statistics of the channel means, as `reference::norm_stats` computes them
-        let m = ch_stats.iter().map(|s| s.0).sum::<f64>() / c as f64;
-        let v = ch_stats.iter().map(|s| (s.0 - m) * (s.0 - m)).sum::<f64>() / (c as f64 - 1.0);
-        let s_v = (v + 1e-5).sqrt();
-        let mut g_mt = vec![0f64; c];
+        let (m, s_v) = means_stats(ch_stats.iter().map(|s| s.0));
         for (ch, &(mu, inv_sd, sum_go, s_god)) in ch_stats.iter().enumerate() {
             let (a, g) = (alpha.data[ch] as f64, gamma.data[ch] as f64);
             let mt = (mu - m) / s_v;
@@ -713,7 +716,7 @@ fn max_pool(x: &Tensor, k: usize, pad: usize) -> Tensor {
     // written), the row pass's output and the column pass's over the interior rows, all rows `wp` apart
     let scratch = || {
         (
-            vec![f32::NEG_INFINITY; h * wp + k],
+            vec![f32::NEG_INFINITY; h * wp],
             vec![0f32; h * wp],
             vec![0f32; h * wp],
         )
@@ -773,7 +776,7 @@ fn max_pool(x: &Tensor, k: usize, pad: usize) -> Tensor {
     } else {
         let mut sc = POOL_SCRATCH.with(|s| s.take());
         sc.0.clear();
-        sc.0.resize(h * wp + k, f32::NEG_INFINITY);
+        sc.0.resize(h * wp, f32::NEG_INFINITY);
         sc.1.resize(sc.1.len().max(h * wp), 0.0);
         sc.2.resize(sc.2.len().max(h * wp), 0.0);
         out.data
