@@ -51,6 +51,29 @@ pub trait Backend: Send + Sync {
         bias: Option<&Self::Tensor>,
         p: Conv2dParams,
     ) -> Self::Tensor;
+    /// `conv2d(elu(x)) + residual`: the ELU where `elu_input` says, the sum where `residual` is given
+    /// (same shape as the output). A backend may fuse them (the CPU backend applies the ELU while it lays
+    /// the input out and adds the residual while it writes the output); the result must be what the
+    /// separate operations give, which is this default.
+    fn conv2d_fused(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        p: Conv2dParams,
+        elu_input: bool,
+        residual: Option<&Self::Tensor>,
+    ) -> Self::Tensor {
+        let y = if elu_input {
+            self.conv2d(&self.elu(x), w, bias, p)
+        } else {
+            self.conv2d(x, w, bias, p)
+        };
+        match residual {
+            Some(r) => self.add(&y, r),
+            None => y,
+        }
+    }
     /// 2x2 mean pooling with stride 2 (`ConvMeanPool`'s pooling; H and W even).
     fn mean_pool2(&self, x: &Self::Tensor) -> Self::Tensor;
     /// Max pooling, stride 1, window `k`, padding `pad` (padded cells never win), as `nn.MaxPool2d`.

@@ -731,21 +731,29 @@ impl<B: Backend> Ncsnv2<B> {
         let (e1, n1) = self.norm_act(b, x, &r.norm1, keep);
         let c1 = self.conv(b, &e1, &r.conv1);
         let (e2, n2) = self.norm_act(b, &c1, &r.norm2, keep);
-        let c2 = self.conv(b, &e2, &r.conv2);
-        let c2_shape = b.shape(&c2);
-        let o = if r.pool { b.mean_pool2(&c2) } else { c2 };
-        let (short, srec) = match &r.shortcut {
+        let (sc, srec) = match &r.shortcut {
             Some(c) => {
                 let sc = self.conv(b, x, c);
                 let rec = keep.then(|| ConvRec {
                     input: x.clone(),
                     out_shape: b.shape(&sc),
                 });
-                (if r.pool { b.mean_pool2(&sc) } else { sc }, rec)
+                (Some(if r.pool { b.mean_pool2(&sc) } else { sc }), rec)
             }
-            None => (x.clone(), None),
+            None => (None, None),
         };
-        let out = b.add(&short, &o);
+        let short = sc.as_ref().unwrap_or(x);
+        // out = short + (pooled) conv2(e2); without pooling the sum is fused into the convolution
+        let (out, c2_shape) = if r.pool {
+            let c2 = self.conv(b, &e2, &r.conv2);
+            let c2_shape = b.shape(&c2);
+            (b.add(short, &b.mean_pool2(&c2)), c2_shape)
+        } else {
+            let c = &r.conv2;
+            let out = b.conv2d_fused(&e2, &c.w, c.b.as_ref(), c.p, false, Some(short));
+            let c2_shape = b.shape(&out);
+            (out, c2_shape)
+        };
         let rec = match (n1, n2) {
             (Some(n1), Some(n2)) => Some(ResRec {
                 x: x.clone(),
@@ -802,24 +810,38 @@ impl<B: Backend> Ncsnv2<B> {
         r: &Rcu<B::Tensor>,
         keep: bool,
     ) -> (B::Tensor, RcuRec<B::Tensor>) {
-        let mut x = x.clone();
+        // the running value once it is no longer `x` (no copy of `x` is made)
+        let mut value: Option<B::Tensor> = None;
         let mut stages = Vec::new();
         for block in &r.convs {
-            let residual = x.clone();
+            // each stage is conv(elu(.)), the block's last one with the block's input added; fused where
+            // nothing is kept (the backward pass needs each ELU's input and output)
+            let block_in = value.take();
+            let residual = block_in.as_ref().unwrap_or(x);
+            let mut cur: Option<B::Tensor> = None;
             let mut recs = Vec::new();
-            for conv in block {
-                let e = b.elu(&x);
-                if keep {
-                    recs.push((x.clone(), e.clone()));
-                }
-                x = self.conv(b, &e, conv);
+            for (i, conv) in block.iter().enumerate() {
+                let input = cur.as_ref().unwrap_or(residual);
+                let add = (i + 1 == block.len()).then_some(residual);
+                let out = if keep {
+                    let e = b.elu(input);
+                    let out = b.conv2d_fused(&e, &conv.w, conv.b.as_ref(), conv.p, false, add);
+                    recs.push((input.clone(), e));
+                    out
+                } else {
+                    b.conv2d_fused(input, &conv.w, conv.b.as_ref(), conv.p, true, add)
+                };
+                cur = Some(out);
             }
-            x = b.add(&x, &residual);
+            value = Some(match cur {
+                Some(out) => out,
+                None => b.add(residual, residual),
+            });
             if keep {
                 stages.push(recs);
             }
         }
-        (x, RcuRec { stages })
+        (value.unwrap_or_else(|| x.clone()), RcuRec { stages })
     }
 
     fn rcu_bwd(

@@ -266,10 +266,34 @@ impl Path {
         b: Option<&Tensor>,
         p: Conv2dParams,
     ) -> Tensor {
-        match self {
+        self.run_fused(x, w, b, p, false, None)
+    }
+
+    /// `conv2d(elu(x)) + residual` on the path ([`Backend::conv2d_fused`]): Winograd applies the ELU in
+    /// its channel-last copy of the input and adds the residual in its transpose of the output; the other
+    /// paths run the ELU and the sum as separate passes. The same bits either way.
+    pub(crate) fn run_fused(
+        self,
+        x: &Tensor,
+        w: &CpuTensor,
+        b: Option<&Tensor>,
+        p: Conv2dParams,
+        elu_input: bool,
+        residual: Option<&Tensor>,
+    ) -> Tensor {
+        if let Path::Winograd(k, t) = self {
+            return winograd::conv2d(k, t, x, w, b, p.dilation, elu_input, residual);
+        }
+        let e = elu_input.then(|| elu(x));
+        let x = e.as_deref().unwrap_or(x);
+        let y = match self {
             Path::Im2col => conv2d_im2col(x, w, b, p),
             Path::Direct(k) => direct::conv2d(k, x, w, b, p),
-            Path::Winograd(k, t) => winograd::conv2d(k, t, x, w, b, p.dilation),
+            Path::Winograd(..) => unreachable!("returned above"),
+        };
+        match residual {
+            Some(r) => add(&y, r).into_host(),
+            None => y,
         }
     }
 }
@@ -661,6 +685,20 @@ fn wide<R>(f: impl FnOnce() -> R) -> R {
         }
     }
     f()
+}
+
+/// `elu(x)` elementwise ([`elu1`]), in a pooled buffer.
+fn elu(x: &Tensor) -> CpuTensor {
+    pool::map(x.shape, |data| {
+        wide(|| data.extend(x.data.iter().map(|&v| elu1(v))))
+    })
+}
+
+/// `a + b` elementwise, in a pooled buffer.
+fn add(a: &Tensor, b: &Tensor) -> CpuTensor {
+    pool::map(a.shape, |data| {
+        wide(|| data.extend(a.data.iter().zip(&b.data).map(|(&u, &v)| u + v)))
+    })
 }
 
 /// ELU with alpha 1, branch-free so that loops over slices vectorise: `x` for `x > 0`, else `exp(x) - 1`
@@ -1142,6 +1180,27 @@ impl Backend for CpuBackend {
     ) -> CpuTensor {
         conv2d(x, w, bias.map(|b| &b.t), p).into()
     }
+    fn conv2d_fused(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        bias: Option<&CpuTensor>,
+        p: Conv2dParams,
+        elu_input: bool,
+        residual: Option<&CpuTensor>,
+    ) -> CpuTensor {
+        layers::record(x.shape, w.shape, p);
+        Path::chosen(x.shape, w.shape, p)
+            .run_fused(
+                x,
+                w,
+                bias.map(|b| &b.t),
+                p,
+                elu_input,
+                residual.map(|r| &r.t),
+            )
+            .into()
+    }
     fn mean_pool2(&self, x: &CpuTensor) -> CpuTensor {
         mean_pool2(x).into()
     }
@@ -1167,17 +1226,13 @@ impl Backend for CpuBackend {
         instance_norm_plus_act(x, a, g, b, true).into()
     }
     fn elu(&self, x: &CpuTensor) -> CpuTensor {
-        pool::map(x.shape, |data| {
-            wide(|| data.extend(x.data.iter().map(|&v| elu1(v))))
-        })
+        elu(x)
     }
     fn resize_bilinear(&self, x: &CpuTensor, h: usize, w: usize) -> CpuTensor {
         resize_bilinear(x, h, w).into()
     }
     fn add(&self, a: &CpuTensor, b: &CpuTensor) -> CpuTensor {
-        pool::map(a.shape, |data| {
-            wide(|| data.extend(a.data.iter().zip(&b.data).map(|(&u, &v)| u + v)))
-        })
+        add(a, b)
     }
     fn affine(&self, x: &CpuTensor, scale: f32, shift: f32) -> CpuTensor {
         pool::map(x.shape, |data| {
@@ -1595,6 +1650,64 @@ mod tests {
         }
     }
 
+    #[test]
+    fn fused_conv_gives_the_bits_of_the_separate_operations() {
+        // conv2d(elu(x)) + r on every path against the backend's own ELU, convolution and sum run one
+        // after the other (bit for bit: the fusion must not change a value), and against the reference
+        // backend's (within the paths' tolerance). Widths 28 and 14 leave 4 and 6 pixels past the last
+        // 8-pixel block of the channel-last copy, 7 has no full block; dilation 2 splits sub-images.
+        for (ci, co, p, h, w) in [
+            (32, 32, Conv2dParams::same3(1), 28, 28),
+            (64, 40, Conv2dParams::same3(2), 14, 14),
+            (16, 8, Conv2dParams::same3(1), 7, 9),
+            (8, 3, Conv2dParams::pointwise(), 6, 5),
+        ] {
+            let k = if p.padding == 0 { 1 } else { 3 };
+            let mut x = rand([2, ci, h, w], 4);
+            // ELU's two branches and its clamp at -87
+            x.data[0] = -100.0;
+            x.data[1] = 0.0;
+            let wt = rand([co, ci, k, k], 5);
+            let b = rand([1, co, 1, 1], 6);
+            let r = rand([2, co, h, w], 7);
+            let wc = CpuTensor::from(wt.clone());
+            for path in Path::all(wc.shape, p) {
+                for (elu_input, residual) in [(true, None), (false, Some(&r)), (true, Some(&r))] {
+                    let got = path.run_fused(&x, &wc, Some(&b), p, elu_input, residual);
+                    let e = if elu_input {
+                        elu(&x).into_host()
+                    } else {
+                        x.clone()
+                    };
+                    let mut want = path.run(&e, &wc, Some(&b), p);
+                    if let Some(r) = residual {
+                        want = add(&want, r).into_host();
+                    }
+                    let name = path.name();
+                    let case = format!("{name} {ci}->{co} {p:?} {h}x{w} elu {elu_input}");
+                    assert!(
+                        same_bits(&got, &want),
+                        "{case}, residual {}",
+                        residual.is_some()
+                    );
+                    let e_ref = if elu_input {
+                        reference::elu(&x)
+                    } else {
+                        x.clone()
+                    };
+                    let mut oracle = reference::conv2d(&e_ref, &wt, Some(&b), p);
+                    if let Some(r) = residual {
+                        for (o, &v) in oracle.data.iter_mut().zip(&r.data) {
+                            *o += v;
+                        }
+                    }
+                    let err = rel_max_err(&got.data, &oracle.data);
+                    assert!(err < 4e-5, "{case}: {err} from the reference");
+                }
+            }
+        }
+    }
+
     /// Every convolution path this CPU has ([`Path::all`]): the portable one always; the direct and (where
     /// eligible) Winograd kernels at each width the CPU runs (8 lanes with AVX2 + FMA, 16 with AVX-512F).
     fn conv_paths(
@@ -1647,8 +1760,26 @@ mod tests {
             assert!(same_bits(&d8, &d16), "direct {ci}->{co} {p:?}");
             if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
                 for t in Tile::ALL {
-                    let w8 = winograd::conv2d(Kernel::Avx2, t, &x, &w, Some(&b), p.dilation);
-                    let w16 = winograd::conv2d(Kernel::Avx512, t, &x, &w, Some(&b), p.dilation);
+                    let w8 = winograd::conv2d(
+                        Kernel::Avx2,
+                        t,
+                        &x,
+                        &w,
+                        Some(&b),
+                        p.dilation,
+                        false,
+                        None,
+                    );
+                    let w16 = winograd::conv2d(
+                        Kernel::Avx512,
+                        t,
+                        &x,
+                        &w,
+                        Some(&b),
+                        p.dilation,
+                        false,
+                        None,
+                    );
                     assert!(same_bits(&w8, &w16), "winograd {t:?} {ci}->{co} {p:?}");
                 }
             }

@@ -56,6 +56,8 @@ thread_local! {
     /// The bias padded to a multiple of 16 channels and the tile origins of the call this thread runs.
     #[allow(clippy::type_complexity)]
     static SMALL: std::cell::Cell<(Vec<f32>, Vec<(u32, u32)>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    /// Eight input planes after the ELU of a fused call, before their channel-last copy.
+    static ELU_PLANES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     /// A block's transformed input and products (taken and put back per block).
     static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
@@ -228,11 +230,14 @@ fn gcd(a: usize, b: usize) -> usize {
 /// reads `(m + 2) x (m + 2)` input pixels `d` apart. Tiles are listed by the padded position of their first
 /// input pixel, which (the padding being `d`) is also the position of their first output pixel in the image.
 ///
-/// The products run at width `k` (the backend picks it: `crate::Path`).
+/// The products run at width `k` (the backend picks it: `crate::Path`). With `elu` the input is `elu(x)`
+/// (applied in the channel-last copy), with `residual` (the output's shape) the output is the convolution
+/// plus it (added in the output's transpose): the bits of the backend's separate ELU and sum.
 ///
 /// # Panics
-/// If the CPU cannot run `k`, `k` has no Winograd path (`Portable`, `Neon`) or the convolution is not
-/// `eligible`.
+/// If the CPU cannot run `k`, `k` has no Winograd path (`Portable`, `Neon`), the convolution is not
+/// `eligible`, or `residual` has another shape than the output.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn conv2d(
     k: Kernel,
     tile: Tile,
@@ -240,11 +245,20 @@ pub(crate) fn conv2d(
     w: &CpuTensor,
     bias: Option<&Tensor>,
     d: usize,
+    elu: bool,
+    residual: Option<&Tensor>,
 ) -> Tensor {
     let [n, ci, h, wd] = x.shape;
     let [co, _, kh, kw] = w.shape;
     assert!(k.has_winograd() && k.supported() && eligible(ci, co, kh, kw, d, d));
     let (nr, m) = (k.nr(), tile.m());
+    if let Some(r) = residual {
+        assert_eq!(
+            r.shape,
+            [n, co, h, wd],
+            "the residual has the output's shape"
+        );
+    }
     if h * wd == 0 {
         return Tensor::zeros([n, co, h, wd]);
     }
@@ -276,12 +290,19 @@ pub(crate) fn conv2d(
     // this thread's buffer if it is free (a nested call, from a stolen job, makes its own)
     let mut padded = PADDED.with(|p| p.take());
     padded.resize(n * per_image, 0.0);
+    // the borders, then the interior 8 channels at a time, on this thread (split over the pool, the copy
+    // was no faster at NCSNv2's sizes, 28x28 ngf 32 to 32x32 ngf 128)
     for (b, dst) in padded[..n * per_image]
         .chunks_exact_mut(per_image)
         .enumerate()
     {
-        let src = &x.data[b * ci * h * wd..(b + 1) * ci * h * wd];
-        to_channel_last(src, ci, h, wd, wp, d, dst);
+        zero_borders(dst, ci, h, wd, wp, d);
+        for c0 in (0..ci).step_by(8) {
+            let group = &x.data[(b * ci + c0) * h * wd..(b * ci + c0 + 8) * h * wd];
+            // SAFETY: the CPU runs AVX2 (asserted: `k` is supported and has Winograd); `dst` is the
+            // image's buffer and this loop its only writer.
+            unsafe { group_to_channel_last(group, elu, ci, c0, h, wd, wp, d, dst.as_mut_ptr()) };
+        }
     }
     // The output transform writes channel-last (`[h][w][co8]`, 8 channels per vector store): written to
     // `[co][h][w]` directly, the 8 channels of one pixel are a plane apart (4 KB at 32x32) and share an L1
@@ -349,8 +370,9 @@ pub(crate) fn conv2d(
     let tjob = |j: usize| {
         let (b, g) = (j / groups, j % groups);
         let src = &staged_ref[b * per_out..(b + 1) * per_out];
+        let add = residual.map(|r| &r.data[b * co * hw..(b + 1) * co * hw]);
         // SAFETY: `conv2d` runs only where the CPU has AVX2; see above for the writes.
-        unsafe { from_channel_last(src, hw, co8, co, 8 * g, optr.at(b * co * hw)) };
+        unsafe { from_channel_last(src, hw, co8, co, 8 * g, optr.at(b * co * hw), add) };
     };
     if n * groups > 1 && len >= 1 << 16 {
         (0..n * groups).into_par_iter().for_each(tjob);
@@ -388,19 +410,10 @@ struct Geo<'a> {
     cols: std::ops::Range<usize>,
 }
 
-/// `[ci][h][w]` → channel-last `[y + pad][x + pad][ci]` rows `wp` pixels wide, with zero borders (`dst`
-/// may hold anything before).
-fn to_channel_last(
-    src: &[f32],
-    ci: usize,
-    h: usize,
-    w: usize,
-    wp: usize,
-    pad: usize,
-    dst: &mut [f32],
-) {
+/// The zero borders of one image's channel-last padded input (`[y + pad][x + pad][ci]`, rows `wp` pixels
+/// wide): the rows above and below the image, the columns left and right of each image row.
+fn zero_borders(dst: &mut [f32], ci: usize, h: usize, w: usize, wp: usize, pad: usize) {
     let rows = dst.len() / (wp * ci);
-    // borders: the rows above and below, and the columns left and right of each image row
     dst[..pad * wp * ci].fill(0.0);
     dst[(h + pad) * wp * ci..rows * wp * ci].fill(0.0);
     for y in pad..h + pad {
@@ -408,21 +421,51 @@ fn to_channel_last(
         row[..pad * ci].fill(0.0);
         row[(pad + w) * ci..].fill(0.0);
     }
-    for c0 in (0..ci).step_by(8) {
-        for y in 0..h {
-            let rows: [&[f32]; 8] =
-                std::array::from_fn(|i| &src[((c0 + i) * h + y) * w..((c0 + i) * h + y + 1) * w]);
-            let drow = &mut dst[((y + pad) * wp + pad) * ci..((y + pad) * wp + pad + w) * ci];
-            // SAFETY: `conv2d` checked that the CPU runs AVX2 kernels; 8 rows of w floats in,
-            // w pixels of ci floats out, channels c0..c0 + 8 <= ci.
-            let done = unsafe { transpose8_avx2(&rows, w, drow, ci, c0) };
-            for x in done..w {
-                for (i, r) in rows.iter().enumerate() {
-                    drow[x * ci + c0 + i] = r[x];
-                }
+}
+
+/// Channels `[c0, c0 + 8)` of one image, their planes `group` (`[8][h][w]`), into the image's channel-last
+/// padded input at `dst` (`[y + pad][x + pad][ci]`, rows `wp` pixels wide; see [`zero_borders`]); with
+/// `elu`, of `elu(group)` (the backend's ELU, `crate::elu1`: the same bits as its ELU operation).
+///
+/// # Safety
+/// `conv2d`'s CPU checks (AVX2); `dst` has room for the image's `(h + pad) * wp * ci` floats.
+#[allow(clippy::too_many_arguments)]
+unsafe fn group_to_channel_last(
+    group: &[f32],
+    elu: bool,
+    ci: usize,
+    c0: usize,
+    h: usize,
+    w: usize,
+    wp: usize,
+    pad: usize,
+    dst: *mut f32,
+) {
+    let mut planes = ELU_PLANES.with(|p| p.take());
+    let group = if elu {
+        planes.resize(group.len(), 0.0);
+        crate::wide(|| {
+            for (o, &v) in planes.iter_mut().zip(group) {
+                *o = crate::elu1(v);
+            }
+        });
+        &planes[..]
+    } else {
+        group
+    };
+    for y in 0..h {
+        let rows: [&[f32]; 8] =
+            std::array::from_fn(|i| &group[(i * h + y) * w..(i * h + y + 1) * w]);
+        let drow = dst.add(((y + pad) * wp + pad) * ci);
+        // SAFETY: see the function's; 8 rows of w floats in, w pixels of ci floats out, c0 + 8 <= ci.
+        let done = transpose8_avx2(&rows, w, drow, ci, c0);
+        for x in done..w {
+            for (i, r) in rows.iter().enumerate() {
+                *drow.add(x * ci + c0 + i) = r[x];
             }
         }
     }
+    ELU_PLANES.with(|p| p.set(planes));
 }
 
 /// The 8x8 transpose of `r` (rows in, columns out).
@@ -461,37 +504,45 @@ unsafe fn t8x8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256;
     ]
 }
 
-/// Pixels `[0, w / 8 * 8)` of 8 channel rows into channel-last pixels (`ci` apart, channels at `c0`), by
-/// 8x8 transposes; returns how many pixels it did.
+/// Pixels `[0, w)` of 8 channel rows into channel-last pixels (`ci` apart, channels at `c0`), by 8x8
+/// transposes, the last one overlapping the one before where `w` is not a multiple of 8; returns how many
+/// pixels it did (`w`, or 0 where `w < 8`).
 ///
 /// # Safety
-/// Needs AVX2; every row holds `w` floats, `out` `w * ci` floats, `c0 + 8 <= ci`.
+/// Needs AVX2; every row holds `w` floats, `o` has room for `w * ci` floats, `c0 + 8 <= ci`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn transpose8_avx2(
     rows: &[&[f32]; 8],
     w: usize,
-    out: &mut [f32],
+    o: *mut f32,
     ci: usize,
     c0: usize,
 ) -> usize {
     use std::arch::x86_64::*;
-    let full = w / 8 * 8;
-    let o = out.as_mut_ptr();
-    for x in (0..full).step_by(8) {
+    if w < 8 {
+        return 0;
+    }
+    // blocks at 0, 8, ..., and one at w - 8 for a remainder (it rewrites some pixels with the same values)
+    let starts = (0..w / 8 * 8)
+        .step_by(8)
+        .chain((!w.is_multiple_of(8)).then_some(w - 8));
+    for x in starts {
         let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].as_ptr().add(x)));
         for (j, col) in t8x8(r).into_iter().enumerate() {
             _mm256_storeu_ps(o.add((x + j) * ci + c0), col);
         }
     }
-    full
+    w
 }
 
 /// Channels `[c0, min(c0 + 8, co))` of a channel-last image (`hw` pixels, `co8` floats apart) into their
-/// planes of `out` (`[co][hw]`), by 8x8 transposes.
+/// planes of `out` (`[co][hw]`), by 8x8 transposes, plus the same planes of `add` where given (`[co][hw]`
+/// too: the value `v + a`, as the backend's `add` computes it).
 ///
 /// # Safety
-/// Needs AVX2; `src` holds `hw * co8` floats, `c0 + 8 <= co8`, `out` has room for `co` planes of `hw`.
+/// Needs AVX2; `src` holds `hw * co8` floats, `c0 + 8 <= co8`, `out` has room for `co` planes of `hw`, and
+/// `add` holds `co * hw` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn from_channel_last(
@@ -501,11 +552,31 @@ unsafe fn from_channel_last(
     co: usize,
     c0: usize,
     out: *mut f32,
+    add: Option<&[f32]>,
 ) {
     use std::arch::x86_64::*;
     let nch = (co - c0).min(8);
     let full = hw / 8 * 8;
     let rows: [*mut f32; 8] = std::array::from_fn(|j| out.add((c0 + j.min(nch - 1)) * hw));
+    if let Some(a) = add {
+        assert!(a.len() >= co * hw);
+        let arows: [*const f32; 8] =
+            std::array::from_fn(|j| a.as_ptr().add((c0 + j.min(nch - 1)) * hw));
+        for p in (0..full).step_by(8) {
+            let r: [__m256; 8] =
+                std::array::from_fn(|i| _mm256_loadu_ps(src.as_ptr().add((p + i) * co8 + c0)));
+            for ((row, arow), col) in rows.iter().zip(&arows).zip(t8x8(r)).take(nch) {
+                _mm256_storeu_ps(row.add(p), _mm256_add_ps(col, _mm256_loadu_ps(arow.add(p))));
+            }
+        }
+        for p in full..hw {
+            for j in 0..nch {
+                let at = (c0 + j) * hw + p;
+                *out.add(at) = src[p * co8 + c0 + j] + a[at];
+            }
+        }
+        return;
+    }
     for p in (0..full).step_by(8) {
         let r: [__m256; 8] =
             std::array::from_fn(|i| _mm256_loadu_ps(src.as_ptr().add((p + i) * co8 + c0)));
@@ -521,12 +592,20 @@ unsafe fn from_channel_last(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn from_channel_last(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: *mut f32) {
+unsafe fn from_channel_last(
+    _: &[f32],
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: *mut f32,
+    _: Option<&[f32]>,
+) {
     unreachable!("Winograd convolution is x86-64 only")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn transpose8_avx2(_: &[&[f32]; 8], _: usize, _: &mut [f32], _: usize, _: usize) -> usize {
+unsafe fn transpose8_avx2(_: &[&[f32]; 8], _: usize, _: *mut f32, _: usize, _: usize) -> usize {
     0
 }
 
