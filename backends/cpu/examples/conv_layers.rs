@@ -7,7 +7,8 @@
 //!       [--batch 1] [--iters 9] [--vjp]
 //!
 //! `--vjp` times the input-gradient convolutions (the flipped, transposed kernels dps and pigdm run) instead.
-//! Threads: `RAYON_NUM_THREADS`.
+//! Threads: `RAYON_NUM_THREADS`; the timing runs on a pool worker with the other workers awake, as the CLI's
+//! jobs do (`jointdiff_cpu::on_worker`).
 use jointdiff_core::backend::Conv2dParams;
 use jointdiff_core::ncsnv2::{Ncsnv2, Ncsnv2Config};
 use jointdiff_core::reference;
@@ -34,6 +35,12 @@ fn rand(shape: [usize; 4], seed: u64) -> Tensor {
 }
 
 fn main() {
+    // on a worker with the pool's other threads awake, as the CLI runs its jobs (`on_worker`): each
+    // convolution's parallel loop then starts on every thread at once
+    jointdiff_cpu::on_worker(run);
+}
+
+fn run() {
     let args: Vec<String> = std::env::args().collect();
     let (size, channels, ngf) = (
         arg(&args, "--size", 32),

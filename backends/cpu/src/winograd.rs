@@ -319,16 +319,26 @@ pub(crate) fn conv2d(
         .div_ceil(tiles.div_ceil(cap).max(1))
         .next_multiple_of(mr);
     let blocks = tiles.div_ceil(tb);
-    // Where the images' blocks do not divide among the threads (a 14x14 image at F(2x2) is 49 tiles, 3
-    // blocks, for 2 threads), the jobs also split the output channels, into `parts` runs of micro-kernel
-    // columns, so that the job count is a multiple of the thread count where the channels allow: each part
-    // repeats the input transform of its tiles (cheap beside the products) and reads only its own columns
-    // of U. Each output value is the same FMAs however the work is split, so the results do not depend on
-    // the thread count.
+    // Where the images' blocks are fewer than the threads (a 14x14 image at F(4x4) is 16 tiles, 2 blocks,
+    // for 16 threads), the jobs also split the output channels, into `parts` runs of micro-kernel columns,
+    // so that the job count is a multiple of the thread count where the channels allow: each part repeats
+    // the input transform of its tiles and reads only its own columns of U. Where there are blocks enough,
+    // the channels stay whole even if the blocks do not divide among the threads: a part's repeated input
+    // transform costs a fifth of a 14x14 64 -> 64 convolution, and every part reads the whole input that
+    // this thread laid out (at 2 threads, AVX2: a 28x28 32 -> 32 layer 0.077 -> 0.062 ms as 5 blocks than
+    // as 5 blocks x 2 parts; a 14x14 64 -> 64 layer took a quarter longer as 2 blocks x 2 parts than as 2
+    // blocks of 12 and 4 tiles; BENCHMARKS.md). Each output value is the same FMAs however the work is
+    // split, so the results do not depend on the thread count.
     let cbs = co_nr / nr;
     let threads = rayon::current_num_threads();
     // (an empty batch has no jobs either way)
-    let per = cbs.div_ceil((threads / gcd((n * blocks).max(1), threads)).clamp(1, cbs));
+    let nb = (n * blocks).max(1);
+    let want = if nb >= threads {
+        1
+    } else {
+        threads / gcd(nb, threads)
+    };
+    let per = cbs.div_ceil(want.clamp(1, cbs));
     let parts = cbs.div_ceil(per);
     let sptr = OutPtr(staged.as_mut_ptr());
     let job = |j: usize| {
