@@ -1844,14 +1844,16 @@ mod tests {
         // large enough for the parallel paths; odd sizes so that tiles and pixel blocks end mid-row;
         // dilation 1 and 32 input channels so that the Winograd path runs too; then a deep layer (264
         // channels: reductions in several chunks on both paths); small images whose Winograd jobs also split
-        // the output channels, into as many parts as the thread count asks (1, 2 or 3 here)
-        for (ci, co, h, w) in [
-            (32, 37, 29, 31),
-            (264, 40, 9, 11),
-            (16, 100, 5, 6),
-            (24, 72, 14, 14),
+        // the output channels, into as many parts as the thread count asks (1, 2 or 3 here); one image of
+        // 14x14, whose tiles make one block at one thread and two at two where the lanes are 16
+        for (n, ci, co, h, w) in [
+            (2, 32, 37, 29, 31),
+            (2, 264, 40, 9, 11),
+            (2, 16, 100, 5, 6),
+            (2, 24, 72, 14, 14),
+            (1, 64, 64, 14, 14),
         ] {
-            let x = rand([2, ci, h, w], 1);
+            let x = rand([n, ci, h, w], 1);
             let wt = rand([co, ci, 3, 3], 2);
             let b = rand([1, co, 1, 1], 3);
             let p = Conv2dParams::same3(1);

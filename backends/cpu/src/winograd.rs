@@ -314,9 +314,21 @@ pub(crate) fn conv2d(
     // As few blocks per image as the tiling's cap allows (each block reads all of U: fewer blocks, fewer
     // weight reads), the tiles spread evenly over them, a multiple of MR per block (so that a short block's
     // last rows stay within the block).
+    // As few blocks per image as the cap allows (each block reads all of U). Where U is small (at most 1 MB:
+    // it stays in each core's L2) and the tiles allow (MR tiles per block at least), enough blocks for every
+    // thread: a thread with a block of its own reads only that block's input, where threads that share a
+    // block by output channels each repeat its input transform (a 14x14 image at F(4x4) and 16 lanes is 16
+    // tiles: one block of 16 at one thread, two of 8 at two). A large U is shared by output channels instead,
+    // each thread reading its own columns of it (32x32x3 ngf 128's 16x16 256 -> 256 layers: 9.4 MB).
     let (mr, cap) = (k.mr(), tile.block_cap(k.mr()));
+    let threads = rayon::current_num_threads();
+    let per_thread = if u.len() * 4 <= 1 << 20 {
+        threads.div_ceil(n.max(1)).min(tiles.div_ceil(mr))
+    } else {
+        1
+    };
     let tb = tiles
-        .div_ceil(tiles.div_ceil(cap).max(1))
+        .div_ceil(tiles.div_ceil(cap).max(per_thread).max(1))
         .next_multiple_of(mr);
     let blocks = tiles.div_ceil(tb);
     // Where the images' blocks are fewer than the threads (a 14x14 image at F(4x4) is 16 tiles, 2 blocks,
@@ -330,7 +342,6 @@ pub(crate) fn conv2d(
     // blocks of 12 and 4 tiles; BENCHMARKS.md). Each output value is the same FMAs however the work is
     // split, so the results do not depend on the thread count.
     let cbs = co_nr / nr;
-    let threads = rayon::current_num_threads();
     // (an empty batch has no jobs either way)
     let nb = (n * blocks).max(1);
     let want = if nb >= threads {
