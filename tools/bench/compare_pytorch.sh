@@ -13,7 +13,7 @@
 # Each config runs ROUNDS times (default 3), PyTorch and jointdiff alternating, and the table keeps the best
 # round of each: on a shared virtual machine the speed drifts by up to 40% over minutes, and alternating
 # rounds with the best of each compares the two under the same conditions.
-# Sets up a venv with torch in tools/reference/.venv on first use (a large download).
+# Sets up a venv with torch in tools/reference/.venv on first use (a large download; tools/bench/torch_python.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
@@ -33,11 +33,8 @@ case "$ISA" in
     ;;
   *) echo "ISA must be avx2 or unset, not '$ISA'" >&2; exit 2 ;;
 esac
-VENV="${JOINTDIFF_TORCH_VENV:-$ROOT/tools/reference/.venv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch numpy safetensors
-fi
+# shellcheck source=tools/bench/torch_python.sh
+. "$ROOT/tools/bench/torch_python.sh"
 cargo build --release -q -p jointdiff-cli
 JD="$ROOT/target/release/jointdiff"
 CONFIGS=("28 1 32 1" "28 1 64 1" "32 3 128 1" "64 3 128 1" "28 1 32 8" "28 1 32 64")
@@ -45,7 +42,7 @@ OUT="$(mktemp)"
 {
   echo "Command: \`${ISA:+ISA=$ISA }THREADS=$THREADS bash tools/bench/compare_pytorch.sh $ITERS $ROUNDS\` on $(date -u +%Y-%m-%d), \`nproc\` = $(nproc),"
   echo "CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1), flags: $(grep -o -w 'avx512f\|avx2\|fma' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-  echo "PyTorch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') with torch.set_num_threads($THREADS); jointdiff cpu backend with RAYON_NUM_THREADS=$THREADS, JOINTDIFF_CPU_KERNEL=${JOINTDIFF_CPU_KERNEL:-unset (16 lanes where the CPU has AVX-512F, else 8)}.$ISA_NOTE"
+  echo "PyTorch $("$PYTHON" -c 'import torch; print(torch.__version__)') with torch.set_num_threads($THREADS); jointdiff cpu backend with RAYON_NUM_THREADS=$THREADS, JOINTDIFF_CPU_KERNEL=${JOINTDIFF_CPU_KERNEL:-unset (16 lanes where the CPU has AVX-512F, else 8)}.$ISA_NOTE"
   echo "Median of $ITERS forwards per round, best of $ROUNDS alternating rounds each, random weights; both in this invocation."
   echo
   echo "| config | batch | GFLOP | PyTorch ms | jointdiff ms | PyTorch images/s | jointdiff images/s | jointdiff GFLOP/s | ratio (images/s) |"
@@ -54,7 +51,7 @@ OUT="$(mktemp)"
     read -r S C G B <<<"$cfg"
     PTS=(); JDS=()
     for _ in $(seq "$ROUNDS"); do
-      PTS+=("$("$VENV/bin/python" tools/reference/bench_torch.py --size "$S" --channels "$C" --ngf "$G" --batch "$B" --iters "$ITERS" --threads "$THREADS")")
+      PTS+=("$("$PYTHON" tools/reference/bench_torch.py --size "$S" --channels "$C" --ngf "$G" --batch "$B" --iters "$ITERS" --threads "$THREADS")")
       JDS+=("$(RAYON_NUM_THREADS="$THREADS" "$JD" bench forward --size "$S" --channels "$C" --ngf "$G" --batch "$B" --iters "$ITERS" --json)")
     done
     python3 - "$S" "$C" "$G" "$B" "${PTS[@]}" "${JDS[@]}" <<'PY'

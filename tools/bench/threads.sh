@@ -31,14 +31,8 @@ COUNTS=()
 for t in ${THREAD_COUNTS:-1 2 4 8 16}; do
   [ "$t" -le "$NPROC" ] && COUNTS+=("$t")
 done
-if [ -z "${PYTHON:-}" ]; then
-  VENV="${JOINTDIFF_TORCH_VENV:-$ROOT/tools/reference/.venv}"
-  if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q torch numpy safetensors
-  fi
-  PYTHON="$VENV/bin/python"
-fi
+# shellcheck source=tools/bench/torch_python.sh
+. "$ROOT/tools/bench/torch_python.sh"
 if [ -z "${JD:-}" ]; then
   cargo build --release -q -p jointdiff-cli
   JD="$ROOT/target/release/jointdiff"

@@ -192,8 +192,20 @@ fn im2col_tile(
 
 /// Convolution, on the path [`Path::chosen`] picks.
 fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
+    conv2d_fused(x, w, bias, p, false, None)
+}
+
+/// `conv2d(elu(x)) + residual` ([`Backend::conv2d_fused`]), on the path [`Path::chosen`] picks.
+fn conv2d_fused(
+    x: &Tensor,
+    w: &CpuTensor,
+    bias: Option<&Tensor>,
+    p: Conv2dParams,
+    elu_input: bool,
+    residual: Option<&Tensor>,
+) -> Tensor {
     layers::record(x.shape, w.shape, p);
-    Path::chosen(x.shape, w.shape, p).run(x, w, bias, p)
+    Path::chosen(x.shape, w.shape, p).run_fused(x, w, bias, p, elu_input, residual)
 }
 
 /// A convolution path: the portable im2col + GEMM, or a kernel of `direct`/`winograd` at a width (and, for
@@ -1189,17 +1201,8 @@ impl Backend for CpuBackend {
         elu_input: bool,
         residual: Option<&CpuTensor>,
     ) -> CpuTensor {
-        layers::record(x.shape, w.shape, p);
-        Path::chosen(x.shape, w.shape, p)
-            .run_fused(
-                x,
-                w,
-                bias.map(|b| &b.t),
-                p,
-                elu_input,
-                residual.map(|r| &r.t),
-            )
-            .into()
+        let (b, r) = (bias.map(|b| &b.t), residual.map(|r| &r.t));
+        conv2d_fused(x, w, b, p, elu_input, r).into()
     }
     fn mean_pool2(&self, x: &CpuTensor) -> CpuTensor {
         mean_pool2(x).into()
