@@ -313,13 +313,12 @@ pub(crate) fn conv2d(
     staged.resize(staged.len().max(n * per_out), 0.0);
     // As few blocks per image as the tiling's cap allows (each block reads all of U: fewer blocks, fewer
     // weight reads), the tiles spread evenly over them, a multiple of MR per block (so that a short block's
-    // last rows stay within the block).
-    // As few blocks per image as the cap allows (each block reads all of U). Where U is small (at most 1 MB:
-    // it stays in each core's L2) and the tiles allow (MR tiles per block at least), enough blocks for every
-    // thread: a thread with a block of its own reads only that block's input, where threads that share a
-    // block by output channels each repeat its input transform (a 14x14 image at F(4x4) and 16 lanes is 16
-    // tiles: one block of 16 at one thread, two of 8 at two). A large U is shared by output channels instead,
-    // each thread reading its own columns of it (32x32x3 ngf 128's 16x16 256 -> 256 layers: 9.4 MB).
+    // last rows stay within the block). Where U is small (at most 1 MB: it stays in each core's L2) and
+    // the tiles allow (MR tiles per block at least), enough blocks for every thread: a thread with a block
+    // of its own reads only that block's input, where threads that share a block by output channels each
+    // repeat its input transform (a 14x14 image at F(4x4) and 16 lanes is 16 tiles: one block of 16 at one
+    // thread, two of 8 at two). A large U is shared by output channels instead, each thread reading its own
+    // columns of it (32x32x3 ngf 128's 16x16 256 -> 256 layers: 9.4 MB).
     let (mr, cap) = (k.mr(), tile.block_cap(k.mr()));
     let threads = rayon::current_num_threads();
     let per_thread = if u.len() * 4 <= 1 << 20 {
