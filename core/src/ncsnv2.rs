@@ -472,6 +472,33 @@ impl<B: Backend> Ncsnv2<B> {
         b.instance_norm_plus_elu(x, &n.alpha, &n.gamma, &n.beta)
     }
 
+    /// InstanceNorm++ then ELU, then the convolution `c` (plus `residual`): the norm and the ELU fused
+    /// where nothing is kept, the ELU and the convolution where the norm's output is kept for an input VJP,
+    /// all three apart where the weight gradients need the ELU's output too. Returns the convolution's
+    /// output, the norm's output and the ELU's where kept.
+    #[allow(clippy::type_complexity)]
+    fn norm_conv(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        n: &Norm<B::Tensor>,
+        c: &Conv<B::Tensor>,
+        keep: Keep,
+        residual: Option<&B::Tensor>,
+    ) -> (B::Tensor, Option<B::Tensor>, Option<B::Tensor>) {
+        let conv = |x: &B::Tensor, elu| b.conv2d_fused(x, &c.w, c.b.as_ref(), c.p, elu, residual);
+        if !keep.any() {
+            return (conv(&self.norm_elu(b, x, n), false), None, None);
+        }
+        let pre = b.instance_norm_plus(x, &n.alpha, &n.gamma, &n.beta);
+        if keep == Keep::All {
+            let e = b.elu(&pre);
+            (conv(&e, false), Some(pre), Some(e))
+        } else {
+            (conv(&pre, true), Some(pre), None)
+        }
+    }
+
     /// InstanceNorm++ then ELU: fused when nothing is kept, else separately so that the backward pass
     /// has the pre-activation.
     fn norm_act(
@@ -498,7 +525,7 @@ impl<B: Backend> Ncsnv2<B> {
         self.config.check_input(shape)?;
         let part = b.forward_part(shape).max(1);
         if part >= shape[0] {
-            return Ok(self.run(b, x, false).0);
+            return Ok(self.run(b, x, Keep::Nothing).0);
         }
         let mut outs: Vec<Option<Result<B::Tensor>>> =
             (0..shape[0].div_ceil(part)).map(|_| None).collect();
@@ -525,7 +552,7 @@ impl<B: Backend> Ncsnv2<B> {
             let start = first * part;
             *slot = Some(
                 b.batch_slice(x, start, part.min(n - start))
-                    .map(|xs| self.run(b, &xs, false).0),
+                    .map(|xs| self.run(b, &xs, Keep::Nothing).0),
             );
             return;
         }
@@ -538,7 +565,7 @@ impl<B: Backend> Ncsnv2<B> {
     }
 
     /// The network graph, written once: `keep` records what the backward pass needs (a [`Tape`]).
-    fn run(&self, b: &B, x: &B::Tensor, keep: bool) -> (B::Tensor, Option<Tape<B::Tensor>>) {
+    fn run(&self, b: &B, x: &B::Tensor, keep: Keep) -> (B::Tensor, Option<Tape<B::Tensor>>) {
         let h = if self.config.input_map {
             b.affine(x, 2.0, -1.0)
         } else {
@@ -554,7 +581,7 @@ impl<B: Backend> Ncsnv2<B> {
                 out = o;
                 recs.extend(rec);
             }
-            if keep {
+            if keep.any() {
                 res_recs.push(recs);
             }
             layers.push(out.clone());
@@ -571,10 +598,11 @@ impl<B: Backend> Ncsnv2<B> {
         let (ref3, r3) = self.refine_fwd(b, &[&layers[1], &ref2], &self.refine[2], h2, w2, keep);
         let (h1, w1) = s(&layers[0]);
         let (ref4, r4) = self.refine_fwd(b, &[&layers[0], &ref3], &self.refine[3], h1, w1, keep);
-        let (act, normed) = self.norm_act(b, &ref4, &self.normalizer, keep);
+        let (act, normed) = self.norm_act(b, &ref4, &self.normalizer, keep.any());
         let out = self.conv(b, &act, &self.end_conv);
         let tape = match (normed, r1, r2, r3, r4) {
             (Some(normed), Some(r1), Some(r2), Some(r3), Some(r4)) => Some(Tape {
+                weights: keep == Keep::All,
                 begin_in: h,
                 res: res_recs,
                 refine: [r1, r2, r3, r4],
@@ -609,7 +637,7 @@ impl<B: Backend> Ncsnv2<B> {
     ) -> Result<(B::Tensor, ForwardTape<B::Tensor>)> {
         let shape = b.shape(x);
         self.config.check_input(shape)?;
-        let (out, tape) = self.run(b, x, true);
+        let (out, tape) = self.run(b, x, Keep::Input);
         let tape = tape.ok_or_else(|| Error::invalid("the forward pass kept no tape"))?;
         Ok((out, ForwardTape { tape, shape }))
     }
@@ -678,20 +706,22 @@ struct ConvRec<T> {
     out_shape: [usize; 4],
 }
 
+/// A residual block's tape: its input, each norm's output `n` and ELU output `e` (kept for weight gradients
+/// only: [`Keep::All`]), the first convolution's output.
 struct ResRec<T> {
     x: T,
     n1: T,
-    e1: T,
+    e1: Option<T>,
     c1: T,
     n2: T,
-    e2: T,
+    e2: Option<T>,
     c2_shape: [usize; 4],
     short: Option<ConvRec<T>>,
 }
 
-/// Per RCU block: per stage (input of the ELU, output of the ELU).
+/// Per RCU block: per stage (input of the ELU, output of the ELU where kept: [`Keep::All`]).
 struct RcuRec<T> {
-    stages: Vec<Vec<(T, T)>>,
+    stages: Vec<Vec<(T, Option<T>)>>,
 }
 
 struct CrpRec<T> {
@@ -700,8 +730,28 @@ struct CrpRec<T> {
     stages: Vec<(T, T)>,
 }
 
-/// What the backward pass of the whole network needs, recorded by `run(.., keep = true)`.
+/// What a forward pass records for the backward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keep {
+    /// nothing (a plain forward)
+    Nothing,
+    /// what the input gradient needs (dps and pigdm's VJP): the ELUs before convolutions can fuse with them
+    Input,
+    /// what the weight gradients need too (training): every convolution's input
+    All,
+}
+
+impl Keep {
+    fn any(self) -> bool {
+        self != Keep::Nothing
+    }
+}
+
+/// What the backward pass of the whole network needs, recorded by `run(.., keep)` with `keep` not
+/// [`Keep::Nothing`].
 struct Tape<T> {
+    /// whether it was recorded for the weight gradients too ([`Keep::All`])
+    weights: bool,
     /// input of begin_conv (after the input map)
     begin_in: T,
     res: Vec<Vec<ResRec<T>>>,
@@ -726,15 +776,13 @@ impl<B: Backend> Ncsnv2<B> {
         b: &B,
         x: &B::Tensor,
         r: &ResBlock<B::Tensor>,
-        keep: bool,
+        keep: Keep,
     ) -> (B::Tensor, Option<ResRec<B::Tensor>>) {
-        let (e1, n1) = self.norm_act(b, x, &r.norm1, keep);
-        let c1 = self.conv(b, &e1, &r.conv1);
-        let (e2, n2) = self.norm_act(b, &c1, &r.norm2, keep);
+        let (c1, n1, e1) = self.norm_conv(b, x, &r.norm1, &r.conv1, keep, None);
         let (sc, srec) = match &r.shortcut {
             Some(c) => {
                 let sc = self.conv(b, x, c);
-                let rec = keep.then(|| ConvRec {
+                let rec = keep.any().then(|| ConvRec {
                     input: x.clone(),
                     out_shape: b.shape(&sc),
                 });
@@ -743,16 +791,15 @@ impl<B: Backend> Ncsnv2<B> {
             None => (None, None),
         };
         let short = sc.as_ref().unwrap_or(x);
-        // out = short + (pooled) conv2(e2); without pooling the sum is fused into the convolution
-        let (out, c2_shape) = if r.pool {
-            let c2 = self.conv(b, &e2, &r.conv2);
+        // out = short + (pooled) conv2(elu(norm2(c1))); without pooling the sum is fused into the convolution
+        let (out, c2_shape, n2, e2) = if r.pool {
+            let (c2, n2, e2) = self.norm_conv(b, &c1, &r.norm2, &r.conv2, keep, None);
             let c2_shape = b.shape(&c2);
-            (b.add(short, &b.mean_pool2(&c2)), c2_shape)
+            (b.add(short, &b.mean_pool2(&c2)), c2_shape, n2, e2)
         } else {
-            let c = &r.conv2;
-            let out = b.conv2d_fused(&e2, &c.w, c.b.as_ref(), c.p, false, Some(short));
+            let (out, n2, e2) = self.norm_conv(b, &c1, &r.norm2, &r.conv2, keep, Some(short));
             let c2_shape = b.shape(&out);
-            (out, c2_shape)
+            (out, c2_shape, n2, e2)
         };
         let rec = match (n1, n2) {
             (Some(n1), Some(n2)) => Some(ResRec {
@@ -783,10 +830,12 @@ impl<B: Backend> Ncsnv2<B> {
         } else {
             g.clone()
         };
-        let g_e2 = conv_bwd(b, &rec.e2, &r.conv2, &g_c2, gs);
+        // a tape for an input VJP keeps no ELU outputs: the convolutions then read only the shape of
+        // their input, which the ELU's input has too
+        let g_e2 = conv_bwd(b, rec.e2.as_ref().unwrap_or(&rec.n2), &r.conv2, &g_c2, gs);
         let g_n2 = b.elu_backward(&rec.n2, &g_e2);
         let g_c1 = norm_bwd(b, &rec.c1, &r.norm2, &g_n2, gs);
-        let g_e1 = conv_bwd(b, &rec.e1, &r.conv1, &g_c1, gs);
+        let g_e1 = conv_bwd(b, rec.e1.as_ref().unwrap_or(&rec.n1), &r.conv1, &g_c1, gs);
         let g_n1 = b.elu_backward(&rec.n1, &g_e1);
         let g_x = norm_bwd(b, &rec.x, &r.norm1, &g_n1, gs);
         let g_short = match (&r.shortcut, &rec.short) {
@@ -808,14 +857,14 @@ impl<B: Backend> Ncsnv2<B> {
         b: &B,
         x: &B::Tensor,
         r: &Rcu<B::Tensor>,
-        keep: bool,
+        keep: Keep,
     ) -> (B::Tensor, RcuRec<B::Tensor>) {
         // the running value once it is no longer `x` (no copy of `x` is made)
         let mut value: Option<B::Tensor> = None;
         let mut stages = Vec::new();
         for block in &r.convs {
-            // each stage is conv(elu(.)), the block's last one with the block's input added; fused where
-            // nothing is kept (the backward pass needs each ELU's input and output)
+            // each stage is conv(elu(.)), the block's last one with the block's input added; fused unless
+            // the weight gradients need the ELU's output
             let block_in = value.take();
             let residual = block_in.as_ref().unwrap_or(x);
             let mut cur: Option<B::Tensor> = None;
@@ -823,12 +872,15 @@ impl<B: Backend> Ncsnv2<B> {
             for (i, conv) in block.iter().enumerate() {
                 let input = cur.as_ref().unwrap_or(residual);
                 let add = (i + 1 == block.len()).then_some(residual);
-                let out = if keep {
+                let out = if keep == Keep::All {
                     let e = b.elu(input);
                     let out = b.conv2d_fused(&e, &conv.w, conv.b.as_ref(), conv.p, false, add);
-                    recs.push((input.clone(), e));
+                    recs.push((input.clone(), Some(e)));
                     out
                 } else {
+                    if keep.any() {
+                        recs.push((input.clone(), None));
+                    }
                     b.conv2d_fused(input, &conv.w, conv.b.as_ref(), conv.p, true, add)
                 };
                 cur = Some(out);
@@ -837,7 +889,7 @@ impl<B: Backend> Ncsnv2<B> {
                 Some(out) => out,
                 None => b.add(residual, residual),
             });
-            if keep {
+            if keep.any() {
                 stages.push(recs);
             }
         }
@@ -856,7 +908,8 @@ impl<B: Backend> Ncsnv2<B> {
         for (block, recs) in r.convs.iter().zip(&rec.stages).rev() {
             let g_res = g.clone();
             for (conv, (xin, e)) in block.iter().zip(recs).rev() {
-                let g_e = conv_bwd(b, e, conv, &g, gs);
+                // without the ELU's output (an input VJP's tape) the convolution reads only its shape
+                let g_e = conv_bwd(b, e.as_ref().unwrap_or(xin), conv, &g, gs);
                 g = b.elu_backward(xin, &g_e);
             }
             g = b.add(&g, &g_res);
@@ -871,7 +924,7 @@ impl<B: Backend> Ncsnv2<B> {
         r: &Refine<B::Tensor>,
         h: usize,
         w: usize,
-        keep: bool,
+        keep: Keep,
     ) -> (B::Tensor, Option<RefineRec<B::Tensor>>) {
         let mut hs = Vec::new();
         let mut adapt = Vec::new();
@@ -888,7 +941,7 @@ impl<B: Backend> Ncsnv2<B> {
             for (hx, conv) in hs.iter().zip(&r.msf) {
                 let mut t = self.conv(b, hx, conv);
                 let shape = b.shape(&t);
-                if keep {
+                if keep.any() {
                     msf.push((hx.clone(), shape));
                 }
                 if shape[2] != h || shape[3] != w {
@@ -902,13 +955,13 @@ impl<B: Backend> Ncsnv2<B> {
             sum.expect("msf has at least two inputs")
         };
         // CRP: x = elu(input); path = x; per stage path = conv(maxpool(path)), x += path
-        let input = keep.then(|| out.clone());
+        let input = keep.any().then(|| out.clone());
         let mut x = b.elu(&out);
         let mut path = x.clone();
         let mut stages = Vec::new();
         for conv in &r.crp {
             let pooled = b.max_pool(&path, 5, 2);
-            if keep {
+            if keep.any() {
                 stages.push((path.clone(), pooled.clone()));
             }
             path = self.conv(b, &pooled, conv);
@@ -1008,7 +1061,8 @@ impl<B: Backend> Ncsnv2<B> {
                 g.shape, x.shape
             )));
         }
-        let (_, tape) = self.run(b, &b.upload(x), true);
+        let keep = if params { Keep::All } else { Keep::Input };
+        let (_, tape) = self.run(b, &b.upload(x), keep);
         let tape = tape.ok_or_else(|| Error::invalid("the forward pass kept no tape"))?;
         let shape = x.shape;
         let (gx, grads) =
@@ -1035,7 +1089,13 @@ impl<B: Backend> Ncsnv2<B> {
                 tape.shape
             )));
         }
+        if params && !tape.tape.weights {
+            return Err(Error::invalid(
+                "the tape was recorded for an input gradient, not for weight gradients",
+            ));
+        }
         let Tape {
+            weights: _,
             begin_in,
             res: res_recs,
             refine: [r1, r2, r3, r4],
