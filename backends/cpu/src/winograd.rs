@@ -182,33 +182,48 @@ fn transform_weights(w: &[f32], co: usize, ci: usize, nr: usize, tile: Tile) -> 
     }
 }
 
-/// [`transform_weights`] with `g` in the float type `T`.
+/// [`transform_weights`] with `g` in the float type `T`. The runs of NR output channels are transformed in
+/// parallel on large layers (an ngf-128 model's 3x3 layers took 0.3 s on one thread at its first forward);
+/// each value is the same arithmetic whatever the thread.
 fn pack_u<T>(w: &[f32], co: usize, ci: usize, nr: usize, g: &[[T; 3]]) -> Vec<f32>
 where
-    T: Copy + Default + From<f32> + Into<f64> + std::ops::Mul<Output = T> + std::iter::Sum,
+    T: Copy + Default + From<f32> + Into<f64> + std::ops::Mul<Output = T> + std::iter::Sum + Sync,
 {
     let a = g.len();
     let co_nr = co.next_multiple_of(nr);
+    let cbs = co_nr / nr;
     let mut u = vec![0f32; a * a * co_nr * ci];
-    let mut t = [[T::default(); 3]; 6];
-    for o in 0..co {
-        for c in 0..ci {
-            let k = &w[(o * ci + c) * 9..(o * ci + c + 1) * 9];
-            // t = G k (a x 3)
-            for (ti, gi) in t.iter_mut().zip(g) {
-                for (j, tij) in ti.iter_mut().enumerate() {
-                    *tij = (0..3).map(|r| gi[r] * T::from(k[r * 3 + j])).sum();
+    let out = OutPtr(u.as_mut_ptr());
+    // output channels [cb nr, cb nr + nr): the values at ((xi cbs + cb) ci + c) nr + o % nr, which no other
+    // run writes
+    let run = |cb: usize| {
+        let mut t = [[T::default(); 3]; 6];
+        for o in cb * nr..((cb + 1) * nr).min(co) {
+            for c in 0..ci {
+                let k = &w[(o * ci + c) * 9..(o * ci + c + 1) * 9];
+                // t = G k (a x 3)
+                for (ti, gi) in t.iter_mut().zip(g) {
+                    for (j, tij) in ti.iter_mut().enumerate() {
+                        *tij = (0..3).map(|r| gi[r] * T::from(k[r * 3 + j])).sum();
+                    }
                 }
-            }
-            // U = t G^T (a x a)
-            for (i, ti) in t.iter().take(a).enumerate() {
-                for (j, gj) in g.iter().enumerate() {
-                    let v: T = (0..3).map(|r| ti[r] * gj[r]).sum();
-                    let xi = i * a + j;
-                    u[((xi * (co_nr / nr) + o / nr) * ci + c) * nr + o % nr] = v.into() as f32;
+                // U = t G^T (a x a)
+                for (i, ti) in t.iter().take(a).enumerate() {
+                    for (j, gj) in g.iter().enumerate() {
+                        let v: T = (0..3).map(|r| ti[r] * gj[r]).sum();
+                        let at = (((i * a + j) * cbs + cb) * ci + c) * nr + o % nr;
+                        // SAFETY: `at` < a * a * co_nr * ci, the length of `u`, which outlives the loop;
+                        // this run is its only writer (see above)
+                        unsafe { *out.at(at) = v.into() as f32 };
+                    }
                 }
             }
         }
+    };
+    if cbs > 1 && co * ci >= 1 << 12 {
+        (0..cbs).into_par_iter().for_each(run);
+    } else {
+        (0..cbs).for_each(run);
     }
     u
 }
