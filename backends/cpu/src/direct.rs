@@ -150,26 +150,50 @@ pub(crate) fn conv2d(
         packed,
         bias: &bias_nr,
     };
-    // Jobs: runs of pixel blocks of one image, all output channels each; an image has at least 4 runs when
-    // it has that many blocks, so that two threads share even one small image. A run holds at most 384
-    // pixels, so that its accumulators (384 x NR floats) stay in L2.
-    let blocks = hw.div_ceil(mr);
-    let run_blocks = blocks.div_ceil(4).clamp(1, 384 / mr);
-    let runs = blocks.div_ceil(run_blocks);
-    // every output value is written below (the runs cover each image's pixels, the blocks every channel)
     let len = n * co * hw;
     let mut data: Vec<f32> = crate::pool::with_capacity(len);
     let optr = OutPtr(data.as_mut_ptr());
+    // A few output channels (NCSNv2's last layer: 1 or 3) fill at most a quarter of the kernel's NR lanes:
+    // vectorise over each row's pixels instead, where a row holds a vector of them.
+    let few = co * 4 <= nr && wo >= nr / 2;
+    // Jobs: runs of pixel blocks (rows, for a few channels) of one image, all output channels each; an image
+    // has at least 4 runs where it has that many blocks, so that two threads share even one small image. A
+    // run holds at most 384 pixels, so that its accumulators (384 x NR floats) stay in L2.
+    let blocks = if few { ho } else { hw.div_ceil(mr) };
+    let run_blocks = if few {
+        ho.div_ceil(4)
+    } else {
+        blocks.div_ceil(4).clamp(1, 384 / mr)
+    };
+    let runs = blocks.div_ceil(run_blocks);
+    let raw = &w.data[..co * kk];
     let job = |j: usize| {
         let (b, r) = (j / runs, j % runs);
-        let q0 = r * run_blocks * mr;
-        let q1 = (q0 + run_blocks * mr).min(hw);
         let src = &padded[b * per_image..(b + 1) * per_image];
         // SAFETY: the CPU runs `k` (asserted above); every base + offset is inside the padded image (valid
-        // output pixels read only the padded input); this job writes only image b's pixels [q0, q1) of
+        // output pixels read only the padded input); this job writes only image b's pixels of its run of
         // every output channel, which no other job writes.
-        unsafe { run(k, &plan, src, q0, q1, optr.at(b * co * hw)) };
+        unsafe {
+            let out = optr.at(b * co * hw);
+            if few {
+                let y0 = r * run_blocks;
+                rows(
+                    k,
+                    &plan,
+                    raw,
+                    src,
+                    wo,
+                    wp,
+                    y0..(y0 + run_blocks).min(ho),
+                    out,
+                )
+            } else {
+                let q0 = r * run_blocks * mr;
+                run(k, &plan, src, q0, (q0 + run_blocks * mr).min(hw), out)
+            }
+        }
     };
+    // every output value is written (the runs cover each image's pixels, the blocks every channel)
     let jobs = n * runs;
     if jobs > 1 && co * kk * hw * n >= 1 << 18 {
         (0..jobs).into_par_iter().for_each(job);
@@ -239,6 +263,137 @@ unsafe fn run(k: Kernel, plan: &Plan, src: &[f32], q0: usize, q1: usize, out: *m
     {
         let _ = (k, plan, src, q0, q1, out);
         unreachable!("direct convolution is x86-64 and aarch64 only")
+    }
+}
+
+/// Output rows `ys` of one image, every output channel, written to `out` (`[co][hw]`), at width `k`,
+/// vectorised over each row's pixels ([`rows_at`]); `w` is the raw `[co][kk]` weights.
+///
+/// # Safety
+/// The CPU runs `k` (not `Portable`); `src` is the image's padded input (rows `wp` apart), `out` its output
+/// block; every output row holds at least `k.nr() / 2` pixels (a vector).
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows(
+    k: Kernel,
+    plan: &Plan,
+    w: &[f32],
+    src: &[f32],
+    wo: usize,
+    wp: usize,
+    ys: std::ops::Range<usize>,
+    out: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx2(
+            p: &Plan,
+            w: &[f32],
+            s: &[f32],
+            wo: usize,
+            wp: usize,
+            ys: Range,
+            o: *mut f32,
+        ) {
+            rows_at::<simd::Avx2>(p, w, s, wo, wp, ys, o)
+        }
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx512(
+            p: &Plan,
+            w: &[f32],
+            s: &[f32],
+            wo: usize,
+            wp: usize,
+            ys: Range,
+            o: *mut f32,
+        ) {
+            rows_at::<simd::Avx512>(p, w, s, wo, wp, ys, o)
+        }
+        match k {
+            Kernel::Avx2 => avx2(plan, w, src, wo, wp, ys, out),
+            Kernel::Avx512 => avx512(plan, w, src, wo, wp, ys, out),
+            Kernel::Neon | Kernel::Portable => unreachable!("not an x86-64 kernel: {k:?}"),
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        match k {
+            Kernel::Neon => rows_at::<simd::Neon>(plan, w, src, wo, wp, ys, out),
+            _ => unreachable!("not an aarch64 kernel: {k:?}"),
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = (k, plan, w, src, wo, wp, ys, out);
+        unreachable!("direct convolution is x86-64 and aarch64 only")
+    }
+}
+
+type Range = std::ops::Range<usize>;
+
+/// [`rows`] at `S`'s width: each row in vectors of `LANES` consecutive pixels (the last one overlapping
+/// the one before where the row is not a multiple of `LANES`: those pixels are computed twice, alike), up
+/// to 4 vectors per weight broadcast. Each value is its bias plus `w[o][k] * input` over the reduction in
+/// the order of `k`, one FMA each, as [`micro`] computes it: the same bits as the channel-vectorised path.
+#[inline(always)]
+unsafe fn rows_at<S: Simd>(
+    plan: &Plan,
+    w: &[f32],
+    src: &[f32],
+    wo: usize,
+    wp: usize,
+    ys: Range,
+    out: *mut f32,
+) {
+    let l = S::LANES;
+    let vectors = wo.div_ceil(l);
+    for o in 0..plan.co {
+        let wrow = w.as_ptr().add(o * plan.kk);
+        let bias = plan.bias.as_ptr().add(o);
+        for y in ys.clone() {
+            let base = src.as_ptr().add(y * wp);
+            let dst = out.add(o * plan.hw + y * wo);
+            let mut v = 0;
+            while v < vectors {
+                let g = (vectors - v).min(4);
+                // the vectors' first pixels (the last one pulled back to end at the row's end)
+                let xs: [usize; 4] = std::array::from_fn(|i| ((v + i.min(g - 1)) * l).min(wo - l));
+                match g {
+                    4 => row_vectors::<S, 4>(plan, wrow, bias, base, &xs, dst),
+                    3 => row_vectors::<S, 3>(plan, wrow, bias, base, &xs, dst),
+                    2 => row_vectors::<S, 2>(plan, wrow, bias, base, &xs, dst),
+                    _ => row_vectors::<S, 1>(plan, wrow, bias, base, &xs, dst),
+                }
+                v += g;
+            }
+        }
+    }
+}
+
+/// `G` vectors of one row: pixels `xs[i]..xs[i] + LANES`, from the bias through the reduction, stored at
+/// `dst + xs[i]`.
+#[inline(always)]
+unsafe fn row_vectors<S: Simd, const G: usize>(
+    plan: &Plan,
+    wrow: *const f32,
+    bias: *const f32,
+    base: *const f32,
+    xs: &[usize; 4],
+    dst: *mut f32,
+) {
+    let mut acc = [S::splat(bias); G];
+    for k in 0..plan.kk {
+        let wv = S::splat(wrow.add(k));
+        let off = *plan.offs.get_unchecked(k) as usize;
+        for (a, &x) in acc.iter_mut().zip(xs) {
+            // (input, weight) as `micro` multiplies them
+            *a = S::fmadd(S::load(base.add(x + off)), wv, *a);
+        }
+    }
+    for (a, &x) in acc.iter().zip(xs) {
+        S::store(dst.add(x), *a);
     }
 }
 

@@ -1642,6 +1642,21 @@ mod tests {
             (8, 16, 3, Conv2dParams::same3(4), 2),
             // Winograd on a small image (9 tiles, 2 blocks per image): the output channels split too
             (16, 100, 3, Conv2dParams::same3(1), 5),
+            // a few output channels, vectorised over each row's pixels: 4, 3, 2 and 1 vectors per row at
+            // 8 lanes (rows of 29, 21, 14 and 9 pixels; dilation 2; a 5x5 kernel), the last overlapping
+            (16, 1, 3, Conv2dParams::same3(1), 28),
+            (12, 3, 3, Conv2dParams::same3(2), 20),
+            (
+                6,
+                2,
+                5,
+                Conv2dParams {
+                    padding: 1,
+                    dilation: 1,
+                },
+                15,
+            ),
+            (9, 4, 3, Conv2dParams::same3(1), 8),
         ] {
             let x = rand([3, ci, hw, hw + 1], 1);
             let w = rand([co, ci, k, k], 2);
@@ -1762,6 +1777,9 @@ mod tests {
             (264, 48, 3, 8, Conv2dParams::same3(2)),
             (256, 3, 3, 16, Conv2dParams::same3(1)),
             (700, 33, 1, 7, Conv2dParams::pointwise()),
+            // 6 output channels: vectorised over pixels at 16 lanes (rows of 20, the second vector
+            // overlapping the first), over channels at 8: the two paths' bits compared
+            (32, 6, 3, 20, Conv2dParams::same3(2)),
         ] {
             let x = rand([2, ci, hw, hw], 1);
             let w = CpuTensor::from(rand([co, ci, k, k], 2));
