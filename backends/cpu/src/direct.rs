@@ -177,14 +177,17 @@ pub(crate) fn conv2d(
             let out = optr.at(b * co * hw);
             if few {
                 let y0 = r * run_blocks;
+                let ys = y0..(y0 + run_blocks).min(ho);
                 rows(
                     k,
                     &plan,
-                    raw,
-                    src,
-                    wo,
-                    wp,
-                    y0..(y0 + run_blocks).min(ho),
+                    &Rows {
+                        w: raw,
+                        src,
+                        wo,
+                        wp,
+                        ys,
+                    },
                     out,
                 )
             } else {
@@ -266,94 +269,66 @@ unsafe fn run(k: Kernel, plan: &Plan, src: &[f32], q0: usize, q1: usize, out: *m
     }
 }
 
-/// Output rows `ys` of one image, every output channel, written to `out` (`[co][hw]`), at width `k`,
-/// vectorised over each row's pixels ([`rows_at`]); `w` is the raw `[co][kk]` weights.
-///
-/// # Safety
-/// The CPU runs `k` (not `Portable`); `src` is the image's padded input (rows `wp` apart), `out` its output
-/// block; every output row holds at least `k.nr() / 2` pixels (a vector).
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows(
-    k: Kernel,
-    plan: &Plan,
-    w: &[f32],
-    src: &[f32],
+/// One job of the pixel-vectorised path: output rows `ys` of one image, from its padded input `src` (rows
+/// `wp` apart) and the raw `[co][kk]` weights `w`; output rows of `wo` pixels.
+struct Rows<'a> {
+    w: &'a [f32],
+    src: &'a [f32],
     wo: usize,
     wp: usize,
     ys: std::ops::Range<usize>,
-    out: *mut f32,
-) {
+}
+
+/// The rows of `job`, every output channel, written to `out` (`[co][hw]`), at width `k`, vectorised over
+/// each row's pixels ([`rows_at`]).
+///
+/// # Safety
+/// The CPU runs `k` (not `Portable`); `out` is the image's output block; every output row holds at least
+/// `k.nr() / 2` pixels (a vector).
+unsafe fn rows(k: Kernel, plan: &Plan, job: &Rows, out: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn avx2(
-            p: &Plan,
-            w: &[f32],
-            s: &[f32],
-            wo: usize,
-            wp: usize,
-            ys: Range,
-            o: *mut f32,
-        ) {
-            rows_at::<simd::Avx2>(p, w, s, wo, wp, ys, o)
+        unsafe fn avx2(plan: &Plan, job: &Rows, out: *mut f32) {
+            rows_at::<simd::Avx2>(plan, job, out)
         }
         #[target_feature(enable = "avx512f,avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn avx512(
-            p: &Plan,
-            w: &[f32],
-            s: &[f32],
-            wo: usize,
-            wp: usize,
-            ys: Range,
-            o: *mut f32,
-        ) {
-            rows_at::<simd::Avx512>(p, w, s, wo, wp, ys, o)
+        unsafe fn avx512(plan: &Plan, job: &Rows, out: *mut f32) {
+            rows_at::<simd::Avx512>(plan, job, out)
         }
         match k {
-            Kernel::Avx2 => avx2(plan, w, src, wo, wp, ys, out),
-            Kernel::Avx512 => avx512(plan, w, src, wo, wp, ys, out),
+            Kernel::Avx2 => avx2(plan, job, out),
+            Kernel::Avx512 => avx512(plan, job, out),
             Kernel::Neon | Kernel::Portable => unreachable!("not an x86-64 kernel: {k:?}"),
         }
     }
     #[cfg(target_arch = "aarch64")]
     {
         match k {
-            Kernel::Neon => rows_at::<simd::Neon>(plan, w, src, wo, wp, ys, out),
+            Kernel::Neon => rows_at::<simd::Neon>(plan, job, out),
             _ => unreachable!("not an aarch64 kernel: {k:?}"),
         }
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
-        let _ = (k, plan, w, src, wo, wp, ys, out);
+        let _ = (k, plan, job, out);
         unreachable!("direct convolution is x86-64 and aarch64 only")
     }
 }
-
-type Range = std::ops::Range<usize>;
 
 /// [`rows`] at `S`'s width: each row in vectors of `LANES` consecutive pixels (the last one overlapping
 /// the one before where the row is not a multiple of `LANES`: those pixels are computed twice, alike), up
 /// to 4 vectors per weight broadcast. Each value is its bias plus `w[o][k] * input` over the reduction in
 /// the order of `k`, one FMA each, as [`micro`] computes it: the same bits as the channel-vectorised path.
 #[inline(always)]
-unsafe fn rows_at<S: Simd>(
-    plan: &Plan,
-    w: &[f32],
-    src: &[f32],
-    wo: usize,
-    wp: usize,
-    ys: Range,
-    out: *mut f32,
-) {
-    let l = S::LANES;
+unsafe fn rows_at<S: Simd>(plan: &Plan, job: &Rows, out: *mut f32) {
+    let (l, wo) = (S::LANES, job.wo);
     let vectors = wo.div_ceil(l);
     for o in 0..plan.co {
-        let wrow = w.as_ptr().add(o * plan.kk);
+        let wrow = job.w.as_ptr().add(o * plan.kk);
         let bias = plan.bias.as_ptr().add(o);
-        for y in ys.clone() {
-            let base = src.as_ptr().add(y * wp);
+        for y in job.ys.clone() {
+            let base = job.src.as_ptr().add(y * job.wp);
             let dst = out.add(o * plan.hw + y * wo);
             let mut v = 0;
             while v < vectors {
