@@ -64,7 +64,7 @@ struct Plan<'a> {
     offs: &'a [u32],
     /// base of each output pixel in the padded plane
     bases: &'a [u32],
-    /// `[co_nr / NR][kk][NR]`
+    /// `[co_nr / NR][kk][NR]` (empty on the pixel-vectorised path, which reads the raw weights)
     packed: &'a [f32],
     /// `co_nr` floats, zero beyond `co`
     bias: &'a [f32],
@@ -124,9 +124,16 @@ pub(crate) fn conv2d(
     if let Some(b) = bias {
         bias_nr[..co].copy_from_slice(&b.data[..co]);
     }
-    // packed once per weight tensor and width (it is immutable), kept with it
-    let packed = w.packs().direct[crate::width_slot(k)]
-        .get_or_init(|| pack_weights(&w.data[..co * kk], co, kk, nr));
+    // A few output channels (NCSNv2's last layer: 1 or 3) fill at most a quarter of the kernel's NR lanes:
+    // vectorise over each row's pixels instead (from the raw weights), where a row holds a vector of them.
+    let few = co * 4 <= nr && wo >= nr / 2;
+    // else packed once per weight tensor and width (it is immutable), kept with it
+    let packed: &[f32] = if few {
+        &[]
+    } else {
+        w.packs().direct[crate::width_slot(k)]
+            .get_or_init(|| pack_weights(&w.data[..co * kk], co, kk, nr))
+    };
     // zero-padded input, one `ci x hp x wp` block per image
     let per_image = ci * plane;
     padded.clear();
@@ -153,9 +160,6 @@ pub(crate) fn conv2d(
     let len = n * co * hw;
     let mut data: Vec<f32> = crate::pool::with_capacity(len);
     let optr = OutPtr(data.as_mut_ptr());
-    // A few output channels (NCSNv2's last layer: 1 or 3) fill at most a quarter of the kernel's NR lanes:
-    // vectorise over each row's pixels instead, where a row holds a vector of them.
-    let few = co * 4 <= nr && wo >= nr / 2;
     // Jobs: runs of pixel blocks (rows, for a few channels) of one image, all output channels each; an image
     // has at least 4 runs where it has that many blocks, so that two threads share even one small image. A
     // run holds at most 384 pixels, so that its accumulators (384 x NR floats) stay in L2.

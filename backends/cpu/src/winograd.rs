@@ -306,7 +306,9 @@ pub(crate) fn conv2d(
     let mut padded = PADDED.with(|p| p.take());
     padded.resize(n * per_image, 0.0);
     // the borders, then the interior 8 channels at a time, on this thread (split over the pool, the copy
-    // was no faster at NCSNv2's sizes, 28x28 ngf 32 to 32x32 ngf 128)
+    // was no faster at NCSNv2's sizes, 28x28 ngf 32 to 32x32 ngf 128); with the ELU, through this thread's
+    // buffer of 8 planes
+    let mut planes = elu.then(|| ELU_PLANES.with(|p| p.take()));
     for (b, dst) in padded[..n * per_image]
         .chunks_exact_mut(per_image)
         .enumerate()
@@ -316,8 +318,14 @@ pub(crate) fn conv2d(
             let group = &x.data[(b * ci + c0) * h * wd..(b * ci + c0 + 8) * h * wd];
             // SAFETY: the CPU runs AVX2 (asserted: `k` is supported and has Winograd); `dst` is the
             // image's buffer and this loop its only writer.
-            unsafe { group_to_channel_last(group, elu, ci, c0, h, wd, wp, d, dst.as_mut_ptr()) };
+            let elu_into = planes.as_mut();
+            unsafe {
+                group_to_channel_last(group, elu_into, ci, c0, h, wd, wp, d, dst.as_mut_ptr())
+            };
         }
+    }
+    if let Some(p) = planes {
+        ELU_PLANES.with(|c| c.set(p));
     }
     // The output transform writes channel-last (`[h][w][co8]`, 8 channels per vector store): written to
     // `[co][h][w]` directly, the 8 channels of one pixel are a plane apart (4 KB at 32x32) and share an L1
@@ -460,14 +468,15 @@ fn zero_borders(dst: &mut [f32], ci: usize, h: usize, w: usize, wp: usize, pad: 
 
 /// Channels `[c0, c0 + 8)` of one image, their planes `group` (`[8][h][w]`), into the image's channel-last
 /// padded input at `dst` (`[y + pad][x + pad][ci]`, rows `wp` pixels wide; see [`zero_borders`]); with
-/// `elu`, of `elu(group)` (the backend's ELU, `crate::elu1`: the same bits as its ELU operation).
+/// `elu_into` (a buffer for 8 planes), of `elu(group)` (the backend's ELU, `crate::elu1`: the same bits as
+/// its ELU operation).
 ///
 /// # Safety
 /// `conv2d`'s CPU checks (AVX2); `dst` has room for the image's `(h + pad) * wp * ci` floats.
 #[allow(clippy::too_many_arguments)]
 unsafe fn group_to_channel_last(
     group: &[f32],
-    elu: bool,
+    elu_into: Option<&mut Vec<f32>>,
     ci: usize,
     c0: usize,
     h: usize,
@@ -476,17 +485,17 @@ unsafe fn group_to_channel_last(
     pad: usize,
     dst: *mut f32,
 ) {
-    let mut planes = ELU_PLANES.with(|p| p.take());
-    let group = if elu {
-        planes.resize(group.len(), 0.0);
-        crate::wide(|| {
-            for (o, &v) in planes.iter_mut().zip(group) {
-                *o = crate::elu1(v);
-            }
-        });
-        &planes[..]
-    } else {
-        group
+    let group = match elu_into {
+        Some(planes) => {
+            planes.resize(group.len(), 0.0);
+            crate::wide(|| {
+                for (o, &v) in planes.iter_mut().zip(group) {
+                    *o = crate::elu1(v);
+                }
+            });
+            &planes[..]
+        }
+        None => group,
     };
     for y in 0..h {
         let rows: [&[f32]; 8] =
@@ -500,7 +509,6 @@ unsafe fn group_to_channel_last(
             }
         }
     }
-    ELU_PLANES.with(|p| p.set(planes));
 }
 
 /// The 8x8 transpose of `r` (rows in, columns out).
@@ -593,35 +601,26 @@ unsafe fn from_channel_last(
     let nch = (co - c0).min(8);
     let full = hw / 8 * 8;
     let rows: [*mut f32; 8] = std::array::from_fn(|j| out.add((c0 + j.min(nch - 1)) * hw));
-    if let Some(a) = add {
+    // the residual's planes, where there is one
+    let arows: Option<[*const f32; 8]> = add.map(|a| {
         assert!(a.len() >= co * hw);
-        let arows: [*const f32; 8] =
-            std::array::from_fn(|j| a.as_ptr().add((c0 + j.min(nch - 1)) * hw));
-        for p in (0..full).step_by(8) {
-            let r: [__m256; 8] =
-                std::array::from_fn(|i| _mm256_loadu_ps(src.as_ptr().add((p + i) * co8 + c0)));
-            for ((row, arow), col) in rows.iter().zip(&arows).zip(t8x8(r)).take(nch) {
-                _mm256_storeu_ps(row.add(p), _mm256_add_ps(col, _mm256_loadu_ps(arow.add(p))));
-            }
-        }
-        for p in full..hw {
-            for j in 0..nch {
-                let at = (c0 + j) * hw + p;
-                *out.add(at) = src[p * co8 + c0 + j] + a[at];
-            }
-        }
-        return;
-    }
+        std::array::from_fn(|j| a.as_ptr().add((c0 + j.min(nch - 1)) * hw))
+    });
     for p in (0..full).step_by(8) {
         let r: [__m256; 8] =
             std::array::from_fn(|i| _mm256_loadu_ps(src.as_ptr().add((p + i) * co8 + c0)));
-        for (row, col) in rows.iter().zip(t8x8(r)).take(nch) {
+        for (j, (row, col)) in rows.iter().zip(t8x8(r)).take(nch).enumerate() {
+            let col = match arows {
+                Some(a) => _mm256_add_ps(col, _mm256_loadu_ps(a[j].add(p))),
+                None => col,
+            };
             _mm256_storeu_ps(row.add(p), col);
         }
     }
     for p in full..hw {
         for j in 0..nch {
-            *out.add((c0 + j) * hw + p) = src[p * co8 + c0 + j];
+            let (at, v) = ((c0 + j) * hw + p, src[p * co8 + c0 + j]);
+            *out.add(at) = add.map_or(v, |a| v + a[at]);
         }
     }
 }
