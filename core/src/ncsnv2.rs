@@ -499,23 +499,6 @@ impl<B: Backend> Ncsnv2<B> {
         }
     }
 
-    /// InstanceNorm++ then ELU: fused when nothing is kept, else separately so that the backward pass
-    /// has the pre-activation.
-    fn norm_act(
-        &self,
-        b: &B,
-        x: &B::Tensor,
-        n: &Norm<B::Tensor>,
-        keep: bool,
-    ) -> (B::Tensor, Option<B::Tensor>) {
-        if keep {
-            let pre = b.instance_norm_plus(x, &n.alpha, &n.gamma, &n.beta);
-            (b.elu(&pre), Some(pre))
-        } else {
-            (self.norm_elu(b, x, n), None)
-        }
-    }
-
     /// `net(x)` for a batch `x` of shape `[N, C, H, W]` already on the backend.
     ///
     /// A batch larger than the backend's [`Backend::forward_part`] runs in parts of that size, the parts
@@ -598,8 +581,8 @@ impl<B: Backend> Ncsnv2<B> {
         let (ref3, r3) = self.refine_fwd(b, &[&layers[1], &ref2], &self.refine[2], h2, w2, keep);
         let (h1, w1) = s(&layers[0]);
         let (ref4, r4) = self.refine_fwd(b, &[&layers[0], &ref3], &self.refine[3], h1, w1, keep);
-        let (act, normed) = self.norm_act(b, &ref4, &self.normalizer, keep.any());
-        let out = self.conv(b, &act, &self.end_conv);
+        let (out, normed, act) =
+            self.norm_conv(b, &ref4, &self.normalizer, &self.end_conv, keep, None);
         let tape = match (normed, r1, r2, r3, r4) {
             (Some(normed), Some(r1), Some(r2), Some(r3), Some(r4)) => Some(Tape {
                 weights: keep == Keep::All,
@@ -756,10 +739,10 @@ struct Tape<T> {
     begin_in: T,
     res: Vec<Vec<ResRec<T>>>,
     refine: [RefineRec<T>; 4],
-    /// input of the final normalizer, its output, and the ELU after it
+    /// input of the final normalizer, its output, and the ELU after it (kept for weight gradients only)
     head_in: T,
     normed: T,
-    act: T,
+    act: Option<T>,
 }
 
 struct RefineRec<T> {
@@ -1108,7 +1091,7 @@ impl<B: Backend> Ncsnv2<B> {
             list: Vec::new(),
             params,
         };
-        let g_act = conv_bwd(b, &act, &self.end_conv, gd, gs);
+        let g_act = conv_bwd(b, act.as_ref().unwrap_or(&normed), &self.end_conv, gd, gs);
         let g_normed = b.elu_backward(&normed, &g_act);
         let g_ref4 = norm_bwd(b, &ref4, &self.normalizer, &g_normed, gs);
         let g4 = self.refine_bwd(b, &g_ref4, &self.refine[3], &r4, gs); // [layer1, ref3]
