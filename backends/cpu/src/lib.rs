@@ -13,7 +13,7 @@ use jointdiff_core::reference::{self, ops};
 use jointdiff_core::Tensor;
 use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use winograd::Tile;
 
 // The Winograd kernels are x86-64 code, the direct ones x86-64 and aarch64 code; elsewhere only their
@@ -1108,15 +1108,20 @@ unsafe fn take_greater_avx2(
 /// A tensor of the CPU backend: host data, immutable, and (for convolution weights) their repacked forms
 /// for the direct and Winograd kernels, made on first use and kept with the tensor. The tensor cannot be
 /// changed in place, so they never go stale: a sampler that runs the same network hundreds of times packs
-/// each weight once. Nothing is allocated for them until a convolution asks.
+/// each weight once. Nothing is allocated for them until a convolution asks. Clones share the data (a
+/// reference count, no copy): a sampler's tape keeps the activations it needs without copying them.
+#[derive(Debug, Clone)]
+pub struct CpuTensor(Arc<Shared>);
+
+/// The data and packed forms that a tensor's clones share.
 #[derive(Debug)]
-pub struct CpuTensor {
+struct Shared {
     t: Tensor,
     packed: Packs,
 }
 
 /// The repacked forms of one weight tensor.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub(crate) struct Packs {
     /// per width ([`width_slot`])
     pub(crate) direct: [OnceLock<Vec<f32>>; 2],
@@ -1129,41 +1134,34 @@ pub(crate) struct Packs {
 impl CpuTensor {
     /// The host tensor.
     pub fn host(&self) -> &Tensor {
-        &self.t
+        &self.0.t
     }
-    /// The host tensor, by value.
-    pub fn into_host(mut self) -> Tensor {
-        Tensor {
-            shape: self.t.shape,
-            data: std::mem::take(&mut self.t.data),
+    /// The host tensor, by value (a copy where clones of this tensor are still alive).
+    pub fn into_host(self) -> Tensor {
+        match Arc::try_unwrap(self.0) {
+            Ok(mut shared) => Tensor {
+                shape: shared.t.shape,
+                data: std::mem::take(&mut shared.t.data),
+            },
+            Err(shared) => shared.t.clone(),
         }
     }
     pub(crate) fn packs(&self) -> &Packs {
-        &self.packed
+        &self.0.packed
     }
 }
 
 impl From<Tensor> for CpuTensor {
     fn from(t: Tensor) -> Self {
-        CpuTensor {
+        CpuTensor(Arc::new(Shared {
             t,
             packed: Packs::default(),
-        }
+        }))
     }
 }
 
-/// A copy in a pooled buffer (packed forms, if any, are copied too).
-impl Clone for CpuTensor {
-    fn clone(&self) -> Self {
-        CpuTensor {
-            t: pool::copy(&self.t),
-            packed: self.packed.clone(),
-        }
-    }
-}
-
-/// The storage goes back to this thread's pool, for the next operation.
-impl Drop for CpuTensor {
+/// The storage goes back to the pool of the thread that drops the last clone, for the next operation.
+impl Drop for Shared {
     fn drop(&mut self) {
         pool::give(std::mem::take(&mut self.t.data));
     }
@@ -1172,7 +1170,7 @@ impl Drop for CpuTensor {
 impl std::ops::Deref for CpuTensor {
     type Target = Tensor;
     fn deref(&self) -> &Tensor {
-        &self.t
+        &self.0.t
     }
 }
 
@@ -1186,7 +1184,7 @@ impl Backend for CpuBackend {
         pool::copy(t).into()
     }
     fn download(&self, t: &CpuTensor) -> jointdiff_core::Result<Tensor> {
-        Ok(t.t.clone())
+        Ok(t.host().clone())
     }
     fn shape(&self, t: &CpuTensor) -> [usize; 4] {
         t.shape
@@ -1198,7 +1196,7 @@ impl Backend for CpuBackend {
         bias: Option<&CpuTensor>,
         p: Conv2dParams,
     ) -> CpuTensor {
-        conv2d(x, w, bias.map(|b| &b.t), p).into()
+        conv2d(x, w, bias.map(CpuTensor::host), p).into()
     }
     fn conv2d_fused(
         &self,
@@ -1209,7 +1207,7 @@ impl Backend for CpuBackend {
         elu_input: bool,
         residual: Option<&CpuTensor>,
     ) -> CpuTensor {
-        let (b, r) = (bias.map(|b| &b.t), residual.map(|r| &r.t));
+        let (b, r) = (bias.map(CpuTensor::host), residual.map(CpuTensor::host));
         conv2d_fused(x, w, b, p, elu_input, r).into()
     }
     fn mean_pool2(&self, x: &CpuTensor) -> CpuTensor {
