@@ -600,11 +600,13 @@ fn instance_norm_plus_backward(
     let [n, c, h, w] = x.shape;
     let (hw, per_channel) = (h * w, || Tensor::zeros([1, c, 1, 1]));
     let hwf = hw as f64;
-    let mut gx = Tensor::zeros(x.shape);
     let (mut ga, mut gg, mut gb) = (per_channel(), per_channel(), per_channel());
     if hw == 0 || c == 0 {
-        return (gx, ga, gg, gb);
+        return (Tensor::zeros(x.shape), ga, gg, gb);
     }
+    // the input gradient, written image by image, channel by channel (no zeroing first)
+    let mut gxd = pool::with_capacity(n * c * hw);
+    let gx_out = &mut gxd.spare_capacity_mut()[..n * c * hw];
     // per channel: mean, 1 / sd, sum(g), sum(g (x - mu))
     let mut ch_stats = vec![(0f64, 0f64, 0f64, 0f64); c];
     let (mut g_mt, mut g_mu) = (vec![0f64; c], vec![0f64; c]);
@@ -635,7 +637,7 @@ fn instance_norm_plus_backward(
             *gm = (g_mt[j] - sum_gmt / c as f64) / s_v
                 - dot * (ch_stats[j].0 - m) / ((c as f64 - 1.0) * s_v * s_v * s_v);
         }
-        let dimg = &mut gx.data[b * c * hw..(b + 1) * c * hw];
+        let dimg = &mut gx_out[b * c * hw..(b + 1) * c * hw];
         for (ch, ((d, xs), go)) in dimg
             .chunks_exact_mut(hw)
             .zip(img.chunks_exact(hw))
@@ -651,11 +653,17 @@ fn instance_norm_plus_backward(
             wide(|| {
                 for ((o, &xv), &q) in d.iter_mut().zip(xs).zip(go) {
                     let hv = xv as f64 - mu;
-                    *o = (((q as f64 * g - mean_gh - hv * k) * inv_sd) as f32) + add;
+                    o.write((((q as f64 * g - mean_gh - hv * k) * inv_sd) as f32) + add);
                 }
             });
         }
     }
+    // SAFETY: every image's every channel plane was written above
+    unsafe { gxd.set_len(n * c * hw) };
+    let gx = Tensor {
+        shape: x.shape,
+        data: gxd,
+    };
     (gx, ga, gg, gb)
 }
 
@@ -1440,13 +1448,16 @@ impl Backend for CpuBackend {
     }
     fn elu_backward(&self, x: &CpuTensor, gout: &CpuTensor) -> CpuTensor {
         // exp(x) = elu(x) + 1 for x <= 0
-        let mut out = pool::zeros(x.shape);
-        wide(|| {
-            for ((o, &v), &g) in out.data.iter_mut().zip(&x.data).zip(&gout.data) {
-                *o = if v > 0.0 { g } else { g * (elu1(v) + 1.0) };
-            }
-        });
-        out.into()
+        // SAFETY: the loop writes every value (the three slices have the tensor's length)
+        unsafe {
+            pool::filled(x.shape, |o| {
+                wide(|| {
+                    for ((o, &v), &g) in o.iter_mut().zip(&x.data).zip(&gout.data) {
+                        o.write(if v > 0.0 { g } else { g * (elu1(v) + 1.0) });
+                    }
+                })
+            })
+        }
     }
 }
 

@@ -72,6 +72,23 @@ pub(crate) fn map(shape: [usize; 4], fill: impl FnOnce(&mut Vec<f32>)) -> crate:
     Tensor { shape, data }.into()
 }
 
+/// A tensor of `shape` whose values `fill` writes into the uninitialised pooled storage it is given (no
+/// zeroing first; a plain loop over the slice inlines into a `wide` closure, where `Vec::extend` may not).
+///
+/// # Safety
+/// `fill` must write every element of the slice.
+pub(crate) unsafe fn filled(
+    shape: [usize; 4],
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
+) -> crate::CpuTensor {
+    let len: usize = shape.iter().product();
+    let mut data = with_capacity(len);
+    fill(&mut data.spare_capacity_mut()[..len]);
+    // SAFETY: the caller's promise: all `len` values were written
+    unsafe { data.set_len(len) };
+    Tensor { shape, data }.into()
+}
+
 /// Takes `v` back into this thread's pool (or frees it when the pool is full).
 pub(crate) fn give(v: Vec<f32>) {
     if v.capacity() == 0 || v.capacity() > MAX_FLOATS {

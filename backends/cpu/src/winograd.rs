@@ -304,7 +304,9 @@ pub(crate) fn conv2d(
     let per_image = hp * wp * ci;
     // this thread's buffer if it is free (a nested call, from a stolen job, makes its own)
     let mut padded = PADDED.with(|p| p.take());
-    padded.resize(n * per_image, 0.0);
+    // grown, never shrunk: layers of other sizes alternate, and a shrunk buffer would be zeroed again as
+    // it grows back (every value used below is written first)
+    padded.resize(padded.len().max(n * per_image), 0.0);
     // the borders, then the interior 8 channels at a time, on this thread (split over the pool, the copy
     // was no faster at NCSNv2's sizes, 28x28 ngf 32 to 32x32 ngf 128); with the ELU, through this thread's
     // buffer of 8 planes
@@ -487,13 +489,14 @@ unsafe fn group_to_channel_last(
 ) {
     let group = match elu_into {
         Some(planes) => {
-            planes.resize(group.len(), 0.0);
+            // grown, never shrunk (as the padded input); the first group.len() values are written here
+            planes.resize(planes.len().max(group.len()), 0.0);
             crate::wide(|| {
                 for (o, &v) in planes.iter_mut().zip(group) {
                     *o = crate::elu1(v);
                 }
             });
-            &planes[..]
+            &planes[..group.len()]
         }
         None => group,
     };
