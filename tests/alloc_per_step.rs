@@ -1,7 +1,7 @@
 //! The CPU backend reuses its buffers across sampler steps: after a warm-up, a step of the joint sampler
 //! (two networks, run side by side) allocates only a few small bookkeeping vectors and the two score
-//! tensors it hands to the sampler, not the hundreds of intermediate tensors of the two forwards. Counted
-//! with a global allocator that counts calls (this test binary only).
+//! tensors it hands to the sampler, not the hundreds of intermediate tensors (storage and shared headers)
+//! of the two forwards. Counted with a global allocator that counts calls (this test binary only).
 use jointdiff_core::ncsnv2::{Ncsnv2, Ncsnv2Config};
 use jointdiff_core::operator::Operator;
 use jointdiff_core::prior::NetworkPrior;
@@ -82,5 +82,7 @@ fn a_sampler_step_allocates_almost_nothing() {
     let per_step = long.saturating_sub(short) as f64 / 20.0;
     println!("allocator calls: 10 steps {short}, 30 steps {long}, {per_step:.1} per step");
     // two forwards of NCSNv2 make about 300 tensors each; without reuse that is 600+ allocations a step
-    assert!(per_step < 40.0, "{per_step} allocations per step");
+    // (and as many again for the tensors' shared headers); 8 a step measured (2026-12-07), 39 before the
+    // refine blocks stopped listing their inputs' RCU outputs
+    assert!(per_step < 20.0, "{per_step} allocations per step");
 }

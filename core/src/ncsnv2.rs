@@ -506,45 +506,24 @@ impl<B: Backend> Ncsnv2<B> {
     pub fn forward_device(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
         let shape = b.shape(x);
         self.config.check_input(shape)?;
-        let part = b.forward_part(shape).max(1);
-        if part >= shape[0] {
+        let (n, part) = (shape[0], b.forward_part(shape).max(1));
+        if part >= n {
             return Ok(self.run(b, x, Keep::Nothing).0);
         }
         let mut outs: Vec<Option<Result<B::Tensor>>> =
-            (0..shape[0].div_ceil(part)).map(|_| None).collect();
-        self.forward_parts(b, x, shape[0], part, 0, &mut outs);
+            (0..n.div_ceil(part)).map(|_| None).collect();
+        each_part(b, 0, &mut outs, &|i, slot| {
+            let start = i * part;
+            *slot = Some(
+                b.batch_slice(x, start, part.min(n - start))
+                    .map(|xs| self.run(b, &xs, Keep::Nothing).0),
+            );
+        });
         let outs = outs
             .into_iter()
             .map(|o| o.unwrap_or_else(|| Err(Error::invalid("a batch part did not run"))))
             .collect::<Result<Vec<_>>>()?;
         b.batch_concat(&outs)
-    }
-
-    /// Parts `first..first + slots.len()` of a batch of `n` images (`part` each) into `slots`, halves side by
-    /// side through [`Backend::join`].
-    fn forward_parts(
-        &self,
-        b: &B,
-        x: &B::Tensor,
-        n: usize,
-        part: usize,
-        first: usize,
-        slots: &mut [Option<Result<B::Tensor>>],
-    ) {
-        if let [slot] = slots {
-            let start = first * part;
-            *slot = Some(
-                b.batch_slice(x, start, part.min(n - start))
-                    .map(|xs| self.run(b, &xs, Keep::Nothing).0),
-            );
-            return;
-        }
-        let mid = slots.len() / 2;
-        let (left, right) = slots.split_at_mut(mid);
-        b.join(
-            &mut || self.forward_parts(b, x, n, part, first, left),
-            &mut || self.forward_parts(b, x, n, part, first + mid, right),
-        );
     }
 
     /// The network graph, written once: `keep` records what the backward pass needs (a [`Tape`]).
@@ -620,18 +599,60 @@ impl<B: Backend> Ncsnv2<B> {
     ) -> Result<(B::Tensor, ForwardTape<B::Tensor>)> {
         let shape = b.shape(x);
         self.config.check_input(shape)?;
-        let (out, tape) = self.run(b, x, Keep::Input);
-        let tape = tape.ok_or_else(|| Error::invalid("the forward pass kept no tape"))?;
-        Ok((out, ForwardTape { tape, shape }))
+        let no_tape = || Error::invalid("the forward pass kept no tape");
+        let (n, part) = (shape[0], b.forward_part(shape).max(1));
+        if part >= n {
+            let (out, tape) = self.run(b, x, Keep::Input);
+            let parts = vec![tape.ok_or_else(no_tape)?];
+            return Ok((out, ForwardTape { parts, part, shape }));
+        }
+        // in parts, as forward_device, each part with its own tape
+        type Slot<T> = Option<Result<(T, Tape<T>)>>;
+        let mut slots: Vec<Slot<B::Tensor>> = (0..n.div_ceil(part)).map(|_| None).collect();
+        each_part(b, 0, &mut slots, &|i, slot| {
+            let start = i * part;
+            *slot = Some(b.batch_slice(x, start, part.min(n - start)).and_then(|xs| {
+                let (out, tape) = self.run(b, &xs, Keep::Input);
+                Ok((out, tape.ok_or_else(no_tape)?))
+            }));
+        });
+        let (mut outs, mut parts) = (Vec::new(), Vec::new());
+        for slot in slots {
+            let (out, tape) =
+                slot.unwrap_or_else(|| Err(Error::invalid("a batch part did not run")))?;
+            outs.push(out);
+            parts.push(tape);
+        }
+        Ok((b.batch_concat(&outs)?, ForwardTape { parts, part, shape }))
     }
+}
+
+/// `f(i, &mut slots[i - first])` for every slot, halves side by side through [`Backend::join`]: the parts
+/// of a batch ([`Backend::forward_part`]).
+fn each_part<B: Backend, S: Send>(
+    b: &B,
+    first: usize,
+    slots: &mut [S],
+    f: &(dyn Fn(usize, &mut S) + Sync),
+) {
+    if let [slot] = slots {
+        return f(first, slot);
+    }
+    let mid = slots.len() / 2;
+    let (left, right) = slots.split_at_mut(mid);
+    b.join(&mut || each_part(b, first, left, f), &mut || {
+        each_part(b, first + mid, right, f)
+    });
 }
 
 /// Tensors by state_dict name (parameter gradients).
 type Named<T> = Vec<(String, T)>;
 
-/// What a forward pass keeps for the backward pass ([`Ncsnv2::forward_taped`]).
+/// What a forward pass keeps for the backward pass ([`Ncsnv2::forward_taped`]): a tape per part of the
+/// batch ([`Backend::forward_part`] images each).
 pub struct ForwardTape<T> {
-    tape: Tape<T>,
+    parts: Vec<Tape<T>>,
+    part: usize,
     shape: [usize; 4],
 }
 
@@ -909,34 +930,36 @@ impl<B: Backend> Ncsnv2<B> {
         w: usize,
         keep: Keep,
     ) -> (B::Tensor, Option<RefineRec<B::Tensor>>) {
-        let mut hs = Vec::new();
-        let mut adapt = Vec::new();
-        for (x, a) in xs.iter().zip(&r.adapt) {
-            let (o, rec) = self.rcu_fwd(b, x, a, keep);
-            hs.push(o);
-            adapt.push(rec);
-        }
-        let mut msf = Vec::new();
-        let out = if r.msf.is_empty() {
-            hs[0].clone()
-        } else {
-            let mut sum: Option<B::Tensor> = None;
-            for (hx, conv) in hs.iter().zip(&r.msf) {
-                let mut t = self.conv(b, hx, conv);
-                let shape = b.shape(&t);
-                if keep.any() {
-                    msf.push((hx.clone(), shape));
-                }
-                if shape[2] != h || shape[3] != w {
-                    t = b.resize_bilinear(&t, h, w);
-                }
-                sum = Some(match sum {
-                    None => t,
-                    Some(s) => b.add(&s, &t),
-                });
+        // each input through its RCU, then (with MSF) its convolution, resized to (h, w), summed; input by
+        // input, so that no list of the RCU outputs is made
+        let (mut adapt, mut msf) = (Vec::new(), Vec::new());
+        let mut sum: Option<B::Tensor> = None;
+        for (i, (x, a)) in xs.iter().zip(&r.adapt).enumerate() {
+            let (hx, rec) = self.rcu_fwd(b, x, a, keep);
+            if keep.any() {
+                adapt.push(rec);
             }
-            sum.expect("msf has at least two inputs")
-        };
+            let t = match r.msf.get(i) {
+                // no MSF: the block's one input
+                None => hx,
+                Some(conv) => {
+                    let mut t = self.conv(b, &hx, conv);
+                    let shape = b.shape(&t);
+                    if keep.any() {
+                        msf.push((hx, shape));
+                    }
+                    if shape[2] != h || shape[3] != w {
+                        t = b.resize_bilinear(&t, h, w);
+                    }
+                    t
+                }
+            };
+            sum = Some(match sum {
+                None => t,
+                Some(s) => b.add(&s, &t),
+            });
+        }
+        let out = sum.expect("a refine block has at least one input");
         // CRP: x = elu(input); path = x; per stage path = conv(maxpool(path)), x += path
         let input = keep.any().then(|| out.clone());
         let mut x = b.elu(&out);
@@ -1020,7 +1043,39 @@ impl<B: Backend> Ncsnv2<B> {
         tape: ForwardTape<B::Tensor>,
         g: &B::Tensor,
     ) -> Result<B::Tensor> {
-        Ok(self.backward_taped(b, tape, g, false)?.0)
+        let ForwardTape {
+            mut parts,
+            part,
+            shape,
+        } = tape;
+        if b.shape(g) != shape {
+            return Err(Error::shape(format!(
+                "cotangent shape {:?} differs from the input {:?}",
+                b.shape(g),
+                shape
+            )));
+        }
+        if parts.len() == 1 {
+            let tape = parts.pop().expect("one part");
+            return Ok(self.backward_taped(b, tape, g, false)?.0);
+        }
+        // part by part, side by side, as the forward ran
+        let n = shape[0];
+        // per part: its tape, until its backward takes it, and its input gradient
+        type Slot<T> = (Option<Tape<T>>, Option<Result<T>>);
+        let mut slots: Vec<Slot<B::Tensor>> = parts.into_iter().map(|t| (Some(t), None)).collect();
+        each_part(b, 0, &mut slots, &|i, (tape, out)| {
+            let start = i * part;
+            *out = tape.take().map(|tape| {
+                let g = b.batch_slice(g, start, part.min(n - start))?;
+                Ok(self.backward_taped(b, tape, &g, false)?.0)
+            });
+        });
+        let gxs = slots
+            .into_iter()
+            .map(|(_, o)| o.unwrap_or_else(|| Err(Error::invalid("a batch part did not run"))))
+            .collect::<Result<Vec<_>>>()?;
+        b.batch_concat(&gxs)
     }
 
     /// The gradient of `<g, net(x)>` with respect to `x` and to every parameter, the latter as
@@ -1047,9 +1102,7 @@ impl<B: Backend> Ncsnv2<B> {
         let keep = if params { Keep::All } else { Keep::Input };
         let (_, tape) = self.run(b, &b.upload(x), keep);
         let tape = tape.ok_or_else(|| Error::invalid("the forward pass kept no tape"))?;
-        let shape = x.shape;
-        let (gx, grads) =
-            self.backward_taped(b, ForwardTape { tape, shape }, &b.upload(g), params)?;
+        let (gx, grads) = self.backward_taped(b, tape, &b.upload(g), params)?;
         let grads = grads
             .into_iter()
             .map(|(k, t)| b.download(&t).map(|t| (k, t)))
@@ -1057,22 +1110,15 @@ impl<B: Backend> Ncsnv2<B> {
         Ok((b.download(&gx)?, grads))
     }
 
-    /// The backward pass from a recorded tape.
+    /// The backward pass from a recorded tape (`gd` has the shape of the tape's input).
     fn backward_taped(
         &self,
         b: &B,
-        tape: ForwardTape<B::Tensor>,
+        tape: Tape<B::Tensor>,
         gd: &B::Tensor,
         params: bool,
     ) -> Result<(B::Tensor, Named<B::Tensor>)> {
-        if b.shape(gd) != tape.shape {
-            return Err(Error::shape(format!(
-                "cotangent shape {:?} differs from the input {:?}",
-                b.shape(gd),
-                tape.shape
-            )));
-        }
-        if params && !tape.tape.weights {
+        if params && !tape.weights {
             return Err(Error::invalid(
                 "the tape was recorded for an input gradient, not for weight gradients",
             ));
@@ -1085,7 +1131,7 @@ impl<B: Backend> Ncsnv2<B> {
             head_in: ref4,
             normed,
             act,
-        } = tape.tape;
+        } = tape;
         // backward
         let gs = &mut Grads {
             list: Vec::new(),

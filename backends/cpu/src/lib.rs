@@ -13,6 +13,7 @@ use jointdiff_core::reference::{self, ops};
 use jointdiff_core::Tensor;
 use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
+use std::mem::ManuallyDrop;
 use std::sync::{Arc, OnceLock};
 use winograd::Tile;
 
@@ -1119,7 +1120,7 @@ unsafe fn take_greater_avx2(
 /// each weight once. Nothing is allocated for them until a convolution asks. Clones share the data (a
 /// reference count, no copy): a sampler's tape keeps the activations it needs without copying them.
 #[derive(Debug, Clone)]
-pub struct CpuTensor(Arc<Shared>);
+pub struct CpuTensor(ManuallyDrop<Arc<Shared>>);
 
 /// The data and packed forms that a tensor's clones share.
 #[derive(Debug)]
@@ -1139,19 +1140,28 @@ pub(crate) struct Packs {
     pub(crate) backward: OnceLock<Box<CpuTensor>>,
 }
 
+/// Most shared headers ([`Shared`], emptied) one thread keeps for its next tensors.
+const MAX_HEADERS: usize = 256;
+
+thread_local! {
+    /// Emptied headers of dropped tensors: a sampler step makes and drops the same few hundred tensors as
+    /// the step before, so after the first step making a tensor allocates nothing, header included.
+    static HEADERS: RefCell<Vec<Arc<Shared>>> = const { RefCell::new(Vec::new()) };
+}
+
 impl CpuTensor {
     /// The host tensor.
     pub fn host(&self) -> &Tensor {
         &self.0.t
     }
     /// The host tensor, by value (a copy where clones of this tensor are still alive).
-    pub fn into_host(self) -> Tensor {
-        match Arc::try_unwrap(self.0) {
-            Ok(mut shared) => Tensor {
-                shape: shared.t.shape,
-                data: std::mem::take(&mut shared.t.data),
+    pub fn into_host(mut self) -> Tensor {
+        match Arc::get_mut(&mut self.0) {
+            Some(s) => Tensor {
+                shape: s.t.shape,
+                data: std::mem::take(&mut s.t.data),
             },
-            Err(shared) => shared.t.clone(),
+            None => self.0.t.clone(),
         }
     }
     pub(crate) fn packs(&self) -> &Packs {
@@ -1161,14 +1171,46 @@ impl CpuTensor {
 
 impl From<Tensor> for CpuTensor {
     fn from(t: Tensor) -> Self {
-        CpuTensor(Arc::new(Shared {
+        let kept = HEADERS
+            .try_with(|h| h.try_borrow_mut().ok().and_then(|mut h| h.pop()))
+            .ok()
+            .flatten();
+        // a kept header has no other clone (see Drop)
+        if let Some(mut header) = kept {
+            if let Some(s) = Arc::get_mut(&mut header) {
+                s.t = t;
+                return CpuTensor(ManuallyDrop::new(header));
+            }
+        }
+        let shared = Arc::new(Shared {
             t,
             packed: Packs::default(),
-        }))
+        });
+        CpuTensor(ManuallyDrop::new(shared))
     }
 }
 
-/// The storage goes back to the pool of the thread that drops the last clone, for the next operation.
+/// The last clone gives the storage back to its thread's pool, and the emptied header to its thread's
+/// headers, for the next operation.
+impl Drop for CpuTensor {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` is not used again (this is the drop)
+        let mut header = unsafe { ManuallyDrop::take(&mut self.0) };
+        if let Some(s) = Arc::get_mut(&mut header) {
+            pool::give(std::mem::take(&mut s.t.data));
+            s.packed = Packs::default();
+            let _ = HEADERS.try_with(|h| {
+                if let Ok(mut h) = h.try_borrow_mut() {
+                    if h.len() < MAX_HEADERS {
+                        h.push(header);
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Where a header is freed (not kept), its storage goes back to the pool.
 impl Drop for Shared {
     fn drop(&mut self) {
         pool::give(std::mem::take(&mut self.t.data));
@@ -1978,6 +2020,50 @@ mod tests {
         let r = jointdiff_core::RefBackend;
         let want = small_net(&r, 1, 8).forward(&r, &x).unwrap();
         let e = rel_max_err(&one.data, &want.data);
+        assert!(e < 1e-4, "cpu vs reference: {e}");
+    }
+
+    #[test]
+    fn a_batch_in_parts_gives_each_image_its_own_input_gradient() {
+        // the taped forward and its input VJP (dps, pigdm) run a batch in parts too, a tape per image: the
+        // score and J^T g must be each image's own, bit for bit, with 1 and 2 threads, and agree with the
+        // reference backend's whole-batch VJP
+        let b = CpuBackend;
+        let net = small_net(&b, 1, 8);
+        let (x, g) = (rand([5, 1, 12, 12], 4), rand([5, 1, 12, 12], 5));
+        let taped = |x: &Tensor, g: &Tensor| {
+            let (out, tape) = net.forward_taped(&b, &b.upload(x)).unwrap();
+            let jt = net.vjp_from_tape(&b, tape, &b.upload(g)).unwrap();
+            (out.into_host(), jt.into_host())
+        };
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| taped(&x, &g))
+        };
+        let ((out1, jt1), (out2, jt2)) = (run(1), run(2));
+        assert_eq!(jt1.shape, [5, 1, 12, 12]);
+        assert!(same_bits(&out1, &out2), "scores: 1 and 2 threads differ");
+        assert!(same_bits(&jt1, &jt2), "J^T g: 1 and 2 threads differ");
+        assert!(
+            same_bits(&out1, &net.forward(&b, &x).unwrap()),
+            "taped forward"
+        );
+        let per = 144;
+        let image = |t: &Tensor, i: usize| Tensor {
+            shape: [1, 1, 12, 12],
+            data: t.data[i * per..(i + 1) * per].to_vec(),
+        };
+        for i in 0..5 {
+            let (out, jt) = taped(&image(&x, i), &image(&g, i));
+            assert!(same_bits(&out, &image(&out1, i)), "image {i}: score");
+            assert!(same_bits(&jt, &image(&jt1, i)), "image {i}: J^T g");
+        }
+        let r = jointdiff_core::RefBackend;
+        let want = small_net(&r, 1, 8).vjp_input(&r, &x, &g).unwrap();
+        let e = rel_max_err(&jt1.data, &want.data);
         assert!(e < 1e-4, "cpu vs reference: {e}");
     }
 
