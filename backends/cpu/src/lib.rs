@@ -865,10 +865,62 @@ fn mean_pool2(x: &Tensor) -> Tensor {
 
 /// Bilinear resize with aligned corners into a pooled buffer (the reference's loop).
 fn resize_bilinear(x: &Tensor, ho: usize, wo: usize) -> Tensor {
-    let [n, c, _, _] = x.shape;
+    let [n, c, h, w] = x.shape;
     let mut out = pool::zeros([n, c, ho, wo]);
-    reference::resize_bilinear_into(x, ho, wo, &mut out.data);
+    if h * w == 0 || ho * wo == 0 {
+        // nothing to read or nothing to write: the reference's own loops
+        reference::resize_bilinear_into(x, ho, wo, &mut out.data);
+        return out;
+    }
+    // the reference's arithmetic, its coefficients computed once per row and column
+    let (ty, tx) = (bilinear_table(ho, h), bilinear_table(wo, w));
+    for (s, d) in x
+        .data
+        .chunks_exact(h * w)
+        .zip(out.data.chunks_exact_mut(ho * wo))
+    {
+        for (drow, &(y0, y1, ly0, ly1)) in d.chunks_exact_mut(wo).zip(&ty) {
+            let (r0, r1) = (&s[y0 * w..(y0 + 1) * w], &s[y1 * w..(y1 + 1) * w]);
+            for (o, &(x0, x1, lx0, lx1)) in drow.iter_mut().zip(&tx) {
+                *o = ly0 * (lx0 * r0[x0] + lx1 * r0[x1]) + ly1 * (lx0 * r1[x0] + lx1 * r1[x1]);
+            }
+        }
+    }
     out
+}
+
+/// Gradient of [`resize_bilinear`]: the reference's accumulations in the reference's order, the
+/// coefficients computed once per row and column.
+fn resize_bilinear_backward(gout: &Tensor, in_shape: [usize; 4]) -> Tensor {
+    let [_, _, h, w] = in_shape;
+    let [_, _, ho, wo] = gout.shape;
+    if h * w == 0 || ho * wo == 0 {
+        return reference::resize_bilinear_backward(gout, in_shape);
+    }
+    let mut gx = pool::zeros(in_shape);
+    let (ty, tx) = (bilinear_table(ho, h), bilinear_table(wo, w));
+    for (g, d) in gout
+        .data
+        .chunks_exact(ho * wo)
+        .zip(gx.data.chunks_exact_mut(h * w))
+    {
+        for (grow, &(y0, y1, ly0, ly1)) in g.chunks_exact(wo).zip(&ty) {
+            for (&g, &(x0, x1, lx0, lx1)) in grow.iter().zip(&tx) {
+                d[y0 * w + x0] += g * ly0 * lx0;
+                d[y0 * w + x1] += g * ly0 * lx1;
+                d[y1 * w + x0] += g * ly1 * lx0;
+                d[y1 * w + x1] += g * ly1 * lx1;
+            }
+        }
+    }
+    gx
+}
+
+/// [`reference::bilinear_coeffs`] of every output index (`out_len` of them; `in_len` > 0).
+fn bilinear_table(out_len: usize, in_len: usize) -> Vec<(usize, usize, f32, f32)> {
+    (0..out_len)
+        .map(|i| reference::bilinear_coeffs(out_len, in_len, i))
+        .collect()
 }
 
 /// max that propagates NaN like the reference.
@@ -1385,7 +1437,7 @@ impl Backend for CpuBackend {
         reference::mean_pool2_backward(gout, in_shape).into()
     }
     fn resize_bilinear_backward(&self, gout: &CpuTensor, in_shape: [usize; 4]) -> CpuTensor {
-        reference::resize_bilinear_backward(gout, in_shape).into()
+        resize_bilinear_backward(gout, in_shape).into()
     }
     fn instance_norm_plus_backward(
         &self,
@@ -2021,6 +2073,28 @@ mod tests {
         let want = small_net(&r, 1, 8).forward(&r, &x).unwrap();
         let e = rel_max_err(&one.data, &want.data);
         assert!(e < 1e-4, "cpu vs reference: {e}");
+    }
+
+    #[test]
+    fn bilinear_resize_and_its_gradient_give_the_references_bits() {
+        // oracle: the reference's loops (the CPU versions compute their coefficients once per row and
+        // column, the same arithmetic); up, down, to and from one pixel, non-square
+        for (h, w, ho, wo) in [
+            (14, 14, 28, 28),
+            (7, 5, 14, 9),
+            (28, 28, 14, 14),
+            (1, 1, 3, 4),
+            (6, 4, 1, 1),
+        ] {
+            let x = rand([2, 3, h, w], 8);
+            let got = resize_bilinear(&x, ho, wo);
+            let want = reference::resize_bilinear(&x, ho, wo);
+            assert!(same_bits(&got, &want), "forward {h}x{w} -> {ho}x{wo}");
+            let g = rand([2, 3, ho, wo], 9);
+            let got = resize_bilinear_backward(&g, x.shape);
+            let want = reference::resize_bilinear_backward(&g, x.shape);
+            assert!(same_bits(&got, &want), "backward {h}x{w} -> {ho}x{wo}");
+        }
     }
 
     #[test]
