@@ -126,6 +126,30 @@ pub trait Backend: Send + Sync {
         in_shape: [usize; 4],
         p: Conv2dParams,
     ) -> Self::Tensor;
+    /// `elu'(elu_at) * conv2d_backward_input(..) + residual`, the input gradient through
+    /// `conv2d(elu(x))` (an input VJP through [`Backend::conv2d_fused`]): the ELU's derivative at its input
+    /// where `elu_at` is given, the sum where `residual` is (both shaped `in_shape`). A backend may fuse
+    /// them (the CPU backend applies both while it writes the gradient); the result must be what the
+    /// separate operations give, which is this default.
+    fn conv2d_backward_input_fused(
+        &self,
+        w: &Self::Tensor,
+        gout: &Self::Tensor,
+        in_shape: [usize; 4],
+        p: Conv2dParams,
+        elu_at: Option<&Self::Tensor>,
+        residual: Option<&Self::Tensor>,
+    ) -> Self::Tensor {
+        let g = self.conv2d_backward_input(w, gout, in_shape, p);
+        let g = match elu_at {
+            Some(x) => self.elu_backward(x, &g),
+            None => g,
+        };
+        match residual {
+            Some(r) => self.add(&g, r),
+            None => g,
+        }
+    }
     /// Gradient of [`Backend::mean_pool2`] back to `in_shape`.
     fn mean_pool2_backward(&self, gout: &Self::Tensor, in_shape: [usize; 4]) -> Self::Tensor;
     /// Gradient of [`Backend::max_pool`].

@@ -688,6 +688,30 @@ fn conv_bwd<B: Backend>(
     gx
 }
 
+/// Backward of `conv(elu(x))` (+ `residual`, the gradient of a sum's other term): the weight and bias
+/// gradients when wanted, and the gradient at `x`. `e` is the ELU's output where the tape kept it (for the
+/// weight gradients); an input VJP runs the backend's fused form.
+#[allow(clippy::too_many_arguments)]
+fn conv_elu_bwd<B: Backend>(
+    b: &B,
+    x: &B::Tensor,
+    e: Option<&B::Tensor>,
+    c: &Conv<B::Tensor>,
+    g: &B::Tensor,
+    residual: Option<&B::Tensor>,
+    gs: &mut Grads<B::Tensor>,
+) -> B::Tensor {
+    if !gs.params {
+        return b.conv2d_backward_input_fused(&c.w, g, b.shape(x), c.p, Some(x), residual);
+    }
+    let g_e = conv_bwd(b, e.unwrap_or(x), c, g, gs);
+    let g_x = b.elu_backward(x, &g_e);
+    match residual {
+        Some(r) => b.add(&g_x, r),
+        None => g_x,
+    }
+}
+
 /// Backward of one InstanceNorm++: records alpha, gamma, beta gradients, returns the input gradient.
 fn norm_bwd<B: Backend>(
     b: &B,
@@ -834,13 +858,10 @@ impl<B: Backend> Ncsnv2<B> {
         } else {
             g.clone()
         };
-        // a tape for an input VJP keeps no ELU outputs: the convolutions then read only the shape of
-        // their input, which the ELU's input has too
-        let g_e2 = conv_bwd(b, rec.e2.as_ref().unwrap_or(&rec.n2), &r.conv2, &g_c2, gs);
-        let g_n2 = b.elu_backward(&rec.n2, &g_e2);
+        // a tape for an input VJP keeps no ELU outputs (the fused backward reads the ELU's input)
+        let g_n2 = conv_elu_bwd(b, &rec.n2, rec.e2.as_ref(), &r.conv2, &g_c2, None, gs);
         let g_c1 = norm_bwd(b, &rec.c1, &r.norm2, &g_n2, gs);
-        let g_e1 = conv_bwd(b, rec.e1.as_ref().unwrap_or(&rec.n1), &r.conv1, &g_c1, gs);
-        let g_n1 = b.elu_backward(&rec.n1, &g_e1);
+        let g_n1 = conv_elu_bwd(b, &rec.n1, rec.e1.as_ref(), &r.conv1, &g_c1, None, gs);
         let g_x = norm_bwd(b, &rec.x, &r.norm1, &g_n1, gs);
         let g_short = match (&r.shortcut, &rec.short) {
             (Some(c), Some(sr)) => {
@@ -910,13 +931,16 @@ impl<B: Backend> Ncsnv2<B> {
     ) -> B::Tensor {
         let mut g = g.clone();
         for (block, recs) in r.convs.iter().zip(&rec.stages).rev() {
+            // the block's input feeds its first stage and its residual sum: that gradient is added
+            // with the first stage's (fused into it)
             let g_res = g.clone();
-            for (conv, (xin, e)) in block.iter().zip(recs).rev() {
-                // without the ELU's output (an input VJP's tape) the convolution reads only its shape
-                let g_e = conv_bwd(b, e.as_ref().unwrap_or(xin), conv, &g, gs);
-                g = b.elu_backward(xin, &g_e);
+            if block.is_empty() {
+                g = b.add(&g, &g_res);
             }
-            g = b.add(&g, &g_res);
+            for (i, (conv, (xin, e))) in block.iter().zip(recs).enumerate().rev() {
+                let residual = (i == 0).then_some(&g_res);
+                g = conv_elu_bwd(b, xin, e.as_ref(), conv, &g, residual, gs);
+            }
         }
         g
     }
@@ -1137,8 +1161,7 @@ impl<B: Backend> Ncsnv2<B> {
             list: Vec::new(),
             params,
         };
-        let g_act = conv_bwd(b, act.as_ref().unwrap_or(&normed), &self.end_conv, gd, gs);
-        let g_normed = b.elu_backward(&normed, &g_act);
+        let g_normed = conv_elu_bwd(b, &normed, act.as_ref(), &self.end_conv, gd, None, gs);
         let g_ref4 = norm_bwd(b, &ref4, &self.normalizer, &g_normed, gs);
         let g4 = self.refine_bwd(b, &g_ref4, &self.refine[3], &r4, gs); // [layer1, ref3]
         let g3 = self.refine_bwd(b, &g4[1], &self.refine[2], &r3, gs); // [layer2, ref2]

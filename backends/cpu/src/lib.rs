@@ -193,20 +193,43 @@ fn im2col_tile(
 
 /// Convolution, on the path [`Path::chosen`] picks.
 fn conv2d(x: &Tensor, w: &CpuTensor, bias: Option<&Tensor>, p: Conv2dParams) -> Tensor {
-    conv2d_fused(x, w, bias, p, false, None)
+    conv2d_fused(x, w, bias, p, Fused::default())
 }
 
-/// `conv2d(elu(x)) + residual` ([`Backend::conv2d_fused`]), on the path [`Path::chosen`] picks.
+/// A convolution with what [`Fused`] adds around it, on the path [`Path::chosen`] picks.
 fn conv2d_fused(
     x: &Tensor,
     w: &CpuTensor,
     bias: Option<&Tensor>,
     p: Conv2dParams,
-    elu_input: bool,
-    residual: Option<&Tensor>,
+    fused: Fused,
 ) -> Tensor {
     layers::record(x.shape, w.shape, p);
-    Path::chosen(x.shape, w.shape, p).run_fused(x, w, bias, p, elu_input, residual)
+    Path::chosen(x.shape, w.shape, p).run_fused(x, w, bias, p, fused)
+}
+
+/// What a convolution computes around itself: `elu_grad(elu_grad_at, conv(elu(x))) + residual`, each part
+/// where asked. [`Backend::conv2d_fused`] is the input ELU and the residual; an input VJP through it
+/// ([`Backend::conv2d_backward_input_fused`]) the ELU's derivative and the residual.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Fused<'a> {
+    /// the ELU applied to the input first
+    pub(crate) elu_input: bool,
+    /// the output multiplied by the ELU's derivative at these values (shaped as the output)
+    pub(crate) elu_grad_at: Option<&'a Tensor>,
+    /// added to the output last (shaped as the output)
+    pub(crate) residual: Option<&'a Tensor>,
+}
+
+/// `g` times the ELU's derivative at `v`, as the backend's `elu_backward` computes it (`exp(v) = elu(v) + 1`
+/// for `v <= 0`).
+#[inline(always)]
+fn elu_grad(v: f32, g: f32) -> f32 {
+    if v > 0.0 {
+        g
+    } else {
+        g * (elu1(v) + 1.0)
+    }
 }
 
 /// A convolution path: the portable im2col + GEMM, or a kernel of `direct`/`winograd` at a width (and, for
@@ -279,34 +302,37 @@ impl Path {
         b: Option<&Tensor>,
         p: Conv2dParams,
     ) -> Tensor {
-        self.run_fused(x, w, b, p, false, None)
+        self.run_fused(x, w, b, p, Fused::default())
     }
 
-    /// `conv2d(elu(x)) + residual` on the path ([`Backend::conv2d_fused`]): Winograd applies the ELU in
-    /// its channel-last copy of the input and adds the residual in its transpose of the output; the other
-    /// paths run the ELU and the sum as separate passes. The same bits either way.
+    /// The convolution with what `fused` adds around it, on the path: Winograd applies the input ELU in
+    /// its channel-last copy of the input, and the ELU's derivative and the residual as it writes the
+    /// output planes; the other paths run them as separate passes. The same bits either way.
     pub(crate) fn run_fused(
         self,
         x: &Tensor,
         w: &CpuTensor,
         b: Option<&Tensor>,
         p: Conv2dParams,
-        elu_input: bool,
-        residual: Option<&Tensor>,
+        fused: Fused,
     ) -> Tensor {
         if let Path::Winograd(k, t) = self {
-            return winograd::conv2d(k, t, x, w, b, p.dilation, elu_input, residual);
+            return winograd::conv2d(k, t, x, w, b, p.dilation, fused);
         }
-        let e = elu_input.then(|| elu(x));
+        let e = fused.elu_input.then(|| elu(x));
         let x = e.as_deref().unwrap_or(x);
-        let y = match self {
+        let mut y: CpuTensor = match self {
             Path::Direct(k) => direct::conv2d(k, x, w, b, p),
             _ => conv2d_im2col(x, w, b, p),
-        };
-        match residual {
-            Some(r) => add(&y, r).into_host(),
-            None => y,
         }
+        .into();
+        if let Some(at) = fused.elu_grad_at {
+            y = elu_backward(at, &y);
+        }
+        if let Some(r) = fused.residual {
+            y = add(&y, r);
+        }
+        y.into_host()
     }
 }
 
@@ -721,6 +747,21 @@ fn elu(x: &Tensor) -> CpuTensor {
     pool::map(x.shape, |data| {
         wide(|| data.extend(x.data.iter().map(|&v| elu1(v))))
     })
+}
+
+/// `gout` times the ELU's derivative at `x` ([`elu_grad`]), in a pooled buffer.
+fn elu_backward(x: &Tensor, gout: &Tensor) -> CpuTensor {
+    assert_eq!(x.data.len(), gout.data.len(), "elu_backward: shapes differ");
+    // SAFETY: the loop writes every value (the three slices have the tensor's length)
+    unsafe {
+        pool::filled(x.shape, |o| {
+            wide(|| {
+                for ((o, &v), &g) in o.iter_mut().zip(&x.data).zip(&gout.data) {
+                    o.write(elu_grad(v, g));
+                }
+            })
+        })
+    }
 }
 
 /// `a + b` elementwise, in a pooled buffer.
@@ -1309,8 +1350,12 @@ impl Backend for CpuBackend {
         elu_input: bool,
         residual: Option<&CpuTensor>,
     ) -> CpuTensor {
-        let (b, r) = (bias.map(CpuTensor::host), residual.map(CpuTensor::host));
-        conv2d_fused(x, w, b, p, elu_input, r).into()
+        let fused = Fused {
+            elu_input,
+            elu_grad_at: None,
+            residual: residual.map(CpuTensor::host),
+        };
+        conv2d_fused(x, w, bias.map(CpuTensor::host), p, fused).into()
     }
     fn mean_pool2(&self, x: &CpuTensor) -> CpuTensor {
         mean_pool2(x).into()
@@ -1369,16 +1414,43 @@ impl Backend for CpuBackend {
         in_shape: [usize; 4],
         p: Conv2dParams,
     ) -> CpuTensor {
+        self.conv2d_backward_input_fused(w, gout, in_shape, p, None, None)
+    }
+    /// As [`Backend::conv2d_backward_input`], the ELU's derivative and the residual applied as the
+    /// convolution writes its output ([`Fused`]).
+    fn conv2d_backward_input_fused(
+        &self,
+        w: &CpuTensor,
+        gout: &CpuTensor,
+        in_shape: [usize; 4],
+        p: Conv2dParams,
+        elu_at: Option<&CpuTensor>,
+        residual: Option<&CpuTensor>,
+    ) -> CpuTensor {
         let [_, _, ho, wo] = gout.shape;
+        let fused = Fused {
+            elu_input: false,
+            elu_grad_at: elu_at.map(CpuTensor::host),
+            residual: residual.map(CpuTensor::host),
+        };
         match reference::backward_input_params(w.shape, [ho, wo], p) {
             Some(q) => {
                 let wt = w
                     .packs()
                     .backward
                     .get_or_init(|| Box::new(reference::flip_transpose(w).into()));
-                conv2d(gout, wt, None, q).into()
+                conv2d_fused(gout, wt, None, q, fused).into()
             }
-            None => conv2d_backward(&pool::zeros(in_shape), w, gout, p).0.into(),
+            None => {
+                let mut g: CpuTensor = conv2d_backward(&pool::zeros(in_shape), w, gout, p).0.into();
+                if let Some(at) = fused.elu_grad_at {
+                    g = elu_backward(at, &g);
+                }
+                match fused.residual {
+                    Some(r) => add(&g, r),
+                    None => g,
+                }
+            }
         }
     }
     fn max_pool_backward(
@@ -1541,17 +1613,7 @@ impl Backend for CpuBackend {
         rayon::join(a, b);
     }
     fn elu_backward(&self, x: &CpuTensor, gout: &CpuTensor) -> CpuTensor {
-        // exp(x) = elu(x) + 1 for x <= 0
-        // SAFETY: the loop writes every value (the three slices have the tensor's length)
-        unsafe {
-            pool::filled(x.shape, |o| {
-                wide(|| {
-                    for ((o, &v), &g) in o.iter_mut().zip(&x.data).zip(&gout.data) {
-                        o.write(if v > 0.0 { g } else { g * (elu1(v) + 1.0) });
-                    }
-                })
-            })
-        }
+        elu_backward(x, gout)
     }
 }
 
@@ -1781,10 +1843,11 @@ mod tests {
 
     #[test]
     fn fused_conv_gives_the_bits_of_the_separate_operations() {
-        // conv2d(elu(x)) + r on every path against the backend's own ELU, convolution and sum run one
-        // after the other (bit for bit: the fusion must not change a value), and against the reference
-        // backend's (within the paths' tolerance). Widths 28 and 14 leave 4 and 6 pixels past the last
-        // 8-pixel block of the channel-last copy, 7 has no full block; dilation 2 splits sub-images.
+        // elu_grad(at, conv(elu(x))) + r, each part where asked, on every path against the backend's own
+        // ELU, convolution, ELU gradient and sum run one after the other (bit for bit: the fusion must not
+        // change a value), and against the reference backend's (within the paths' tolerance). Widths 28 and
+        // 14 leave 4 and 6 pixels past the last 8-pixel block of the channel-last copy, 7 has no full block;
+        // dilation 2 splits sub-images; 40 and 3 output channels leave a partial 8-channel group.
         for (ci, co, p, h, w) in [
             (32, 32, Conv2dParams::same3(1), 28, 28),
             (64, 40, Conv2dParams::same3(2), 14, 14),
@@ -1793,38 +1856,55 @@ mod tests {
         ] {
             let k = if p.padding == 0 { 1 } else { 3 };
             let mut x = rand([2, ci, h, w], 4);
-            // ELU's two branches and its clamp at -87
+            // ELU's two branches and its clamp at -87, in the input and where the gradient is taken
             x.data[0] = -100.0;
             x.data[1] = 0.0;
             let wt = rand([co, ci, k, k], 5);
             let b = rand([1, co, 1, 1], 6);
             let r = rand([2, co, h, w], 7);
+            let mut at = rand([2, co, h, w], 8);
+            at.data[0] = -100.0;
+            at.data[1] = 0.0;
             let wc = CpuTensor::from(wt.clone());
+            let cases = [
+                (true, None, None),
+                (false, None, Some(&r)),
+                (true, None, Some(&r)),
+                (false, Some(&at), None),
+                (false, Some(&at), Some(&r)),
+                (true, Some(&at), Some(&r)),
+            ];
             for path in Path::all(wc.shape, p) {
-                for (elu_input, residual) in [(true, None), (false, Some(&r)), (true, Some(&r))] {
-                    let got = path.run_fused(&x, &wc, Some(&b), p, elu_input, residual);
+                for (elu_input, elu_grad_at, residual) in cases {
+                    let fused = Fused {
+                        elu_input,
+                        elu_grad_at,
+                        residual,
+                    };
+                    let got = path.run_fused(&x, &wc, Some(&b), p, fused);
                     let e = if elu_input {
                         elu(&x).into_host()
                     } else {
                         x.clone()
                     };
                     let mut want = path.run(&e, &wc, Some(&b), p);
+                    if let Some(at) = elu_grad_at {
+                        want = elu_backward(at, &want).into_host();
+                    }
                     if let Some(r) = residual {
                         want = add(&want, r).into_host();
                     }
-                    let name = path.name();
-                    let case = format!("{name} {ci}->{co} {p:?} {h}x{w} elu {elu_input}");
-                    assert!(
-                        same_bits(&got, &want),
-                        "{case}, residual {}",
-                        residual.is_some()
-                    );
+                    let case = format!("{} {ci}->{co} {p:?} {h}x{w} {fused:?}", path.name());
+                    assert!(same_bits(&got, &want), "{case}");
                     let e_ref = if elu_input {
                         reference::elu(&x)
                     } else {
                         x.clone()
                     };
                     let mut oracle = reference::conv2d(&e_ref, &wt, Some(&b), p);
+                    if let Some(at) = elu_grad_at {
+                        oracle = reference::elu_backward(at, &oracle);
+                    }
                     if let Some(r) = residual {
                         for (o, &v) in oracle.data.iter_mut().zip(&r.data) {
                             *o += v;
@@ -1833,6 +1913,43 @@ mod tests {
                     let err = rel_max_err(&got.data, &oracle.data);
                     assert!(err < 4e-5, "{case}: {err} from the reference");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_input_gradient_gives_the_bits_of_the_separate_operations() {
+        // the backend's conv2d_backward_input_fused against its own input gradient, ELU gradient and sum
+        // one after the other (the trait's default), on the Winograd, direct and fallback paths
+        let b = CpuBackend;
+        let cases = [
+            (32, 24, 3, 3, Conv2dParams::same3(1), 10),
+            (16, 8, 3, 3, Conv2dParams::same3(2), 9),
+            (8, 6, 1, 1, Conv2dParams::pointwise(), 7),
+            (8, 4, 1, 3, Conv2dParams::same3(1), 6),
+        ];
+        for (ci, co, kh, kw, p, hw) in cases {
+            let w = b.upload(&rand([co, ci, kh, kw], 1));
+            let wo = hw + 2 * p.padding - p.dilation * (kw - 1);
+            let ho = hw + 2 * p.padding - p.dilation * (kh - 1);
+            let gout = b.upload(&rand([2, co, ho, wo], 2));
+            let in_shape = [2, ci, hw, hw];
+            let (at, r) = (b.upload(&rand(in_shape, 3)), b.upload(&rand(in_shape, 4)));
+            for (e, res) in [(Some(&at), None), (None, Some(&r)), (Some(&at), Some(&r))] {
+                let got = b.conv2d_backward_input_fused(&w, &gout, in_shape, p, e, res);
+                let mut want = b.conv2d_backward_input(&w, &gout, in_shape, p);
+                if let Some(at) = e {
+                    want = b.elu_backward(at, &want);
+                }
+                if let Some(r) = res {
+                    want = b.add(&want, r);
+                }
+                let case = format!(
+                    "{ci}->{co} {kh}x{kw} {p:?} elu {} res {}",
+                    e.is_some(),
+                    res.is_some()
+                );
+                assert!(same_bits(&got, &want), "{case}");
             }
         }
     }
@@ -1892,26 +2009,10 @@ mod tests {
             assert!(same_bits(&d8, &d16), "direct {ci}->{co} {p:?}");
             if winograd::eligible(ci, co, kh, kw, p.padding, p.dilation) {
                 for t in Tile::ALL {
-                    let w8 = winograd::conv2d(
-                        Kernel::Avx2,
-                        t,
-                        &x,
-                        &w,
-                        Some(&b),
-                        p.dilation,
-                        false,
-                        None,
-                    );
-                    let w16 = winograd::conv2d(
-                        Kernel::Avx512,
-                        t,
-                        &x,
-                        &w,
-                        Some(&b),
-                        p.dilation,
-                        false,
-                        None,
-                    );
+                    let none = Fused::default();
+                    let w8 = winograd::conv2d(Kernel::Avx2, t, &x, &w, Some(&b), p.dilation, none);
+                    let w16 =
+                        winograd::conv2d(Kernel::Avx512, t, &x, &w, Some(&b), p.dilation, none);
                     assert!(same_bits(&w8, &w16), "winograd {t:?} {ci}->{co} {p:?}");
                 }
             }

@@ -245,14 +245,15 @@ fn gcd(a: usize, b: usize) -> usize {
 /// reads `(m + 2) x (m + 2)` input pixels `d` apart. Tiles are listed by the padded position of their first
 /// input pixel, which (the padding being `d`) is also the position of their first output pixel in the image.
 ///
-/// The products run at width `k` (the backend picks it: `crate::Path`). With `elu` the input is `elu(x)`
-/// (applied in the channel-last copy), with `residual` (the output's shape) the output is the convolution
-/// plus it (added in the output's transpose): the bits of the backend's separate ELU and sum.
+/// The products run at width `k` (the backend picks it: `crate::Path`). With `fused.elu_input` the input
+/// is `elu(x)` (applied in the channel-last copy); with `fused.residual` (the output's shape) the output is
+/// the convolution plus it (added in the output's transpose); with `fused.elu_grad_at` (the output's shape)
+/// the output is multiplied by the ELU's derivative there before the sum (as each job's output planes are
+/// written): the bits of the backend's separate ELU, ELU gradient and sum.
 ///
 /// # Panics
 /// If the CPU cannot run `k`, `k` has no Winograd path (`Portable`, `Neon`), the convolution is not
-/// `eligible`, or `residual` has another shape than the output.
-#[allow(clippy::too_many_arguments)]
+/// `eligible`, or `fused.residual` or `fused.elu_grad_at` has another shape than the output.
 pub(crate) fn conv2d(
     k: Kernel,
     tile: Tile,
@@ -260,18 +261,22 @@ pub(crate) fn conv2d(
     w: &CpuTensor,
     bias: Option<&Tensor>,
     d: usize,
-    elu: bool,
-    residual: Option<&Tensor>,
+    fused: crate::Fused,
 ) -> Tensor {
     let [n, ci, h, wd] = x.shape;
     let [co, _, kh, kw] = w.shape;
     assert!(k.has_winograd() && k.supported() && eligible(ci, co, kh, kw, d, d));
     let (nr, m) = (k.nr(), tile.m());
-    if let Some(r) = residual {
+    let crate::Fused {
+        elu_input: elu,
+        elu_grad_at,
+        residual,
+    } = fused;
+    for t in [residual, elu_grad_at].into_iter().flatten() {
         assert_eq!(
-            r.shape,
+            t.shape,
             [n, co, h, wd],
-            "the residual has the output's shape"
+            "the residual and the ELU gradient's input have the output's shape"
         );
     }
     if h * wd == 0 {
@@ -415,9 +420,36 @@ pub(crate) fn conv2d(
     let tjob = |j: usize| {
         let (b, g) = (j / groups, j % groups);
         let src = &staged_ref[b * per_out..(b + 1) * per_out];
-        let add = residual.map(|r| &r.data[b * co * hw..(b + 1) * co * hw]);
-        // SAFETY: `conv2d` runs only where the CPU has AVX2; see above for the writes.
-        unsafe { from_channel_last(src, hw, co8, co, 8 * g, optr.at(b * co * hw), add) };
+        let planes = (b * co + 8 * g) * hw..(b * co + co.min(8 * g + 8)) * hw;
+        let Some(at) = elu_grad_at else {
+            let add = residual.map(|r| &r.data[b * co * hw..(b + 1) * co * hw]);
+            // SAFETY: `conv2d` runs only where the CPU has AVX2; see above for the writes.
+            unsafe { from_channel_last(src, hw, co8, co, 8 * g, optr.at(b * co * hw), add) };
+            return;
+        };
+        // SAFETY: as above; the job's planes are then written, and this job their only user
+        let out = unsafe {
+            from_channel_last(src, hw, co8, co, 8 * g, optr.at(b * co * hw), None);
+            std::slice::from_raw_parts_mut(optr.at(planes.start), planes.len())
+        };
+        // the ELU's derivative, then the residual, on the planes just written (still in cache)
+        // (one small loop per `wide` call, so that it inlines there and vectorises at the kernel's width)
+        let at = &at.data[planes.clone()];
+        match residual {
+            Some(r) => {
+                let r = &r.data[planes];
+                crate::wide(|| {
+                    for ((o, &v), &a) in out.iter_mut().zip(at).zip(r) {
+                        *o = crate::elu_grad(v, *o) + a;
+                    }
+                })
+            }
+            None => crate::wide(|| {
+                for (o, &v) in out.iter_mut().zip(at) {
+                    *o = crate::elu_grad(v, *o);
+                }
+            }),
+        }
     };
     if n * groups > 1 && len >= 1 << 16 {
         (0..n * groups).into_par_iter().for_each(tjob);
