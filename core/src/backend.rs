@@ -225,9 +225,9 @@ pub trait Backend: Send + Sync {
         b();
     }
 
-    /// How many images of the batch `shape` a network forward runs at a time: a larger batch runs in parts
-    /// of this size ([`Backend::batch_slice`], [`Backend::batch_concat`]), the parts through
-    /// [`Backend::join`]. The whole batch by default. The CPU backend runs one image at a time, so that an
+    /// How many images of the batch `shape` a network forward (and a taped forward with its input VJP)
+    /// runs at a time: a larger batch runs in parts of this size ([`Backend::batch_slice`],
+    /// [`Backend::batch_concat`]), the parts through [`Backend::join`]. The whole batch by default. The CPU backend runs one image at a time, so that an
     /// image's activations stay in cache through the network and its threads share a batch by images.
     /// Parts change no value: every network operation computes each image on its own.
     fn forward_part(&self, shape: [usize; 4]) -> usize {
