@@ -603,7 +603,7 @@ impl<B: Backend> Ncsnv2<B> {
         let (n, part) = (shape[0], b.forward_part(shape).max(1));
         if part >= n {
             let (out, tape) = self.run(b, x, Keep::Input);
-            let parts = vec![tape.ok_or_else(no_tape)?];
+            let parts = alloc::vec![tape.ok_or_else(no_tape)?];
             return Ok((out, ForwardTape { parts, part, shape }));
         }
         // in parts, as forward_device, each part with its own tape
@@ -691,7 +691,6 @@ fn conv_bwd<B: Backend>(
 /// Backward of `conv(elu(x))` (+ `residual`, the gradient of a sum's other term): the weight and bias
 /// gradients when wanted, and the gradient at `x`. `e` is the ELU's output where the tape kept it (for the
 /// weight gradients); an input VJP runs the backend's fused form.
-#[allow(clippy::too_many_arguments)]
 fn conv_elu_bwd<B: Backend>(
     b: &B,
     x: &B::Tensor,
