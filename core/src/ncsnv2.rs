@@ -510,19 +510,10 @@ impl<B: Backend> Ncsnv2<B> {
         if part >= n {
             return Ok(self.run(b, x, Keep::Nothing).0);
         }
-        let mut outs: Vec<Option<Result<B::Tensor>>> =
-            (0..n.div_ceil(part)).map(|_| None).collect();
-        each_part(b, 0, &mut outs, &|i, slot| {
-            let start = i * part;
-            *slot = Some(
-                b.batch_slice(x, start, part.min(n - start))
-                    .map(|xs| self.run(b, &xs, Keep::Nothing).0),
-            );
-        });
-        let outs = outs
-            .into_iter()
-            .map(|o| o.unwrap_or_else(|| Err(Error::invalid("a batch part did not run"))))
-            .collect::<Result<Vec<_>>>()?;
+        let units = alloc::vec![(); n.div_ceil(part)];
+        let outs = by_parts(b, x, part, units, &|(), xs| {
+            Ok(self.run(b, &xs, Keep::Nothing).0)
+        })?;
         b.batch_concat(&outs)
     }
 
@@ -607,24 +598,40 @@ impl<B: Backend> Ncsnv2<B> {
             return Ok((out, ForwardTape { parts, part, shape }));
         }
         // in parts, as forward_device, each part with its own tape
-        type Slot<T> = Option<Result<(T, Tape<T>)>>;
-        let mut slots: Vec<Slot<B::Tensor>> = (0..n.div_ceil(part)).map(|_| None).collect();
-        each_part(b, 0, &mut slots, &|i, slot| {
-            let start = i * part;
-            *slot = Some(b.batch_slice(x, start, part.min(n - start)).and_then(|xs| {
-                let (out, tape) = self.run(b, &xs, Keep::Input);
-                Ok((out, tape.ok_or_else(no_tape)?))
-            }));
-        });
-        let (mut outs, mut parts) = (Vec::new(), Vec::new());
-        for slot in slots {
-            let (out, tape) =
-                slot.unwrap_or_else(|| Err(Error::invalid("a batch part did not run")))?;
-            outs.push(out);
-            parts.push(tape);
-        }
+        let units = alloc::vec![(); n.div_ceil(part)];
+        let runs = by_parts(b, x, part, units, &|(), xs| {
+            let (out, tape) = self.run(b, &xs, Keep::Input);
+            Ok((out, tape.ok_or_else(no_tape)?))
+        })?;
+        let (outs, parts): (Vec<_>, Vec<_>) = runs.into_iter().unzip();
         Ok((b.batch_concat(&outs)?, ForwardTape { parts, part, shape }))
     }
+}
+
+/// `f(items[i], part i of the batch x)` for every part (`part` images each, `items.len()` parts), the parts
+/// side by side ([`each_part`]); the results in order, or the first part's error.
+fn by_parts<B: Backend, S: Send, R: Send>(
+    b: &B,
+    x: &B::Tensor,
+    part: usize,
+    items: Vec<S>,
+    f: &(dyn Fn(S, B::Tensor) -> Result<R> + Sync),
+) -> Result<Vec<R>> {
+    let n = b.shape(x)[0];
+    // per part: its item, until the part's run takes it, and the run's result
+    type Slot<S, R> = (Option<S>, Option<Result<R>>);
+    let mut slots: Vec<Slot<S, R>> = items.into_iter().map(|s| (Some(s), None)).collect();
+    each_part(b, 0, &mut slots, &|i, (item, out)| {
+        let start = i * part;
+        *out = item.take().map(|s| {
+            b.batch_slice(x, start, part.min(n - start))
+                .and_then(|xs| f(s, xs))
+        });
+    });
+    slots
+        .into_iter()
+        .map(|(_, o)| o.unwrap_or_else(|| Err(Error::invalid("a batch part did not run"))))
+        .collect()
 }
 
 /// `f(i, &mut slots[i - first])` for every slot, halves side by side through [`Backend::join`]: the parts
@@ -1083,21 +1090,9 @@ impl<B: Backend> Ncsnv2<B> {
             return Ok(self.backward_taped(b, tape, g, false)?.0);
         }
         // part by part, side by side, as the forward ran
-        let n = shape[0];
-        // per part: its tape, until its backward takes it, and its input gradient
-        type Slot<T> = (Option<Tape<T>>, Option<Result<T>>);
-        let mut slots: Vec<Slot<B::Tensor>> = parts.into_iter().map(|t| (Some(t), None)).collect();
-        each_part(b, 0, &mut slots, &|i, (tape, out)| {
-            let start = i * part;
-            *out = tape.take().map(|tape| {
-                let g = b.batch_slice(g, start, part.min(n - start))?;
-                Ok(self.backward_taped(b, tape, &g, false)?.0)
-            });
-        });
-        let gxs = slots
-            .into_iter()
-            .map(|(_, o)| o.unwrap_or_else(|| Err(Error::invalid("a batch part did not run"))))
-            .collect::<Result<Vec<_>>>()?;
+        let gxs = by_parts(b, g, part, parts, &|tape, gs| {
+            Ok(self.backward_taped(b, tape, &gs, false)?.0)
+        })?;
         b.batch_concat(&gxs)
     }
 

@@ -221,6 +221,21 @@ pub(crate) struct Fused<'a> {
     pub(crate) residual: Option<&'a Tensor>,
 }
 
+impl Fused<'_> {
+    /// The output-side parts (the ELU's derivative, then the residual) as separate passes over `y`: the
+    /// paths that do not fuse them.
+    fn after(self, y: CpuTensor) -> CpuTensor {
+        let y = match self.elu_grad_at {
+            Some(at) => elu_backward(at, &y),
+            None => y,
+        };
+        match self.residual {
+            Some(r) => add(&y, r),
+            None => y,
+        }
+    }
+}
+
 /// `g` times the ELU's derivative at `v`, as the backend's `elu_backward` computes it (`exp(v) = elu(v) + 1`
 /// for `v <= 0`).
 #[inline(always)]
@@ -321,18 +336,11 @@ impl Path {
         }
         let e = fused.elu_input.then(|| elu(x));
         let x = e.as_deref().unwrap_or(x);
-        let mut y: CpuTensor = match self {
+        let y = match self {
             Path::Direct(k) => direct::conv2d(k, x, w, b, p),
             _ => conv2d_im2col(x, w, b, p),
-        }
-        .into();
-        if let Some(at) = fused.elu_grad_at {
-            y = elu_backward(at, &y);
-        }
-        if let Some(r) = fused.residual {
-            y = add(&y, r);
-        }
-        y.into_host()
+        };
+        fused.after(y.into()).into_host()
     }
 }
 
@@ -1441,16 +1449,7 @@ impl Backend for CpuBackend {
                     .get_or_init(|| Box::new(reference::flip_transpose(w).into()));
                 conv2d_fused(gout, wt, None, q, fused).into()
             }
-            None => {
-                let mut g: CpuTensor = conv2d_backward(&pool::zeros(in_shape), w, gout, p).0.into();
-                if let Some(at) = fused.elu_grad_at {
-                    g = elu_backward(at, &g);
-                }
-                match fused.residual {
-                    Some(r) => add(&g, r),
-                    None => g,
-                }
-            }
+            None => fused.after(conv2d_backward(&pool::zeros(in_shape), w, gout, p).0.into()),
         }
     }
     fn max_pool_backward(
